@@ -1,0 +1,3 @@
+from ksmtrace.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""/sys/kernel/mm/ksm: the machine-wide KSM knobs and counters.
+
+The set of files differs between kernels (smart_scan arrived in 6.7, the
+advisor in 6.8, ksm_zero_pages in 6.10...), so nothing here lists them: every
+file present is read, and a file is a *knob* when its mode lets root write it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ksmtrace.errors import KsmUnavailable, NeedsPrivilege
+
+KSM_SYSFS = Path("/sys/kernel/mm/ksm")
+
+# advisor_mode reads "[none] scan-time": the bracketed word is the setting.
+_CHOICE = re.compile(r"\[([^\]]+)\]")
+
+
+def parse_value(text: str) -> int | str:
+    text = text.strip()
+    m = _CHOICE.search(text)
+    if m:
+        return m.group(1)
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+@dataclass(frozen=True)
+class KsmSysfs:
+    """One reading of every file under the KSM sysfs directory."""
+
+    knobs: dict[str, int | str] = field(default_factory=dict)
+    counters: dict[str, int | str] = field(default_factory=dict)
+
+    def get(self, name: str, default: int | str | None = None) -> int | str | None:
+        if name in self.knobs:
+            return self.knobs[name]
+        return self.counters.get(name, default)
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {**self.knobs, **self.counters}
+
+
+def require_ksm(root: Path = KSM_SYSFS) -> None:
+    if not (root / "run").exists():
+        raise KsmUnavailable(
+            f"KSM is not available: {root} is missing (the kernel is built without CONFIG_KSM)"
+        )
+
+
+def read(root: Path = KSM_SYSFS) -> KsmSysfs:
+    require_ksm(root)
+    knobs: dict[str, int | str] = {}
+    counters: dict[str, int | str] = {}
+    for entry in sorted(root.iterdir()):
+        if not entry.is_file():
+            continue
+        try:
+            value = parse_value(entry.read_text())
+        except OSError:
+            continue
+        writable = bool(entry.stat().st_mode & 0o200)
+        (knobs if writable else counters)[entry.name] = value
+    return KsmSysfs(knobs=knobs, counters=counters)
+
+
+def write(name: str, value: int | str, root: Path = KSM_SYSFS) -> None:
+    path = root / name
+    if not path.exists():
+        raise KsmUnavailable(f"this kernel has no KSM setting '{name}' ({path} is missing)")
+    try:
+        path.write_text(f"{value}\n")
+    except PermissionError as exc:
+        raise NeedsPrivilege(f"changing {path} needs root") from exc
+
+
+class SavedSettings:
+    """Snapshot of every KSM knob, restorable in a safe order.
+
+    ``run`` is restored last: writing pages_to_scan while ksmd runs is fine,
+    but restoring ``run=0`` first would leave a half-restored state visible to
+    ksmd for no reason. A ``run=2`` snapshot (unmerge all) is restored as 0 so
+    that restoring never triggers a mass unmerge by surprise.
+    """
+
+    def __init__(self, root: Path = KSM_SYSFS) -> None:
+        self.root = root
+        self.values = read(root).knobs
+
+    def restore(self) -> None:
+        order = sorted(self.values, key=lambda k: (k == "run", k))
+        for name in order:
+            value = self.values[name]
+            if name == "run" and value == 2:
+                value = 0
+            with contextlib.suppress(OSError, KsmUnavailable):
+                current = parse_value((self.root / name).read_text())
+                if current != value:
+                    # max_page_sharing and merge_across_nodes refuse changes
+                    # (EBUSY) while pages are merged; that is the kernel's rule.
+                    write(name, value, self.root)
+
+
+def page_size() -> int:
+    return os.sysconf("SC_PAGE_SIZE")

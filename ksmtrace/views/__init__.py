@@ -1,0 +1,1 @@
+"""Presentation only: tables, JSON, live views. Reads state, never changes it."""

@@ -1,0 +1,39 @@
+/* Page hashing: xxh3-64, inlined so the module needs no libxxhash at run time. */
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+#include <string.h>
+
+#include "ksmnative.h"
+
+const char *kn_version(void)
+{
+	return "ksmnative 1";
+}
+
+void kn_hash_pages(const void *buf, size_t npages, size_t page_size, uint64_t *out)
+{
+	const unsigned char *p = buf;
+
+	for (size_t i = 0; i < npages; i++)
+		out[i] = XXH3_64bits(p + i * page_size, page_size);
+}
+
+static int page_is_zero(const unsigned char *p, size_t n)
+{
+	/* Compare the page with itself shifted by one word: zero iff first word is. */
+	const uint64_t *w = (const uint64_t *)p;
+
+	if (w[0] != 0)
+		return 0;
+	return memcmp(p, p + sizeof(uint64_t), n - sizeof(uint64_t)) == 0;
+}
+
+size_t kn_count_zero_pages(const void *buf, size_t npages, size_t page_size)
+{
+	const unsigned char *p = buf;
+	size_t n = 0;
+
+	for (size_t i = 0; i < npages; i++)
+		n += page_is_zero(p + i * page_size, page_size);
+	return n;
+}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Install everything ksmtrace needs, into the system (Debian packages) and a
+# virtualenv at .venv (Python packages, ksmtrace itself with its native part).
+# Used by the README, .ci/run and vagrant/: one script, so they cannot drift.
+# Idempotent; a second run with nothing to do takes about a second.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${KSMTRACE_VENV:-$ROOT/.venv}"
+PY=/usr/bin/python3   # Debian's python: the one python3-bpfcc is built for
+ARCH="$(dpkg --print-architecture)"
+log() { printf 'install: %s\n' "$*" >&2; }
+
+DEB_PACKAGES=(
+  python3-bpfcc bpfcc-tools bpftool "linux-headers-$ARCH"
+  python3 python3-venv python3-dev gcc libc6-dev libxxhash-dev
+  linux-perf procps util-linux
+)
+
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ $EUID -ne 0 ]]; then
+    log "missing Debian packages: ${missing[*]}; run this script as root"; exit 1
+  fi
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# BCC attaches tracepoints through tracefs, which many hosts do not mount at boot.
+if [[ $EUID -eq 0 && ! -d /sys/kernel/tracing/events ]]; then
+  mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || log "could not mount tracefs"
+fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  log "creating virtualenv $VENV"
+  "$PY" -m venv "$VENV"
+fi
+
+# BCC is pure Python over libbcc.so and is not on PyPI: expose Debian's copy,
+# and only it, to the venv through a directory holding just a 'bcc' symlink.
+SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+BCC_DIR="$VENV/share/ksmtrace-bcc"
+mkdir -p "$BCC_DIR"
+ln -sfn /usr/lib/python3/dist-packages/bcc "$BCC_DIR/bcc"
+echo "$BCC_DIR" > "$SITE/ksmtrace-bcc.pth"
+
+# Reinstall ksmtrace only when its build inputs changed.
+STAMP="$VENV/.ksmtrace-stamp"
+digest="$(cd "$ROOT" && cat pyproject.toml setup.py native/*.c native/*.h native/*.py | sha256sum | cut -d' ' -f1)"
+if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$digest" ]] || ! "$VENV/bin/python" -c 'import ksmtrace._native' 2>/dev/null; then
+  log "installing ksmtrace and its Python dependencies into $VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+  echo "$digest" > "$STAMP"
+fi
+"$VENV/bin/python" -c 'import bcc, ksmtrace._native' || { log "import check failed"; exit 1; }
+log "ready: $VENV/bin/ksmtrace"

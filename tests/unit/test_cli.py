@@ -1,0 +1,28 @@
+"""CLI surface: help, usage errors, formatting helpers."""
+
+from __future__ import annotations
+
+import pytest
+
+from ksmtrace.cli import build_parser, main
+from ksmtrace.views.fmt import human_bytes
+
+
+def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("status", "demo", "run"):
+        assert cmd in out
+
+
+def test_run_without_command_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run"]) == 2
+    assert "usage: ksmtrace run -- CMD" in capsys.readouterr().err
+
+
+def test_human_bytes() -> None:
+    assert human_bytes(0) == "0B"
+    assert human_bytes(1536) == "1.5KiB"
+    assert human_bytes(64 << 20) == "64.0MiB"
+    assert human_bytes(12345, exact=True) == "12345"
