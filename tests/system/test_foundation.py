@@ -113,3 +113,14 @@ def test_run_launcher_opts_in_whole_process(ksm) -> None:
 
 def test_tracefs_is_mounted_or_mountable() -> None:
     assert (checks.ensure_tracefs() / "events" / "syscalls").is_dir()
+
+
+def test_btf_offsets_match_the_running_kernel() -> None:
+    from ksmtrace.kernel import btf
+
+    b = btf.load()
+    # platform.md: ksm_rmap_item.mm at 16, .address at 24 on this kernel family;
+    # the check that matters is that the values come from the kernel's own BTF.
+    assert b.offset("ksm_rmap_item", "mm") == 16
+    assert b.offset("ksm_rmap_item", "address") == 24
+    assert b.size("task_struct") > b.offset("task_struct", "tgid") > 0

@@ -1,0 +1,1 @@
+"""Load bpf/*.c with BCC, attach, and decode maps and events into typed records."""
