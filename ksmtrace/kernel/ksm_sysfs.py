@@ -48,6 +48,18 @@ class KsmSysfs:
         return {**self.knobs, **self.counters}
 
 
+# A captured fixture tree records sysfs modes here: git keeps no file modes.
+MODES_FILE = ".modes"
+
+
+def _fixture_modes(root: Path) -> dict[str, int]:
+    path = root / MODES_FILE
+    if not path.exists():
+        return {}
+    pairs = (line.split() for line in path.read_text().splitlines() if line.strip())
+    return {name: int(mode, 8) for name, mode in pairs}
+
+
 def require_ksm(root: Path = KSM_SYSFS) -> None:
     if not (root / "run").exists():
         raise KsmUnavailable(
@@ -59,14 +71,16 @@ def read(root: Path = KSM_SYSFS) -> KsmSysfs:
     require_ksm(root)
     knobs: dict[str, int | str] = {}
     counters: dict[str, int | str] = {}
+    modes = _fixture_modes(root)
     for entry in sorted(root.iterdir()):
-        if not entry.is_file():
+        if not entry.is_file() or entry.name == MODES_FILE:
             continue
         try:
             value = parse_value(entry.read_text())
         except OSError:
             continue
-        writable = bool(entry.stat().st_mode & 0o200)
+        mode = modes.get(entry.name, entry.stat().st_mode)
+        writable = bool(mode & 0o200)
         (knobs if writable else counters)[entry.name] = value
     return KsmSysfs(knobs=knobs, counters=counters)
 
