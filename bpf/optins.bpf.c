@@ -1,0 +1,271 @@
+/* KSM opt-in syscalls: madvise(MADV_[UN]MERGEABLE), prctl(PR_[SG]ET_MEMORY_MERGE)
+ * and process_madvise with those advices.
+ *
+ * Entry stashes the arguments per thread (only calls that concern KSM, and
+ * only callers passing the pid/comm/cgroup filters); exit joins them with the
+ * result and writes ONE event per call to a ring buffer. Every field comes
+ * from the tracepoints' own `args` or BPF helpers; the pidfd -> pid walk of
+ * process_madvise uses offsets from the running kernel's BTF (-DOFF_*).
+ *
+ * Defines (all optional):
+ *   FILTER_PIDS {a,b,..} with FILTER_NPIDS n   only these tgids
+ *   FILTER_COMM "name"                         only this comm (exact, 15 chars max)
+ *   FILTER_CGROUP id, FILTER_CGROUP_LEVEL l    only callers in cgroup v2 `id` or below it
+ *   COUNT_ALL_MADVISE                          count every madvise entry passing the filters
+ *   MAX_INFLIGHT n                             size of the per-tid hash
+ *   OFF_*                                      BTF offsets for the pidfd walk
+ */
+#include <uapi/linux/ptrace.h>
+#include "optins.h"
+
+#define MADV_MERGEABLE 12
+#define MADV_UNMERGEABLE 13
+#define PR_SET_MEMORY_MERGE 67
+#define PR_GET_MEMORY_MERGE 68
+/* include/uapi/linux/magic.h: pidfs superblock (6.9+). */
+#define PID_FS_MAGIC 0x50494446
+#define IOV_MAX_READ 8
+
+#ifndef MAX_INFLIGHT
+#define MAX_INFLIGHT 10240
+#endif
+
+struct inflight {
+	u64 ts_ns;
+	u64 start;
+	u64 length;
+	u64 arg;
+	u32 syscall;
+	s32 op;
+	s32 pidfd;
+	u32 target_pid;
+	u32 vlen;
+};
+
+struct iov {
+	u64 base;
+	u64 len;
+};
+
+BPF_HASH(inflight, u32, struct inflight, MAX_INFLIGHT);
+BPF_RINGBUF_OUTPUT(events, 64);
+BPF_ARRAY(stats, u64, STAT_SLOTS);
+
+static __always_inline void stat_add(int slot)
+{
+	u64 *v = stats.lookup(&slot);
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+
+static __always_inline bool caller_wanted(void)
+{
+#ifdef FILTER_PIDS
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	const u32 pids[] = FILTER_PIDS;
+	bool hit = false;
+#pragma unroll
+	for (int i = 0; i < FILTER_NPIDS; i++)
+		if (pids[i] == tgid)
+			hit = true;
+	if (!hit)
+		return false;
+#endif
+#ifdef FILTER_COMM
+	{
+		char comm[OPTIN_COMM_LEN] = {};
+		const char want[] = FILTER_COMM;
+		bpf_get_current_comm(comm, sizeof(comm));
+#pragma unroll
+		for (int i = 0; i < sizeof(want) && i < OPTIN_COMM_LEN; i++) {
+			if (comm[i] != want[i])
+				return false;
+		}
+	}
+#endif
+#ifdef FILTER_CGROUP
+	if (bpf_get_current_ancestor_cgroup_id(FILTER_CGROUP_LEVEL) != FILTER_CGROUP)
+		return false;
+#endif
+	return true;
+}
+
+/* The pid a pidfd of the calling task refers to, or 0 when it cannot be told
+ * exactly: the fd is out of range or not a pidfs file (PID_FS_MAGIC). */
+static __always_inline u32 pidfd_target(int fd)
+{
+#ifdef OFF_TASK_FILES
+	char *task = (char *)bpf_get_current_task();
+	char *files = 0, *fdt = 0, *file = 0, *inode = 0, *sb = 0, *pid = 0;
+	char **fds = 0;
+	u32 max_fds = 0;
+	unsigned long magic = 0;
+	int nr = 0;
+
+	if (fd < 0)
+		return 0;
+	bpf_probe_read_kernel(&files, sizeof(files), task + OFF_TASK_FILES);
+	if (!files)
+		return 0;
+	bpf_probe_read_kernel(&fdt, sizeof(fdt), files + OFF_FILES_FDT);
+	if (!fdt)
+		return 0;
+	bpf_probe_read_kernel(&max_fds, sizeof(max_fds), fdt + OFF_FDT_MAX_FDS);
+	if ((u32)fd >= max_fds)
+		return 0;
+	bpf_probe_read_kernel(&fds, sizeof(fds), fdt + OFF_FDT_FD);
+	bpf_probe_read_kernel(&file, sizeof(file), fds + fd);
+	if (!file)
+		return 0;
+	bpf_probe_read_kernel(&inode, sizeof(inode), file + OFF_FILE_INODE);
+	if (!inode)
+		return 0;
+	bpf_probe_read_kernel(&sb, sizeof(sb), inode + OFF_INODE_SB);
+	if (!sb)
+		return 0;
+	bpf_probe_read_kernel(&magic, sizeof(magic), sb + OFF_SB_MAGIC);
+	if (magic != PID_FS_MAGIC)
+		return 0;
+#ifdef PIDFD_PID_IN_INODE
+	/* pidfs keeps the struct pid in the inode (file_inode(file)->i_private) */
+	bpf_probe_read_kernel(&pid, sizeof(pid), inode + OFF_INODE_PRIVATE);
+#else
+	bpf_probe_read_kernel(&pid, sizeof(pid), file + OFF_FILE_PRIVATE);
+#endif
+	if (!pid)
+		return 0;
+	bpf_probe_read_kernel(&nr, sizeof(nr), pid + OFF_PID_NUMBERS + OFF_UPID_NR);
+	return nr > 0 ? nr : 0;
+#else
+	return 0;
+#endif
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_madvise)
+{
+	int advice = args->behavior;
+#ifdef COUNT_ALL_MADVISE
+	if (caller_wanted())
+		stat_add(STAT_MADVISE_ALL);
+#endif
+	if (advice != MADV_MERGEABLE && advice != MADV_UNMERGEABLE)
+		return 0;
+	if (!caller_wanted())
+		return 0;
+	struct inflight in = {};
+	in.syscall = OPTIN_MADVISE;
+	in.start = args->start;
+	in.length = args->len_in;
+	in.op = advice;
+	in.pidfd = -1;
+	u32 tid = bpf_get_current_pid_tgid();
+	in.ts_ns = bpf_ktime_get_ns();
+	if (inflight.update(&tid, &in))
+		stat_add(STAT_INFLIGHT_FULL);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_prctl)
+{
+	int option = args->option;
+	if (option != PR_SET_MEMORY_MERGE && option != PR_GET_MEMORY_MERGE)
+		return 0;
+	if (!caller_wanted())
+		return 0;
+	struct inflight in = {};
+	in.syscall = OPTIN_PRCTL;
+	in.op = option;
+	in.arg = args->arg2;
+	in.pidfd = -1;
+	u32 tid = bpf_get_current_pid_tgid();
+	in.ts_ns = bpf_ktime_get_ns();
+	if (inflight.update(&tid, &in))
+		stat_add(STAT_INFLIGHT_FULL);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_process_madvise)
+{
+	int advice = args->behavior;
+	if (advice != MADV_MERGEABLE && advice != MADV_UNMERGEABLE)
+		return 0;
+	if (!caller_wanted())
+		return 0;
+	struct inflight in = {};
+	in.syscall = OPTIN_PROCESS_MADVISE;
+	in.op = advice;
+	in.pidfd = args->pidfd;
+	in.vlen = args->vlen;
+	in.arg = args->flags;
+	in.target_pid = pidfd_target(in.pidfd);
+	/* The range: the first iovec's base, and the total length of the first
+	 * IOV_MAX_READ iovecs (vlen says whether there were more). */
+	const struct iov *vec = (const struct iov *)args->vec;
+#pragma unroll
+	for (int i = 0; i < IOV_MAX_READ; i++) {
+		struct iov v = {};
+		if (i >= in.vlen)
+			break;
+		if (bpf_probe_read_user(&v, sizeof(v), &vec[i]))
+			break;
+		if (i == 0)
+			in.start = v.base;
+		in.length += v.len;
+	}
+	u32 tid = bpf_get_current_pid_tgid();
+	in.ts_ns = bpf_ktime_get_ns();
+	if (inflight.update(&tid, &in))
+		stat_add(STAT_INFLIGHT_FULL);
+	return 0;
+}
+
+static __always_inline int emit(long ret)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = id;
+	struct inflight *in = inflight.lookup(&tid);
+	if (!in)
+		return 0;
+	struct optin_event *e = events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		stat_add(STAT_LOST);
+		inflight.delete(&tid);
+		return 0;
+	}
+	u64 now = bpf_ktime_get_ns();
+	e->ts_ns = in->ts_ns;
+	e->lat_ns = now - in->ts_ns;
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->start = in->start;
+	e->length = in->length;
+	e->ret = ret;
+	e->arg = in->arg;
+	e->pid = id >> 32;
+	e->tid = tid;
+	e->uid = bpf_get_current_uid_gid();
+	e->syscall = in->syscall;
+	e->op = in->op;
+	e->pidfd = in->pidfd;
+	e->target_pid = in->target_pid;
+	e->vlen = in->vlen;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	events.ringbuf_submit(e, 0);
+	inflight.delete(&tid);
+	stat_add(STAT_EMITTED);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_madvise)
+{
+	return emit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_prctl)
+{
+	return emit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_process_madvise)
+{
+	return emit(args->ret);
+}
