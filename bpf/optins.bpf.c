@@ -13,7 +13,7 @@
  *   FILTER_CGROUP id, FILTER_CGROUP_LEVEL l    only callers in cgroup v2 `id` or below it
  *   COUNT_ALL_MADVISE                          count every madvise entry passing the filters
  *   MAX_INFLIGHT n                             size of the per-tid hash
- *   OFF_*                                      BTF offsets for the pidfd walk
+ *   OFF_*                                      BTF offsets: pidfd walk, task -> mm flags
  */
 #include <uapi/linux/ptrace.h>
 #include "optins.h"
@@ -269,3 +269,84 @@ TRACEPOINT_PROBE(syscalls, sys_exit_process_madvise)
 {
 	return emit(args->ret);
 }
+
+/* Inherited opt-ins. MMF_* bit numbers of include/linux/mm_types.h (6.4..6.18,
+ * where mm->flags became a bitmap whose first word keeps them): they are
+ * #defines, absent from BTF, so a system test checks them against a real
+ * prctl'd process. */
+#define MMF_VM_MERGEABLE 16
+#define MMF_VM_MERGE_ANY 30
+
+#ifdef OFF_TASK_MM
+static __always_inline u64 mm_inherit_bits(char *task)
+{
+	char *mm = 0;
+	u64 flags = 0, bits = 0;
+	bpf_probe_read_kernel(&mm, sizeof(mm), task + OFF_TASK_MM);
+	if (!mm)
+		return 0;
+	bpf_probe_read_kernel(&flags, sizeof(flags), mm + OFF_MM_FLAGS);
+	if (flags & (1ULL << MMF_VM_MERGEABLE))
+		bits |= INHERIT_MERGEABLE;
+	if (flags & (1ULL << MMF_VM_MERGE_ANY))
+		bits |= INHERIT_MERGE_ANY;
+	return bits;
+}
+
+static __always_inline void emit_inherit(u32 kind, u32 pid, u32 tid, u32 from, u64 bits)
+{
+	struct optin_event *e = events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		stat_add(STAT_LOST);
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->arg = bits;
+	e->pid = pid;
+	e->tid = tid;
+	e->uid = bpf_get_current_uid_gid();
+	e->syscall = kind;
+	e->pidfd = -1;
+	e->target_pid = from;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	events.ringbuf_submit(e, 0);
+	stat_add(STAT_EMITTED);
+}
+
+/* Raw tracepoint for the task pointers: only a new process (not a thread, not
+ * a CLONE_VM child sharing the parent's mm) inherits anything. Runs in the
+ * parent; the child's mm is complete (dup_mmap ran ksm_fork). */
+RAW_TRACEPOINT_PROBE(sched_process_fork)
+{
+	char *parent = (char *)ctx->args[0];
+	char *child = (char *)ctx->args[1];
+	u32 pid = 0, tgid = 0;
+	char *pmm = 0, *cmm = 0;
+	bpf_probe_read_kernel(&pid, sizeof(pid), child + OFF_TASK_PID);
+	bpf_probe_read_kernel(&tgid, sizeof(tgid), child + OFF_TASK_TGID);
+	if (pid != tgid)
+		return 0;
+	bpf_probe_read_kernel(&pmm, sizeof(pmm), parent + OFF_TASK_MM);
+	bpf_probe_read_kernel(&cmm, sizeof(cmm), child + OFF_TASK_MM);
+	if (!cmm || cmm == pmm)
+		return 0;
+	u64 bits = mm_inherit_bits(child);
+	if (!bits || !caller_wanted())
+		return 0;
+	emit_inherit(OPTIN_FORK, tgid, pid, bpf_get_current_pid_tgid() >> 32, bits);
+	return 0;
+}
+
+/* After exec the task runs on a new mm: only merge_any survives (ksm_execve). */
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+	u64 bits = mm_inherit_bits((char *)bpf_get_current_task());
+	if (!(bits & INHERIT_MERGE_ANY) || !caller_wanted())
+		return 0;
+	u64 id = bpf_get_current_pid_tgid();
+	emit_inherit(OPTIN_EXEC, id >> 32, (u32)id, args->old_pid, bits);
+	return 0;
+}
+#endif

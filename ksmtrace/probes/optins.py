@@ -33,11 +33,21 @@ SOURCE = "optins.bpf.c"
 OPTIN_MADVISE = 1
 OPTIN_PRCTL = 2
 OPTIN_PROCESS_MADVISE = 3
+OPTIN_FORK = 4
+OPTIN_EXEC = 5
+INHERIT_MERGEABLE = 1
+INHERIT_MERGE_ANY = 2
 STAT_LOST, STAT_INFLIGHT_FULL, STAT_MADVISE_ALL, STAT_EMITTED = 0, 1, 2, 3
 COMM_LEN = 16
 MAX_FILTER_PIDS = 64
 
-SYSCALLS = {OPTIN_MADVISE: "madvise", OPTIN_PRCTL: "prctl", OPTIN_PROCESS_MADVISE: "process_madvise"}
+SYSCALLS = {
+    OPTIN_MADVISE: "madvise",
+    OPTIN_PRCTL: "prctl",
+    OPTIN_PROCESS_MADVISE: "process_madvise",
+    OPTIN_FORK: "fork",
+    OPTIN_EXEC: "exec",
+}
 OPS = {
     12: "MADV_MERGEABLE",
     13: "MADV_UNMERGEABLE",
@@ -79,7 +89,13 @@ def _mono_to_wall() -> float:
 
 @dataclass(frozen=True)
 class OptinEvent:
-    """One opt-in syscall and its result, as the kernel saw it."""
+    """One opt-in syscall and its result, as the kernel saw it.
+
+    ``syscall`` "fork" and "exec" are inherited opt-ins, not calls: a new
+    process got a copy of a mergeable mm (``target_pid`` is the parent), or
+    an exec kept whole-process merging (``target_pid`` is the old pid);
+    ``arg`` holds INHERIT_* bits.
+    """
 
     ts_ns: int  # CLOCK_MONOTONIC at syscall entry
     wall: float  # the same instant in epoch seconds
@@ -89,7 +105,7 @@ class OptinEvent:
     uid: int
     comm: str
     cgroup_id: int
-    syscall: str  # "madvise", "prctl" or "process_madvise"
+    syscall: str  # "madvise", "prctl", "process_madvise"; "fork", "exec" (inherited)
     op: int  # advice (12, 13) or prctl option (67, 68)
     start: int
     length: int
@@ -101,7 +117,13 @@ class OptinEvent:
 
     @property
     def op_name(self) -> str:
+        if self.inherited:
+            return "merge_any" if self.arg & INHERIT_MERGE_ANY else "mergeable VMAs"
         return OPS.get(self.op, str(self.op))
+
+    @property
+    def inherited(self) -> bool:
+        return self.syscall in ("fork", "exec")
 
     @property
     def errno(self) -> int:
@@ -125,6 +147,10 @@ class OptinEvent:
                 f"process_madvise({self.pidfd}{target}, {{{self.start:#x}, {self.length}}}"
                 f"{'+' if self.vlen > 1 else ''}, {self.op_name})"
             )
+        if self.syscall == "fork":
+            return f"fork from {self.target_pid}: inherits {self.op_name}"
+        if self.syscall == "exec":
+            return "exec: keeps merge_any"
         if self.op == 67:
             return f"prctl(PR_SET_MEMORY_MERGE, {self.arg})"
         return f"prctl({self.op_name})"
@@ -199,6 +225,24 @@ def resolve_cgroup(path: str, mount: Path | None = None) -> CgroupFilter:
     return CgroupFilter(path=str(p), cgroup_id=os.stat(p).st_ino, level=len(rel.parts))
 
 
+def task_offsets(btf: btf_mod.Btf | None = None) -> dict[str, int]:
+    """BTF offsets for the task -> mm flags reads of the fork/exec probes.
+
+    Empty when BTF lacks one: the inherited opt-in events are then not traced.
+    """
+    btf = btf or btf_mod.load()
+    want = {
+        "OFF_TASK_MM": ("task_struct", "mm"),
+        "OFF_TASK_PID": ("task_struct", "pid"),
+        "OFF_TASK_TGID": ("task_struct", "tgid"),
+        "OFF_MM_FLAGS": ("mm_struct", "flags"),
+    }
+    try:
+        return {name: btf.offset(s, m) for name, (s, m) in want.items()}
+    except KeyError:
+        return {}
+
+
 def pidfd_offsets(btf: btf_mod.Btf | None = None) -> dict[str, int]:
     """BTF offsets for the pidfd -> pid walk of process_madvise.
 
@@ -254,7 +298,9 @@ def build_defines(
         d["FILTER_CGROUP_LEVEL"] = cgroup.level
     if count_all_madvise:
         d["COUNT_ALL_MADVISE"] = 1
+    btf = btf or btf_mod.load()
     d.update(pidfd_offsets(btf))
+    d.update(task_offsets(btf))
     return d
 
 
