@@ -216,6 +216,14 @@ class ProcFS:
         return [a for a in self._read(pid, "cmdline").split("\0") if a]
 
     @wrap_proc_errors
+    def cgroup(self, pid: int) -> str | None:
+        """The cgroup v2 path ("0::/a/b" line of /proc/PID/cgroup), None without v2."""
+        for line in self._read(pid, "cgroup").splitlines():
+            if line.startswith("0::"):
+                return line[3:]
+        return None
+
+    @wrap_proc_errors
     def smaps(self, pid: int) -> list[Vma]:
         return parse_smaps(self._read(pid, "smaps"))
 

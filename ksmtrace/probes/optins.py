@@ -196,9 +196,13 @@ class ProbeStats:
 
 @dataclass(frozen=True)
 class CgroupFilter:
-    path: str
+    path: str  # directory under the cgroup2 mount
     cgroup_id: int
-    level: int
+    level: int  # depth below the root (0: root)
+    rel: str  # as /proc/PID/cgroup prints it: "/", "/a/b"
+
+    def contains(self, proc_cgroup: str) -> bool:
+        return self.rel in ("/", proc_cgroup) or proc_cgroup.startswith(self.rel + "/")
 
 
 def cgroup2_mount(mounts: Path = Path("/proc/self/mounts")) -> Path:
@@ -222,7 +226,9 @@ def resolve_cgroup(path: str, mount: Path | None = None) -> CgroupFilter:
     if not p.is_dir():
         raise UsageError(f"no cgroup {path!r} (looked for {p})")
     rel = p.resolve().relative_to(mount.resolve())
-    return CgroupFilter(path=str(p), cgroup_id=os.stat(p).st_ino, level=len(rel.parts))
+    return CgroupFilter(
+        path=str(p), cgroup_id=os.stat(p).st_ino, level=len(rel.parts), rel="/" + "/".join(rel.parts)
+    )
 
 
 def task_offsets(btf: btf_mod.Btf | None = None) -> dict[str, int]:

@@ -1,0 +1,168 @@
+"""Text and JSON for opt-ins: snoop lines, the start-up inventory, the optins tables."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from ksmtrace.inventory import MergeableProcess
+from ksmtrace.optin_report import Report
+from ksmtrace.probes.optins import OptinEvent
+from ksmtrace.views.fmt import emit_json, human_bytes, table
+
+_SHORT = {
+    "MADV_MERGEABLE": "MERGEABLE",
+    "MADV_UNMERGEABLE": "UNMERGEABLE",
+    "PR_GET_MEMORY_MERGE": "GET_MERGE",
+}
+
+
+def _call(ev: OptinEvent) -> str:
+    """Call and advice in at most 19 characters."""
+    if ev.syscall == "prctl":
+        return f"prctl SET_MERGE {ev.arg}" if ev.op == 67 else "prctl GET_MERGE"
+    if ev.inherited:
+        return f"{ev.syscall} {'merge_any' if 'merge_any' in ev.op_name else 'mergeable'}"
+    call = "pmadvise" if ev.syscall == "process_madvise" else "madvise"
+    return f"{call} {_SHORT.get(ev.op_name, ev.op_name)}"
+
+
+def _result(ev: OptinEvent) -> str:
+    if ev.syscall == "fork":
+        return f"parent {ev.target_pid}"
+    if ev.syscall == "exec":
+        return f"old pid {ev.target_pid}" if ev.target_pid != ev.tid else "-"
+    out = ev.result()
+    if ev.syscall == "process_madvise":
+        more = f", {ev.vlen} iovecs" if ev.vlen > 1 else ""
+        out += f" (pidfd {ev.pidfd}: pid {ev.target_pid or '?'}{more})"
+    return out
+
+
+SNOOP_COLUMNS = ("PID", "TID", "COMM", "CALL", "START", "LENGTH", "RESULT")
+_WIDTHS = (7, 7, 15, 19, 14, 9)
+
+
+def snoop_header(timestamps: bool) -> str:
+    cols = [
+        c.ljust(w) if i in (2, 3, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(SNOOP_COLUMNS, _WIDTHS))
+    ]
+    cols.append("RESULT")
+    return ("TIME     " if timestamps else "") + " ".join(cols)
+
+
+def snoop_line(ev: OptinEvent, timestamps: bool = False, exact: bool = False) -> str:
+    has_range = ev.syscall in ("madvise", "process_madvise")
+    vals = (
+        str(ev.pid).rjust(7),
+        str(ev.tid).rjust(7),
+        ev.comm[:15].ljust(15),
+        _call(ev).ljust(19),
+        (f"{ev.start:#x}" if has_range else "-").ljust(14),
+        (human_bytes(ev.length, exact) if has_range else "-").rjust(9),
+        _result(ev),
+    )
+    ts = time.strftime("%H:%M:%S ", time.localtime(ev.wall)) if timestamps else ""
+    return ts + " ".join(vals)
+
+
+def event_json(ev: OptinEvent) -> dict[str, Any]:
+    return {"type": "event", **ev.as_dict()}
+
+
+def inventory_json(p: MergeableProcess) -> dict[str, Any]:
+    return {"type": "inventory", **p.as_dict(), "regions": p.region_dicts()}
+
+
+def inventory_table(
+    procs: Sequence[MergeableProcess], out: TextIO | None = None, exact: bool = False
+) -> None:
+    rows = [
+        (
+            p.pid,
+            p.comm[:15],
+            p.how[:16],
+            p.ppid,
+            len(p.regions),
+            human_bytes(p.mergeable_bytes, exact),
+            p.merging_pages,
+        )
+        for p in procs
+    ]
+    table(("PID", "COMM", "HOW", "PPID", "REGIONS", "MERGEABLE", "KSM_STAT(pg)"), rows, out=out)
+
+
+def optins_json(rep: Report, out: TextIO | None = None) -> None:
+    emit_json(
+        {
+            "page_size": rep.page_size,
+            "processes": [p.as_dict() for p in rep.processes],
+            "skipped": {"exited": rep.exited, "denied": rep.denied},
+        },
+        out=out,
+    )
+
+
+def optins_tables(
+    rep: Report, out: TextIO | None = None, exact: bool = False, max_regions: int | None = 10
+) -> None:
+    """One table of processes, then each process's regions, largest first."""
+    if not rep.processes:
+        print("No process has opted in to KSM.", file=out)
+    else:
+        rows = [
+            (
+                lp.proc.pid,
+                lp.proc.comm[:15],
+                lp.proc.how[:16],
+                len(lp.regions),
+                human_bytes(lp.proc.mergeable_bytes, exact),
+                lp.ksm_pages,
+                human_bytes(lp.ksm_pages * lp.page_size, exact),
+                human_bytes(lp.saving, exact),
+            )
+            for lp in sorted(rep.processes, key=lambda lp: (-lp.ksm_pages, lp.proc.pid))
+        ]
+        table(
+            ("PID", "COMM", "HOW", "REGIONS", "MERGEABLE", "MERGING(pg)", "MERGING", "SAVING"),
+            rows,
+            out=out,
+        )
+        for lp in sorted(rep.processes, key=lambda lp: lp.proc.pid):
+            regs = sorted(lp.regions, key=lambda r: -int(r.region["length"]))  # type: ignore[call-overload]
+            shown = regs if max_regions is None else regs[:max_regions]
+            print(file=out)
+            plural = "" if len(regs) == 1 else "s"
+            print(f"pid {lp.proc.pid} ({lp.proc.comm}): {len(regs)} opted-in region{plural}", file=out)
+            table(
+                ("START", "SIZE", "HOW", "KSM:(smaps)", "MERGING(pg)", "MAPPING"),
+                [
+                    (
+                        f"{int(r.region['start']):#x}",  # type: ignore[call-overload]
+                        human_bytes(int(r.region["length"]), exact),  # type: ignore[call-overload]
+                        _how(r.region),
+                        "-"
+                        if r.region["ksm_bytes"] is None
+                        else human_bytes(int(r.region["ksm_bytes"]), exact),  # type: ignore[call-overload]
+                        r.ksm_pages,
+                        str(r.region["name"])[-40:],
+                    )
+                    for r in shown
+                ],
+                out=out,
+                right=(False, True, False, True, True, False),
+            )
+            if len(shown) < len(regs):
+                print(f"... {len(regs) - len(shown)} smaller regions not shown (--all-regions)", file=out)
+    if rep.exited or rep.denied:
+        print(
+            f"\n({rep.exited} processes exited while read, {rep.denied} not readable: skipped)",
+            file=out,
+        )
+
+
+def _how(region: dict[str, object]) -> str:
+    if region["how"] == "fork":
+        return f"fork:{region['inherited_from']}"
+    return str(region["how"])
