@@ -25,6 +25,11 @@
 /* include/uapi/linux/magic.h: pidfs superblock (6.9+). */
 #define PID_FS_MAGIC 0x50494446
 #define IOV_MAX_READ 8
+/* What a tracepoint program returns decides whether the kernel still writes
+ * the event to perf buffers and counters of the same tracepoint: 0 would
+ * blind `perf stat -e syscalls:sys_enter_madvise` and every other perf user
+ * of these events while ksmtrace runs. */
+#define KEEP 1
 
 #ifndef MAX_INFLIGHT
 #define MAX_INFLIGHT 10240
@@ -149,9 +154,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_madvise)
 		stat_add(STAT_MADVISE_ALL);
 #endif
 	if (advice != MADV_MERGEABLE && advice != MADV_UNMERGEABLE)
-		return 0;
+		return KEEP;
 	if (!caller_wanted())
-		return 0;
+		return KEEP;
 	struct inflight in = {};
 	in.syscall = OPTIN_MADVISE;
 	in.start = args->start;
@@ -162,16 +167,16 @@ TRACEPOINT_PROBE(syscalls, sys_enter_madvise)
 	in.ts_ns = bpf_ktime_get_ns();
 	if (inflight.update(&tid, &in))
 		stat_add(STAT_INFLIGHT_FULL);
-	return 0;
+	return KEEP;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_prctl)
 {
 	int option = args->option;
 	if (option != PR_SET_MEMORY_MERGE && option != PR_GET_MEMORY_MERGE)
-		return 0;
+		return KEEP;
 	if (!caller_wanted())
-		return 0;
+		return KEEP;
 	struct inflight in = {};
 	in.syscall = OPTIN_PRCTL;
 	in.op = option;
@@ -181,16 +186,16 @@ TRACEPOINT_PROBE(syscalls, sys_enter_prctl)
 	in.ts_ns = bpf_ktime_get_ns();
 	if (inflight.update(&tid, &in))
 		stat_add(STAT_INFLIGHT_FULL);
-	return 0;
+	return KEEP;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_process_madvise)
 {
 	int advice = args->behavior;
 	if (advice != MADV_MERGEABLE && advice != MADV_UNMERGEABLE)
-		return 0;
+		return KEEP;
 	if (!caller_wanted())
-		return 0;
+		return KEEP;
 	struct inflight in = {};
 	in.syscall = OPTIN_PROCESS_MADVISE;
 	in.op = advice;
@@ -216,7 +221,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_process_madvise)
 	in.ts_ns = bpf_ktime_get_ns();
 	if (inflight.update(&tid, &in))
 		stat_add(STAT_INFLIGHT_FULL);
-	return 0;
+	return KEEP;
 }
 
 static __always_inline int emit(long ret)
@@ -257,17 +262,20 @@ static __always_inline int emit(long ret)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_madvise)
 {
-	return emit(args->ret);
+	emit(args->ret);
+	return KEEP;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_prctl)
 {
-	return emit(args->ret);
+	emit(args->ret);
+	return KEEP;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_process_madvise)
 {
-	return emit(args->ret);
+	emit(args->ret);
+	return KEEP;
 }
 
 /* Inherited opt-ins. MMF_* bit numbers of include/linux/mm_types.h (6.4..6.18,
@@ -327,16 +335,16 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 	bpf_probe_read_kernel(&pid, sizeof(pid), child + OFF_TASK_PID);
 	bpf_probe_read_kernel(&tgid, sizeof(tgid), child + OFF_TASK_TGID);
 	if (pid != tgid)
-		return 0;
+		return KEEP;
 	bpf_probe_read_kernel(&pmm, sizeof(pmm), parent + OFF_TASK_MM);
 	bpf_probe_read_kernel(&cmm, sizeof(cmm), child + OFF_TASK_MM);
 	if (!cmm || cmm == pmm)
-		return 0;
+		return KEEP;
 	u64 bits = mm_inherit_bits(child);
 	if (!bits || !caller_wanted())
-		return 0;
+		return KEEP;
 	emit_inherit(OPTIN_FORK, tgid, pid, bpf_get_current_pid_tgid() >> 32, bits);
-	return 0;
+	return KEEP;
 }
 
 /* After exec the task runs on a new mm: only merge_any survives (ksm_execve). */
@@ -344,9 +352,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 {
 	u64 bits = mm_inherit_bits((char *)bpf_get_current_task());
 	if (!(bits & INHERIT_MERGE_ANY) || !caller_wanted())
-		return 0;
+		return KEEP;
 	u64 id = bpf_get_current_pid_tgid();
 	emit_inherit(OPTIN_EXEC, id >> 32, (u32)id, args->old_pid, bits);
-	return 0;
+	return KEEP;
 }
 #endif

@@ -151,16 +151,17 @@ class Server:
             addr, length = r.addr + int(first) * PAGE, n * PAGE
         return _result(_libc.madvise(ctypes.c_void_p(int(addr)), int(length or 0), adv))
 
-    def cmd_pmadvise(self, name: str, advice: str = "mergeable") -> dict[str, Any]:
+    def cmd_pmadvise(self, name: str, advice: str = "mergeable", pid: int | None = None) -> dict[str, Any]:
+        """process_madvise on a pidfd of ``pid`` (default: our own) over region ``name``."""
         adv = {"mergeable": MADV_MERGEABLE, "unmergeable": MADV_UNMERGEABLE}[advice]
         r = self._region(name)
-        pidfd = _libc.syscall(SYS_PIDFD_OPEN, os.getpid(), 0)
+        pidfd = _libc.syscall(SYS_PIDFD_OPEN, os.getpid() if pid is None else int(pid), 0)
         if pidfd < 0:
             return _result(-1)
         try:
             iov = _IoVec(r.addr, r.pages * PAGE)
             rc = _libc.syscall(SYS_PROCESS_MADVISE, int(pidfd), ctypes.byref(iov), 1, adv, 0)
-            return _result(rc)
+            return {**_result(rc), "pidfd": int(pidfd)}
         finally:
             os.close(pidfd)
 

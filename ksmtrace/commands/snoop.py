@@ -9,6 +9,7 @@ in before tracing started comes first (--no-inventory to skip it).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from typing import Any
@@ -122,13 +123,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(view.snoop_header(args.timestamp), flush=True)
         deadline = None if args.duration is None else time.monotonic() + args.duration
-        try:
-            while deadline is None or time.monotonic() < deadline:
+        with _StopFlag() as stop:
+            while not stop.set and (deadline is None or time.monotonic() < deadline):
                 for ev in probe.poll(100):
                     events += 1
                     _print(ev, args)
-        except KeyboardInterrupt:
-            pass
         for ev in probe.drain():
             events += 1
             _print(ev, args)
@@ -136,6 +135,31 @@ def run(args: argparse.Namespace) -> int:
     finally:
         probe.close()
     return 0
+
+
+class _StopFlag:
+    """Ctrl-C and SIGTERM end the loop by a flag, not an exception.
+
+    An exception raised by a signal handler while BCC runs our ring-buffer
+    callback would be swallowed by ctypes ("Exception ignored ...") and lose
+    the signal; a flag is seen at the next poll (every 100 ms).
+    """
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, *_: object) -> None:
+        self.set = True
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _print(ev: Any, args: argparse.Namespace) -> None:

@@ -327,7 +327,7 @@ class OptinProbe:
         # TRACEPOINT_PROBE programs are attached by BCC at load time.
         self._bpf = loader.load(SOURCE, defines)
         self._wall = _mono_to_wall()
-        self._bpf["events"].open_ring_buffer(self._on_event)
+        self._bpf[b"events"].open_ring_buffer(self._on_event)
 
     def _on_event(self, _ctx: Any, data: Any, size: int) -> int:
         raw = _RawEvent.from_buffer_copy(ctypes.string_at(data, min(size, ctypes.sizeof(_RawEvent))))
@@ -363,7 +363,7 @@ class OptinProbe:
         yield from self.drain()
 
     def stats(self) -> ProbeStats:
-        table = self._bpf["stats"]
+        table = self._bpf[b"stats"]
         vals = [int(table[ctypes.c_int(i)].value) for i in range(4)]
         return ProbeStats(
             lost=vals[STAT_LOST],

@@ -1,0 +1,409 @@
+"""Opt-ins on the real kernel: snoop (end to end, JSON lines), the probe API,
+the start-up inventory and ``optins``, checked against what the workload did
+and against perf counting the same tracepoint."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ksmtrace import inventory, optin_report
+from ksmtrace.errors import ProcessGone
+from ksmtrace.inventory import Origin
+from ksmtrace.kernel.procfs import ProcFS
+from ksmtrace.probes.optins import OptinProbe, cgroup2_mount, resolve_cgroup
+from ksmtrace.workload import PAGE
+
+pytestmark = pytest.mark.system
+KSMTRACE = [sys.executable, "-m", "ksmtrace"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+_RUNNING: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_snoops() -> Iterator[None]:
+    """A failed test must not leave a snoop (and its BPF programs) behind."""
+    yield
+    while _RUNNING:
+        p = _RUNNING.pop()
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+class Snoop:
+    """`ksmtrace snoop -j ...` as a subprocess, started and stopped like a user would."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [*KSMTRACE, "snoop", "-j", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        _RUNNING.append(self.proc)
+        self.records: list[dict[str, Any]] = []
+        self.stderr = ""
+        self._wait_tracing()
+
+    def _wait_tracing(self, timeout: float = 60.0) -> None:
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        seen = ""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stderr], [], [], 0.5)
+            if ready:
+                line = self.proc.stderr.readline()
+                if not line:
+                    break
+                seen += line
+                if line.startswith("Tracing... Ctrl-C to end."):
+                    return
+        self.proc.kill()
+        out, err = self.proc.communicate()
+        raise AssertionError(f"snoop did not start: rc={self.proc.returncode} {seen}{err}")
+
+    def stop(self, sig: int = signal.SIGINT) -> list[dict[str, Any]]:
+        self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=30)
+        self.stderr = err
+        assert self.proc.returncode == 0, err
+        assert "Traceback" not in err
+        self.records = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return self.records
+
+    def events(self, pid: int | None = None) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["type"] == "event" and (pid is None or r["pid"] == pid)]
+
+    def summary(self) -> dict[str, Any]:
+        (s,) = [r for r in self.records if r["type"] == "summary"]
+        return s
+
+
+def _cgroup_id(pid: int) -> int:
+    rel = ProcFS().cgroup(pid) or "/"
+    return os.stat(cgroup2_mount() / rel.lstrip("/")).st_ino
+
+
+def _call(syscall: str, op: int, **kw: Any) -> dict[str, Any]:
+    return {"syscall": syscall, "op": op, **kw}
+
+
+def _assert_matches(events: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
+    """Same calls in the same order, each field as expected."""
+    got = [{k: e[k] for k in exp} for e, exp in zip(events, expected)]
+    assert got == expected and len(events) == len(expected), json.dumps(events, indent=1)
+
+
+def test_snoop_reports_each_optin_once_with_its_fields(workload) -> None:
+    wl = workload(comm="optin-wl")
+    other = workload(comm="optin-other")
+    reg = wl.call("alloc", name="a", pages=64)
+    gone = wl.call("alloc", name="gone", pages=4)
+    wl.call("free", name="gone")  # an unmapped range: madvise fails with ENOMEM
+    a, n = reg["addr"], reg["len"]
+
+    mine = Snoop("-p", str(wl.pid), "--no-inventory")
+    by_comm = Snoop("-n", "optin-wl", "--no-inventory")
+    not_mine = Snoop("-p", str(other.pid), "--no-inventory")
+    wrong_comm = Snoop("-n", "optin-nobody", "--no-inventory")
+
+    # What the workload does, in order, and what each call must show up as.
+    expected = []
+    r = wl.call("madvise", name="a", first=8, count=16)
+    expected.append(_call("madvise", 12, start=a + 8 * PAGE, length=16 * PAGE, ret=r["ret"], errno=0))
+    r = wl.call("madvise", name="a", advice="unmergeable", first=8, count=4)
+    expected.append(_call("madvise", 13, start=a + 8 * PAGE, length=4 * PAGE, ret=0, errno=0))
+    r = wl.call("madvise", name="a", addr=a + 1, length=PAGE)
+    assert r["errno"] == errno.EINVAL
+    expected.append(_call("madvise", 12, start=a + 1, length=PAGE, ret=-errno.EINVAL, errno=errno.EINVAL))
+    r = wl.call("madvise", name="gone", addr=gone["addr"], length=gone["len"])
+    assert r["errno"] == errno.ENOMEM
+    expected.append(
+        _call("madvise", 12, start=gone["addr"], length=gone["len"], ret=-errno.ENOMEM, error="ENOMEM")
+    )
+    assert wl.call("prctl", mode="on")["ret"] == 0
+    expected.append(_call("prctl", 67, arg=1, ret=0))
+    assert wl.call("prctl", mode="get")["ret"] == 1
+    expected.append(_call("prctl", 68, ret=1))
+    assert wl.call("prctl", mode="off")["ret"] == 0
+    expected.append(_call("prctl", 67, arg=0, ret=0))
+    assert wl.call("prctl", mode="get")["ret"] == 0
+    expected.append(_call("prctl", 68, ret=0))
+    r = wl.call("pmadvise", name="a")
+    expected.append(
+        _call("process_madvise", 12, start=a, length=n, ret=n, pidfd=r["pidfd"], target_pid=wl.pid, vlen=1)
+    )
+    child = wl.call("fork")["child"]
+    # A fork is not a call: the child inherits the registered mm (arg bit 1),
+    # not merge_any (switched off above).
+    expected.append(_call("fork", 0, pid=child, tid=child, target_pid=wl.pid, arg=1, ret=0))
+
+    for s in (mine, by_comm, not_mine, wrong_comm):
+        s.stop()
+    cgroup = _cgroup_id(wl.pid)
+    for s in (mine, by_comm):
+        evs = s.events()
+        _assert_matches(evs, expected)
+        for e in evs:
+            assert e["comm"] == "optin-wl" and e["uid"] == os.getuid()
+            assert e["cgroup_id"] == cgroup
+            if e["syscall"] != "fork":
+                assert e["pid"] == e["tid"] == wl.pid
+                assert e["wall"] == pytest.approx(time.time(), abs=120)
+        assert s.summary() == {
+            "type": "summary",
+            "events": len(expected),
+            "lost": 0,
+            "inflight_full": 0,
+            "madvise_calls": None,
+        }
+    # Filtered out in the kernel: not one event.
+    assert not_mine.events() == [] and not_mine.summary()["events"] == 0
+    assert wrong_comm.events() == []
+
+
+def test_prctl_then_exec_is_reported_once_each(workload) -> None:
+    snoop = Snoop("--no-inventory")
+    wl = workload(prctl_before_exec=True, comm="optin-exec")
+    wl.call("info")
+    snoop.stop(signal.SIGTERM)  # SIGTERM ends it as cleanly as Ctrl-C
+    evs = snoop.events(pid=wl.pid)
+    _assert_matches(
+        evs,
+        [
+            _call("prctl", 67, arg=1, ret=0, comm="optin-exec", tid=wl.pid),
+            # After execve the mm is new; merge_any (arg bit 2) came along.
+            _call("exec", 0, target_pid=wl.pid, tid=wl.pid, ret=0),
+        ],
+    )
+    assert evs[1]["arg"] & 2
+    assert evs[1]["comm"] != "optin-exec"  # the new program's name, before it renames itself
+    # The inventory tells the same story afterwards from /proc alone.
+    (p,) = inventory.take(pids=[wl.pid]).processes
+    assert p.merge_any and p.origin == Origin("exec") and p.stack_mergeable is False
+
+
+def test_probe_api_decodes_events_and_remote_pidfd(workload) -> None:
+    wl = workload(comm="optin-api")
+    other = workload(comm="optin-api2")
+    reg = wl.call("alloc", name="a", pages=8)
+    with OptinProbe(pids=[wl.pid]) as probe:
+        assert wl.call("madvise", name="a")["ret"] == 0
+        # Another process's pidfd: the kernel refuses KSM advice remotely, and
+        # the event still names the process the pidfd points at.
+        r = wl.call("pmadvise", name="a", pid=other.pid)
+        assert r["ret"] == -1
+        evs = list(probe.events(duration=0.5))
+        st = probe.stats()
+    assert [e.syscall for e in evs] == ["madvise", "process_madvise"]
+    m, pm = evs
+    assert (m.pid, m.tid, m.comm, m.op_name, m.start, m.length, m.ret, m.ok) == (
+        wl.pid,
+        wl.pid,
+        "optin-api",
+        "MADV_MERGEABLE",
+        reg["addr"],
+        reg["len"],
+        0,
+        True,
+    )
+    assert m.lat_ns > 0 and m.describe_call().startswith("madvise(0x")
+    assert pm.target_pid == other.pid and pm.pidfd == r["pidfd"]
+    assert pm.errno == r["errno"] and pm.error == errno.errorcode[r["errno"]] and not pm.ok
+    assert (st.emitted, st.lost, st.inflight_full, st.madvise_calls) == (2, 0, 0, None)
+
+
+def test_cgroup_filter(workload) -> None:
+    mount = cgroup2_mount()
+    path = mount / f"ksmtrace-test-{os.getpid()}"
+    path.mkdir()
+    wl = workload(comm="optin-cg")
+    outside = workload(comm="optin-cg")
+    try:
+        (path / "cgroup.procs").write_text(str(wl.pid))
+        cg = resolve_cgroup("/" + path.name)
+        assert cg.cgroup_id == _cgroup_id(wl.pid) and cg.level == 1
+        snoop = Snoop("--cgroup", "/" + path.name)
+        for w in (wl, outside):
+            w.call("prctl", mode="get")
+        snoop.stop()
+        assert [(e["pid"], e["op"]) for e in snoop.events()] == [(wl.pid, 68)]
+    finally:
+        wl.close()
+        path.rmdir()
+
+
+@contextmanager
+def perf_counting(pid: int, filt: str | None = None) -> Iterator[dict[str, int]]:
+    """perf stat on syscalls:sys_enter_madvise of ``pid``, enabled/disabled with acks."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ctl, ack = Path(tmp, "ctl"), Path(tmp, "ack")
+        os.mkfifo(ctl)
+        os.mkfifo(ack)
+        argv = ["perf", "stat", "-x,", "-e", "syscalls:sys_enter_madvise"]
+        if filt:
+            argv += ["--filter", filt]
+        argv += ["-D", "-1", f"--control=fifo:{ctl},{ack}", "-p", str(pid)]
+        perf = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        ctl_f = open(ctl, "w")  # noqa: SIM115 (held open across the yield)
+        ack_f = open(ack)  # noqa: SIM115
+
+        def command(c: str) -> None:
+            ctl_f.write(c + "\n")
+            ctl_f.flush()
+            assert ack_f.readline().strip("\x00\n ") == "ack"
+
+        out: dict[str, int] = {}
+        command("enable")
+        try:
+            yield out
+            command("disable")
+        finally:
+            perf.send_signal(signal.SIGINT)
+            _, err = perf.communicate(timeout=30)
+            ctl_f.close()
+            ack_f.close()
+        for line in err.splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[2] == "syscalls:sys_enter_madvise":
+                out["count"] = int(fields[0])
+        assert "count" in out, err
+
+
+def test_madvise_counts_agree_with_perf(workload) -> None:
+    """Over one window, ksmtrace and perf count the same madvise calls of one pid."""
+    wl = workload(comm="optin-perf")
+    wl.call("alloc", name="a", pages=16)
+    snoop = Snoop("-p", str(wl.pid), "--no-inventory", "--count-all-madvise")
+    with (
+        perf_counting(wl.pid) as all_calls,
+        perf_counting(wl.pid, "behavior == 12 || behavior == 13") as ksm_calls,
+    ):
+        for advice in ("mergeable", "4", "unmergeable", "3", "mergeable", "3", "4"):
+            wl.call("madvise", name="a", advice=advice)
+        wl.call("madvise", name="a", addr=1, length=PAGE)  # EINVAL, still a call
+        wl.call("prctl", mode="get")  # not a madvise: counted by neither
+    snoop.stop()
+    madvise_events = [e for e in snoop.events() if e["syscall"] == "madvise"]
+    assert len(madvise_events) == ksm_calls["count"] == 4
+    assert snoop.summary()["madvise_calls"] == all_calls["count"] >= 8
+    assert snoop.summary()["lost"] == 0
+
+
+@pytest.mark.ksm
+def test_opted_in_before_start_shows_in_optins_and_snoop(ksm, workload) -> None:
+    pre = workload(comm="optin-pre")
+    reg = pre.call("alloc", name="a", pages=256, kind="dup")
+    assert pre.call("madvise", name="a")["ret"] == 0
+    child = pre.call("fork")["child"]
+    selfp = workload(comm="optin-self")
+    selfp.call("prctl", mode="on")
+    ex = workload(prctl_before_exec=True, comm="optin-ex")
+    ksm.start()
+    ksm.wait_merged(pre.pid, reg["addr"], reg["len"], 256)
+
+    out = subprocess.run(
+        [
+            *KSMTRACE,
+            "optins",
+            "-j",
+            "-p",
+            str(pre.pid),
+            "-p",
+            str(child),
+            "-p",
+            str(selfp.pid),
+            "-n",
+            "optin-ex",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    procs = {p["pid"]: p for p in json.loads(out.stdout)["processes"]}
+    assert set(procs) == {pre.pid, child, selfp.pid, ex.pid}
+    (region,) = [r for r in procs[pre.pid]["regions"] if r["start"] == reg["addr"]]
+    assert region["length"] == reg["len"] and region["name"] == "[anon]" and region["how"] == "madvise"
+    # Live, from kpageflags: every page of the region is a KSM page now. The
+    # child shares the same frames (fork), so its copy of the range is KSM too.
+    assert region["merging_pages_now"] == 256
+    assert procs[pre.pid]["merging_bytes_now"] >= 256 * PAGE
+    assert procs[pre.pid]["saving_bytes_now"] > 0
+    assert procs[child]["how"] == f"fork:{pre.pid}"
+    (creg,) = [r for r in procs[child]["regions"] if r["start"] == reg["addr"]]
+    assert creg["how"] == "fork" and creg["inherited_from"] == pre.pid
+    assert procs[selfp.pid]["how"] == "prctl" and procs[selfp.pid]["merge_any"]
+    assert procs[ex.pid]["how"] == "exec" and procs[ex.pid]["merge_any"]
+
+    table = subprocess.run(
+        [*KSMTRACE, "optins", "-p", str(pre.pid)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert table.returncode == 0 and f"{reg['addr']:#x}" in table.stdout
+    assert max(len(line) for line in table.stdout.splitlines()) <= 100
+
+    snoop = Snoop("-n", "optin-pre")
+    snoop.stop()
+    inv = {r["pid"]: r for r in snoop.records if r["type"] == "inventory"}
+    assert set(inv) == {pre.pid, child}
+    assert inv[child]["how"] == f"fork:{pre.pid}"
+    assert any(r["start"] == reg["addr"] and r["length"] == reg["len"] for r in inv[pre.pid]["regions"])
+    assert snoop.events() == []
+
+
+def test_errors_for_people(workload) -> None:
+    for args, rc, msg in (
+        (["optins", "-p", "999999"], 2, "pid 999999 does not exist"),
+        (["optins", "-n", "no-such-comm-x"], 2, "no process named 'no-such-comm-x'"),
+        (["snoop", "-p", "999999"], 2, "pid 999999 does not exist"),
+        (["snoop", "--cgroup", "/no/such/cgroup"], 2, "no cgroup '/no/such/cgroup'"),
+    ):
+        out = subprocess.run([*KSMTRACE, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert (out.returncode, out.stdout) == (rc, ""), out.stderr
+        assert msg in out.stderr and "Traceback" not in out.stderr
+    for cmd in ("optins", "snoop"):
+        out = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *KSMTRACE, cmd],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert out.returncode == 77 and "ksmtrace needs root" in out.stderr
+
+
+def test_process_exiting_mid_inventory_is_skipped_and_counted(workload) -> None:
+    wl = workload(comm="optin-gone")
+    reg = wl.call("alloc", name="a", pages=8)
+    wl.call("madvise", name="a")
+    live = workload(comm="optin-live")
+    live.call("prctl", mode="on")
+    (p,) = inventory.take(pids=[wl.pid]).processes
+    pid = wl.pid
+    wl.close()
+    # Listed while alive, gone when measured: optin_report skips and counts it.
+    with pytest.raises(ProcessGone):
+        optin_report.measure(p, PAGE, 64)
+    inv = inventory.take(pids=[pid, live.pid])
+    assert [q.pid for q in inv.processes] == [live.pid] and inv.exited == 1
+    rep = optin_report.take([pid, live.pid])
+    assert [q.proc.pid for q in rep.processes] == [live.pid] and rep.exited == 1
+    assert reg["len"] > 0
