@@ -13,6 +13,7 @@
  *   FILTER_CGROUP id, FILTER_CGROUP_LEVEL l    only callers in cgroup v2 `id` or below it
  *   COUNT_ALL_MADVISE                          count every madvise entry passing the filters
  *   MAX_INFLIGHT n                             size of the per-tid hash
+ *   RINGBUF_PAGES n                            ring buffer size in pages (power of two)
  *   OFF_*                                      BTF offsets: pidfd walk, task -> mm flags
  */
 #include <uapi/linux/ptrace.h>
@@ -34,6 +35,10 @@
 #ifndef MAX_INFLIGHT
 #define MAX_INFLIGHT 10240
 #endif
+/* Ring buffer size in pages (a power of two); 64 pages hold about 2,500 events. */
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 64
+#endif
 
 struct inflight {
 	u64 ts_ns;
@@ -53,7 +58,7 @@ struct iov {
 };
 
 BPF_HASH(inflight, u32, struct inflight, MAX_INFLIGHT);
-BPF_RINGBUF_OUTPUT(events, 64);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_ARRAY(stats, u64, STAT_SLOTS);
 
 static __always_inline void stat_add(int slot)

@@ -285,8 +285,11 @@ def build_defines(
     count_all_madvise: bool = False,
     max_inflight: int = 10240,
     btf: btf_mod.Btf | None = None,
+    ringbuf_pages: int = 64,
 ) -> dict[str, int | str]:
-    d: dict[str, int | str] = {"MAX_INFLIGHT": int(max_inflight)}
+    if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
+        raise UsageError("the ring buffer size must be a power of two pages")
+    d: dict[str, int | str] = {"MAX_INFLIGHT": int(max_inflight), "RINGBUF_PAGES": int(ringbuf_pages)}
     if pids:
         uniq = sorted(set(int(p) for p in pids))
         if len(uniq) > MAX_FILTER_PIDS:
@@ -319,11 +322,19 @@ class OptinProbe:
     cgroup: CgroupFilter | None = None
     count_all_madvise: bool = False
     max_inflight: int = 10240
+    ringbuf_pages: int = 64
     _bpf: Any = field(default=None, init=False, repr=False)
     _pending: list[OptinEvent] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        defines = build_defines(self.pids, self.comm, self.cgroup, self.count_all_madvise, self.max_inflight)
+        defines = build_defines(
+            self.pids,
+            self.comm,
+            self.cgroup,
+            self.count_all_madvise,
+            self.max_inflight,
+            ringbuf_pages=self.ringbuf_pages,
+        )
         # TRACEPOINT_PROBE programs are attached by BCC at load time.
         self._bpf = loader.load(SOURCE, defines)
         self._wall = _mono_to_wall()

@@ -230,6 +230,22 @@ def test_probe_api_decodes_events_and_remote_pidfd(workload) -> None:
     assert (st.emitted, st.lost, st.inflight_full, st.madvise_calls) == (2, 0, 0, None)
 
 
+def test_lost_events_are_counted(workload) -> None:
+    """A full ring buffer drops events in the kernel and says how many."""
+    wl = workload(comm="optin-lost")
+    calls = 200
+    # One page holds about 36 events; nobody drains it while the calls run.
+    with OptinProbe(pids=[wl.pid], ringbuf_pages=1) as probe:
+        for _ in range(calls):
+            wl.call("prctl", mode="get")
+        got = probe.drain()
+        st = probe.stats()
+    assert 0 < len(got) < calls
+    assert st.lost > 0 and st.emitted == len(got)
+    assert st.emitted + st.lost == calls
+    assert all(e.op_name == "PR_GET_MEMORY_MERGE" and e.pid == wl.pid for e in got)
+
+
 def test_cgroup_filter(workload) -> None:
     mount = cgroup2_mount()
     path = mount / f"ksmtrace-test-{os.getpid()}"
