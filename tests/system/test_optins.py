@@ -260,7 +260,8 @@ def test_cgroup_filter(workload) -> None:
         for w in (wl, outside):
             w.call("prctl", mode="get")
         snoop.stop()
-        assert [(e["pid"], e["op"]) for e in snoop.events()] == [(wl.pid, 68)]
+        where = ProcFS().cgroup(wl.pid)
+        assert [(e["pid"], e["op"]) for e in snoop.events()] == [(wl.pid, 68)], (snoop.records, where)
     finally:
         wl.close()
         path.rmdir()
