@@ -12,14 +12,13 @@ from ksmtrace.probes.optins import OptinEvent
 from ksmtrace.views.fmt import emit_json, human_bytes, table
 
 _SHORT = {
-    "MADV_MERGEABLE": "MERGEABLE",
-    "MADV_UNMERGEABLE": "UNMERGEABLE",
-    "PR_GET_MEMORY_MERGE": "GET_MERGE",
+    "MADV_MERGEABLE": "MERGE",
+    "MADV_UNMERGEABLE": "UNMERGE",
 }
 
 
 def _call(ev: OptinEvent) -> str:
-    """Call and advice in at most 19 characters."""
+    """Call and advice in at most 17 characters."""
     if ev.syscall == "prctl":
         return f"prctl SET_MERGE {ev.arg}" if ev.op == 67 else "prctl GET_MERGE"
     if ev.inherited:
@@ -28,20 +27,23 @@ def _call(ev: OptinEvent) -> str:
     return f"{call} {_SHORT.get(ev.op_name, ev.op_name)}"
 
 
-def _result(ev: OptinEvent) -> str:
+def _result(ev: OptinEvent, exact: bool) -> str:
+    """The return value, or the errno's name on failure (the value is then -1)."""
     if ev.syscall == "fork":
         return f"parent {ev.target_pid}"
     if ev.syscall == "exec":
         return f"old pid {ev.target_pid}" if ev.target_pid != ev.tid else "-"
-    out = ev.result()
     if ev.syscall == "process_madvise":
-        more = f", {ev.vlen} iovecs" if ev.vlen > 1 else ""
-        out += f" (pidfd {ev.pidfd}: pid {ev.target_pid or '?'}{more})"
-    return out
+        # Success returns the bytes advised; a pidfd of another process is named.
+        out = human_bytes(ev.ret, exact) if ev.ok else ev.error
+        if ev.target_pid != ev.pid:
+            out += f" >{ev.target_pid or '?'}"
+        return out
+    return str(ev.ret) if ev.ok else ev.error
 
 
 SNOOP_COLUMNS = ("PID", "TID", "COMM", "CALL", "START", "LENGTH", "RESULT")
-_WIDTHS = (7, 7, 15, 19, 14, 9)
+_WIDTHS = (7, 7, 15, 17, 14, 9)
 
 
 def snoop_header(timestamps: bool) -> str:
@@ -58,10 +60,10 @@ def snoop_line(ev: OptinEvent, timestamps: bool = False, exact: bool = False) ->
         str(ev.pid).rjust(7),
         str(ev.tid).rjust(7),
         ev.comm[:15].ljust(15),
-        _call(ev).ljust(19),
+        _call(ev).ljust(17),
         (f"{ev.start:#x}" if has_range else "-").ljust(14),
         (human_bytes(ev.length, exact) if has_range else "-").rjust(9),
-        _result(ev),
+        _result(ev, exact),
     )
     ts = time.strftime("%H:%M:%S ", time.localtime(ev.wall)) if timestamps else ""
     return ts + " ".join(vals)
