@@ -84,6 +84,16 @@ class MergeableProcess:
         kinds = sorted({str(o) for o in self.region_origins})
         return "+".join(kinds) if kinds else ("madvise" if self.regions else "-")
 
+    @property
+    def inherited_from(self) -> int | None:
+        """The parent this process's opt-in came from through fork, if it all did."""
+        if self.origin is not None:
+            return self.origin.parent
+        parents = {o.parent for o in self.region_origins}
+        if len(parents) == 1 and all(o.how == "fork" for o in self.region_origins):
+            return parents.pop()
+        return None
+
     def region_dicts(self) -> list[dict[str, object]]:
         out = []
         for i, v in enumerate(self.regions):
@@ -111,7 +121,7 @@ class MergeableProcess:
             "uid": self.uid,
             "merge_any": self.merge_any,
             "how": self.how,
-            "inherited_from": self.origin.parent if self.origin else None,
+            "inherited_from": self.inherited_from,
             "stack_mergeable": self.stack_mergeable,
             "mergeable_regions": len(self.regions),
             "mergeable_bytes": self.mergeable_bytes,

@@ -365,7 +365,7 @@ def test_opted_in_before_start_shows_in_optins_and_snoop(ksm, workload) -> None:
     assert region["merging_pages_now"] == 256
     assert procs[pre.pid]["merging_bytes_now"] >= 256 * PAGE
     assert procs[pre.pid]["saving_bytes_now"] > 0
-    assert procs[child]["how"] == f"fork:{pre.pid}"
+    assert procs[child]["how"] == f"fork:{pre.pid}" and procs[child]["inherited_from"] == pre.pid
     (creg,) = [r for r in procs[child]["regions"] if r["start"] == reg["addr"]]
     assert creg["how"] == "fork" and creg["inherited_from"] == pre.pid
     assert procs[selfp.pid]["how"] == "prctl" and procs[selfp.pid]["merge_any"]

@@ -51,6 +51,7 @@ def test_madvise_and_fork_inherited_region(tmp_path: Path) -> None:
     assert [str(o) for o in got[10].region_origins] == ["madvise"]
     assert [str(o) for o in got[11].region_origins] == ["fork:10", "madvise"]
     assert got[11].how == "fork:10+madvise"
+    assert got[11].inherited_from is None  # it has a region of its own
     regs = got[11].region_dicts()
     assert regs[0]["how"] == "fork" and regs[0]["inherited_from"] == 10
     assert regs[1]["name"] == "[anon]" and regs[1]["ksm_bytes"] == 0
@@ -68,7 +69,7 @@ def test_merge_any_prctl_exec_and_fork(tmp_path: Path) -> None:
     got = _take(tmp_path)
     assert got[20].how == "prctl" and got[20].stack_mergeable is True
     assert got[30].how == "exec" and got[30].stack_mergeable is False
-    assert got[21].how == "fork:20" and got[21].origin is not None and got[21].origin.parent == 20
+    assert got[21].how == "fork:20" and got[21].inherited_from == 20
     assert 5 not in got
     assert all(o.how == "prctl" for o in got[20].region_origins)
 
