@@ -2,8 +2,10 @@
 
 The inventory (ksmtrace/inventory.py) says who opted in, where and how;
 this adds the live state of each region from pagemap + kpageflags, because
-``ksm_stat`` and smaps ``KSM:`` are refreshed only when ksmd rescans a page
-(platform.md): after copy-on-write broke a merge they still count it.
+``ksm_stat``'s ``ksm_merging_pages`` is refreshed only when ksmd rescans a
+page (platform.md): after copy-on-write broke a merge it still counts it.
+(smaps ``KSM:`` is computed from the pages when smaps is read, so it is live
+too, per VMA; pagemap gives the same count and, later, which pages.)
 
 Saving follows the kernel's own ``ksm_process_profit`` (mm/ksm.c):
 merging pages x page size - rmap_items x sizeof(struct ksm_rmap_item),

@@ -121,13 +121,14 @@ def optins_tables(
                 len(lp.regions),
                 human_bytes(lp.proc.mergeable_bytes, exact),
                 lp.ksm_pages,
-                human_bytes(lp.ksm_pages * lp.page_size, exact),
+                lp.proc.merging_pages,
                 human_bytes(lp.saving, exact),
             )
             for lp in sorted(rep.processes, key=lambda lp: (-lp.ksm_pages, lp.proc.pid))
         ]
+        # MERGING(pg) is live (pagemap); STAT(pg) is ksm_stat's, as of ksmd's last visit.
         table(
-            ("PID", "COMM", "HOW", "REGIONS", "MERGEABLE", "MERGING(pg)", "MERGING", "SAVING"),
+            ("PID", "COMM", "HOW", "REGIONS", "MERGEABLE", "MERGING(pg)", "STAT(pg)", "SAVING"),
             rows,
             out=out,
         )
