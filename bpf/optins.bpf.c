@@ -6,6 +6,8 @@
  * result and writes ONE event per call to a ring buffer. Every field comes
  * from the tracepoints' own `args` or BPF helpers; the pidfd -> pid walk of
  * process_madvise uses offsets from the running kernel's BTF (-DOFF_*).
+ * Forks and execs that carry an opt-in into a new mm are events too (end of
+ * file): the only opt-ins a process gets without calling anything.
  *
  * Defines (all optional):
  *   FILTER_PIDS {a,b,..} with FILTER_NPIDS n   only these tgids
