@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     # stream, possibly in both, never in neither.
     probe = OptinProbe(pids=pids, comm=args.name, cgroup=cgroup, count_all_madvise=args.count_all_madvise)
     events = 0
+    inv = None
     try:
         if not args.no_inventory:
             inv = _inventory(pids, args.name, cgroup, proc)
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         for ev in probe.drain():
             events += 1
             _print(ev, args)
-        _summary(probe.stats(), events, args)
+        _summary(probe.stats(), events, inv, args)
     finally:
         probe.close()
     return 0
@@ -169,7 +170,7 @@ def _print(ev: Any, args: argparse.Namespace) -> None:
         print(view.snoop_line(ev, args.timestamp, args.bytes), flush=True)
 
 
-def _summary(st: ProbeStats, events: int, args: argparse.Namespace) -> None:
+def _summary(st: ProbeStats, events: int, inv: inventory.Inventory | None, args: argparse.Namespace) -> None:
     if args.json:
         emit_json(
             {
@@ -178,6 +179,9 @@ def _summary(st: ProbeStats, events: int, args: argparse.Namespace) -> None:
                 "lost": st.lost,
                 "inflight_full": st.inflight_full,
                 "madvise_calls": st.madvise_calls,
+                "inventory": None
+                if inv is None
+                else {"processes": len(inv.processes), "exited": inv.exited, "denied": inv.denied},
             },
             lines=True,
         )

@@ -173,6 +173,7 @@ def test_snoop_reports_each_optin_once_with_its_fields(workload) -> None:
             "lost": 0,
             "inflight_full": 0,
             "madvise_calls": None,
+            "inventory": None,
         }
     # Filtered out in the kernel: not one event.
     assert not_mine.events() == [] and not_mine.summary()["events"] == 0
@@ -410,6 +411,7 @@ def test_opted_in_before_start_shows_in_optins_and_snoop(ksm, workload) -> None:
     assert inv[child]["how"] == f"fork:{pre.pid}"
     assert any(r["start"] == reg["addr"] and r["length"] == reg["len"] for r in inv[pre.pid]["regions"])
     assert [r["type"] for r in records] == ["inventory", "inventory", "summary"]
+    assert records[-1]["inventory"]["processes"] == 2
 
 
 def test_errors_for_people(workload) -> None:
