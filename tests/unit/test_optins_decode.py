@@ -112,3 +112,18 @@ def test_snoop_lines_fit_100_columns() -> None:
     for ev in worst:
         line = view.snoop_line(ev, timestamps=True)
         assert len(line) <= 100, line
+
+
+def test_cgroup_paths(tmp_path: Path) -> None:
+    (tmp_path / "system.slice" / "app.service").mkdir(parents=True)
+    cg = optins.resolve_cgroup("/system.slice", mount=tmp_path)
+    assert (cg.level, cg.rel) == (1, "/system.slice")
+    assert cg.cgroup_id == (tmp_path / "system.slice").stat().st_ino
+    # The same cgroup named by its full path under the mount.
+    assert optins.resolve_cgroup(str(tmp_path / "system.slice"), mount=tmp_path) == cg
+    assert cg.contains("/system.slice") and cg.contains("/system.slice/app.service")
+    assert not cg.contains("/system.slice2") and not cg.contains("/")
+    root = optins.resolve_cgroup("/", mount=tmp_path)
+    assert root.level == 0 and root.contains("/anything")
+    with pytest.raises(UsageError, match="no cgroup"):
+        optins.resolve_cgroup("/nope", mount=tmp_path)
