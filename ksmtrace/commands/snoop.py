@@ -104,27 +104,30 @@ def run(args: argparse.Namespace) -> int:
     probe = OptinProbe(pids=pids, comm=args.name, cgroup=cgroup, count_all_madvise=args.count_all_madvise)
     events = 0
     inv = None
+    # From here on Ctrl-C and SIGTERM only set a flag, so a signal that comes
+    # during the inventory or right after "Tracing..." still ends with the
+    # ring buffer drained and the summary printed.
     try:
-        if not args.no_inventory:
-            inv = _inventory(pids, args.name, cgroup, proc)
-            if args.json:
-                for p in inv.processes:
-                    emit_json(view.inventory_json(p), lines=True)
-            else:
-                print("Opted in before tracing started (from /proc):")
-                if inv.processes:
-                    view.inventory_table(inv.processes, exact=args.bytes)
-                else:
-                    print("(none)")
-                if inv.exited or inv.denied:
-                    print(f"({inv.exited} exited while read, {inv.denied} not readable: skipped)")
-                print()
-        # In JSON mode stdout holds only JSON lines.
-        print("Tracing... Ctrl-C to end.", file=sys.stderr if args.json else sys.stdout, flush=True)
-        if not args.json:
-            print(view.snoop_header(args.timestamp), flush=True)
-        deadline = None if args.duration is None else time.monotonic() + args.duration
         with _StopFlag() as stop:
+            if not args.no_inventory:
+                inv = _inventory(pids, args.name, cgroup, proc)
+                if args.json:
+                    for p in inv.processes:
+                        emit_json(view.inventory_json(p), lines=True)
+                else:
+                    print("Opted in before tracing started (from /proc):")
+                    if inv.processes:
+                        view.inventory_table(inv.processes, exact=args.bytes)
+                    else:
+                        print("(none)")
+                    if inv.exited or inv.denied:
+                        print(f"({inv.exited} exited while read, {inv.denied} not readable: skipped)")
+                    print()
+            # In JSON mode stdout holds only JSON lines.
+            print("Tracing... Ctrl-C to end.", file=sys.stderr if args.json else sys.stdout, flush=True)
+            if not args.json:
+                print(view.snoop_header(args.timestamp), flush=True)
+            deadline = None if args.duration is None else time.monotonic() + args.duration
             while not stop.set and (deadline is None or time.monotonic() < deadline):
                 for ev in probe.poll(100):
                     events += 1
