@@ -424,6 +424,9 @@ def test_errors_for_people(workload) -> None:
         out = subprocess.run([*KSMTRACE, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert (out.returncode, out.stdout) == (rc, ""), out.stderr
         assert msg in out.stderr and "Traceback" not in out.stderr
+    idle = workload(comm="optin-idle")
+    out = subprocess.run([*KSMTRACE, "optins", "-p", str(idle.pid)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and f"pid {idle.pid}: has not opted in" in out.stdout
     for cmd in ("optins", "snoop"):
         out = subprocess.run(
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *KSMTRACE, cmd],
