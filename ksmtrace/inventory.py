@@ -21,8 +21,9 @@ keeps VM_MERGEABLE per VMA and MMF_VM_MERGE_ANY per mm, not who set them):
 * ``exec``: merge_any, but ``[stack]`` is not mergeable: the flag was in the
   mm before this program's stack was set up, so it came through execve
   (prctl before exec, e.g. ``ksmtrace run``, by this process's earlier image
-  or by an ancestor). Checked on 6.18; a program that madvises its stack
-  itself would read as ``prctl``.
+  or by an ancestor). Checked on 6.18. A program that madvises its stack
+  itself reads as ``prctl``; one that calls PR_SET_MEMORY_MERGE again after
+  inheriting it reads as ``exec`` (the kernel ignores the second call).
 """
 
 from __future__ import annotations
