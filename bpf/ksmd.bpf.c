@@ -9,18 +9,24 @@
  * All events are rare next to page faults (ksmd merges at most
  * pages_to_scan pages per wake-up), so plain tracepoints are fine here.
  *
- * Defines: MM_OWNER_OFF TASK_TGID_OFF MAX_PROCS [FILTER_TGID]
+ * Per-page counts (key: tgid and rmap_item->address) let user space sum
+ * merges per VMA; that map is allocated on demand and counts what it drops.
+ *
+ * Defines: MM_OWNER_OFF TASK_TGID_OFF RMAP_ITEM_ADDRESS_OFF MAX_PROCS
+ *          MAX_PAGES [FILTER_TGID]
  */
 #include <uapi/linux/ptrace.h>
 #include "ksmd.h"
 
 BPF_HASH(procs, u32, struct ksm_proc_counts, MAX_PROCS);
 BPF_ARRAY(scan, struct ksm_scan_state, 1);
+BPF_F_TABLE("hash", struct page_key, struct page_merges, pages, MAX_PAGES, BPF_F_NO_PREALLOC);
 /* The first half of a pair merge (kpage NULL): its pfn and process, so a
  * failing second half can be charged as an unmerge (break_cow). ksmd is one
  * thread, but it can migrate between CPUs between the two calls. */
 struct pending_pair {
 	u64 pfn;
+	u64 page;
 	u32 tgid;
 	u32 valid;
 };
@@ -35,6 +41,37 @@ static __always_inline u32 mm_tgid(void *mm)
 		return 0;
 	bpf_probe_read_kernel(&tgid, sizeof(tgid), (void *)(owner + TASK_TGID_OFF));
 	return tgid;
+}
+
+static __always_inline u64 rmap_page(void *rmap_item)
+{
+	u64 address = 0;
+
+	/* The low bits of rmap_item->address are KSM flags (SEQNR, UNSTABLE, STABLE). */
+	bpf_probe_read_kernel(&address, sizeof(address), rmap_item + RMAP_ITEM_ADDRESS_OFF);
+	return address >> 12;
+}
+
+static __always_inline void page_count(u32 tgid, u64 page, int unmerge)
+{
+	struct page_key key = {.tgid = tgid, .page = page};
+	struct page_merges zero = {};
+	int idx = 0;
+#ifdef FILTER_TGID
+	if (tgid != FILTER_TGID)
+		return;
+#endif
+	struct page_merges *v = pages.lookup_or_try_init(&key, &zero);
+	if (!v) {
+		struct ksm_scan_state *s = scan.lookup(&idx);
+		if (s)
+			__sync_fetch_and_add(&s->page_drops, 1);
+		return;
+	}
+	if (unmerge)
+		__sync_fetch_and_add(&v->unmerges, 1);
+	else
+		__sync_fetch_and_add(&v->merges, 1);
 }
 
 static __always_inline struct ksm_proc_counts *proc(u32 tgid)
@@ -98,6 +135,7 @@ TRACEPOINT_PROBE(ksm, ksm_merge_with_ksm_page)
 			c = proc(p->tgid);
 			if (c)
 				__sync_fetch_and_add(&c->unmerges, 1);
+			page_count(p->tgid, p->page, 1);
 		}
 		p->valid = 0;
 	}
@@ -109,8 +147,11 @@ TRACEPOINT_PROBE(ksm, ksm_merge_with_ksm_page)
 		return 0;
 	}
 	__sync_fetch_and_add(&c->merges, 1);
+	u64 page = rmap_page(args->rmap_item);
+	page_count(tgid, page, 0);
 	if (!args->ksm_page && p) {
 		p->pfn = args->pfn;
+		p->page = page;
 		p->tgid = tgid;
 		p->valid = 1;
 	}
@@ -130,9 +171,11 @@ TRACEPOINT_PROBE(ksm, ksm_merge_one_page)
 
 TRACEPOINT_PROBE(ksm, ksm_remove_rmap_item)
 {
-	struct ksm_proc_counts *c = proc(mm_tgid(args->mm));
+	u32 tgid = mm_tgid(args->mm);
+	struct ksm_proc_counts *c = proc(tgid);
 	if (c)
 		__sync_fetch_and_add(&c->unmerges, 1);
+	page_count(tgid, rmap_page(args->rmap_item), 1);
 	return 0;
 }
 

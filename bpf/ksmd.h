@@ -13,6 +13,18 @@ struct ksm_proc_counts {
 	__u64 exits;		/* ksm_exit: the mm left KSM */
 };
 
+/* Per process and page (rmap_item->address), for per-region rates. */
+struct page_key {
+	__u32 tgid;
+	__u32 pad;
+	__u64 page;	/* virtual page number: address >> 12 */
+};
+
+struct page_merges {
+	__u64 merges;
+	__u64 unmerges;
+};
+
 struct ksm_scan_state {
 	__u64 rounds;		/* completed full scans seen */
 	__u64 total_ns;		/* sum of their durations */
@@ -29,6 +41,7 @@ struct ksm_scan_state {
 	__u32 advisor_cpu_percent;
 	__u32 pad;
 	__u64 proc_drops;	/* per-process map full */
+	__u64 page_drops;	/* per-page map full: region rows incomplete */
 };
 
 #endif
