@@ -2,9 +2,11 @@
 
 Pure Python over typed records (ksmtrace/probes/*, ksmtrace/kernel/*): the
 commands, and later a coordinator or a dashboard, feed it snapshots and get
-report records back. Region attribution happens here, at report time: the
-probes count per page, and each page is mapped to the VMA that holds it now
-(smaps), so the BPF side needs no region table.
+report records back. Regions: the fault probe counts per address range
+from a small per-process table that the command pushes (the mergeable VMAs
+this module saw in smaps: :attr:`FaultsState.wanted_regions`); ksmd's merges
+come per page and are attributed here to the same ranges, or to the VMA that
+holds the page now.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class ProcessRow:
     profit_bytes: int | None  # ksm_stat ksm_process_profit: what KSM saves it now
     merging_pages: int | None
     regions: list[RegionRow] = field(default_factory=list)
-    unattributed: int = 0  # counted pages no longer inside any VMA (unmapped since)
+    unattributed: int = 0  # merged pages no longer inside any VMA (unmapped since)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -105,6 +107,9 @@ class FaultsState:
         self.cow_rates = Rates()
         self.comms: dict[int, str] = {}
         self._last_t = t0
+        # Mergeable ranges per process seen at the last update: the command
+        # pushes them into the fault probe's region table.
+        self.wanted_regions: dict[int, list[tuple[int, int]]] = {}
         for r in (self.rates, self.region_rates, self.wp_mg_rates):
             r.start(t0)
         if cow_ksm0 is not None:
@@ -142,7 +147,7 @@ class FaultsState:
         t = faults.t
         per: dict[int, dict[str, int]] = {}
         for tgid, c in faults.procs.items():
-            per.setdefault(tgid, dict.fromkeys(COUNTERS, 0)).update(ksm_cow=c.ksm_cow, wp=c.wp)
+            per.setdefault(tgid, dict.fromkeys(COUNTERS, 0)).update(ksm_cow=c.total.ksm_cow, wp=c.total.wp)
         if ksmd is not None:
             for tgid, k in ksmd.procs.items():
                 if tgid == 0:
@@ -150,19 +155,16 @@ class FaultsState:
                 per.setdefault(tgid, dict.fromkeys(COUNTERS, 0)).update(merges=k.merges, unmerges=k.unmerges)
         rates = self.rates.update(t, per)
 
-        # Pages -> (tgid, region start) counters.
-        page_counts: dict[int, list[tuple[int, dict[str, int]]]] = {}
-        for (tgid, addr), fc in faults.buckets.items():
-            page_counts.setdefault(tgid, []).append((addr, {"ksm_cow": fc.ksm_cow, "wp": fc.wp}))
-        if ksmd is not None:
-            for (tgid, addr), (m, u) in ksmd.pages.items():
-                page_counts.setdefault(tgid, []).append((addr, {"merges": m, "unmerges": u}))
-
-        region_counts: dict[tuple[int, int], dict[str, int]] = {}
+        region_counts: dict[tuple[int, int, int], dict[str, int]] = {}
         wp_mg: dict[int, dict[str, int]] = {}
-        vmas_of: dict[int, dict[int, Vma]] = {}
+        vmas_of: dict[int, list[Vma]] = {}
         stats: dict[int, KsmStat | None] = {}
         unattributed: dict[int, int] = {}
+        self.wanted_regions = {}
+        merged_pages: dict[int, list[tuple[int, int, int]]] = {}
+        if ksmd is not None:
+            for (tgid, addr), (m, u) in ksmd.pages.items():
+                merged_pages.setdefault(tgid, []).append((addr, m, u))
         for tgid in per:
             comm = self._comm(tgid)
             if not keep(tgid, comm):
@@ -174,41 +176,58 @@ class FaultsState:
                 # Exited during the interval: its counts still belong in this
                 # report (they are part of cow_ksm), only its regions are gone.
                 vmas, stats[tgid] = [], None
-            vmas_of[tgid] = {v.start: v for v in vmas}
-            starts = [v.start for v in vmas]
+            vmas_of[tgid] = vmas
+            self.wanted_regions[tgid] = [(v.start, v.end) for v in vmas if v.mergeable]
+            pf = faults.procs.get(tgid)
+            ranges = sorted(pf.regions) if pf else []
             mg_wp = 0
-            for addr, counts in page_counts.get(tgid, []):
+            if pf:
+                for (a, b), fc in pf.regions.items():
+                    row = region_counts.setdefault((tgid, a, b), dict.fromkeys(COUNTERS, 0))
+                    row["ksm_cow"] += fc.ksm_cow
+                    row["wp"] += fc.wp
+                    mg_wp += fc.wp
+                if pf.other.wp:
+                    row = region_counts.setdefault((tgid, 0, 0), dict.fromkeys(COUNTERS, 0))
+                    row["ksm_cow"] += pf.other.ksm_cow
+                    row["wp"] += pf.other.wp
+            starts = [r[0] for r in ranges]
+            vstarts = [v.start for v in vmas]
+            for addr, m, u in merged_pages.get(tgid, []):
                 i = bisect.bisect_right(starts, addr) - 1
-                if i < 0 or addr >= vmas[i].end:
-                    unattributed[tgid] = unattributed.get(tgid, 0) + 1
-                    continue
-                row = region_counts.setdefault((tgid, vmas[i].start), dict.fromkeys(COUNTERS, 0))
-                for k, v in counts.items():
-                    row[k] += v
-                if vmas[i].mergeable:
-                    mg_wp += counts.get("wp", 0)
+                if i >= 0 and addr < ranges[i][1]:
+                    key = (tgid, *ranges[i])
+                else:
+                    j = bisect.bisect_right(vstarts, addr) - 1
+                    if j < 0 or addr >= vmas[j].end:
+                        unattributed[tgid] = unattributed.get(tgid, 0) + 1
+                        continue
+                    key = (tgid, vmas[j].start, vmas[j].end)
+                row = region_counts.setdefault(key, dict.fromkeys(COUNTERS, 0))
+                row["merges"] += m
+                row["unmerges"] += u
             wp_mg[tgid] = {"wp": mg_wp}
         rrates = self.region_rates.update(t, region_counts)
         mrates = self.wp_mg_rates.update(t, wp_mg)
 
         rows: list[ProcessRow] = []
         for tgid, vmas in vmas_of.items():
+            by_start = {v.start: v for v in vmas}
+            vstarts = [v.start for v in vmas]
             regs = []
-            for (rt, start), rr in rrates.items():
+            for (rt, a, b), rr in rrates.items():
                 if rt != tgid:
                     continue
-                v = vmas.get(start)
-                if v is None:
+                if (a, b) == (0, 0):
+                    regs.append(RegionRow(0, 0, "(other)", False, rr, None))
                     continue
-                regs.append(RegionRow(v.start, v.end, v.name, v.mergeable, rr, v.ksm_bytes))
-            # Mergeable regions without any event yet are part of the picture too.
-            seen = {r.start for r in regs}
-            for v in vmas.values():
-                if v.mergeable and v.start not in seen and (v.ksm_bytes or 0) > 0:
-                    regs.append(
-                        RegionRow(v.start, v.end, v.name, True, dict.fromkeys(COUNTERS, _ZERO), v.ksm_bytes)
-                    )
-            regs.sort(key=lambda r: r.start)
+                j = bisect.bisect_right(vstarts, a) - 1
+                v = by_start.get(a) or (vmas[j] if j >= 0 and a < vmas[j].end else None)
+                name = v.name if v else "(unmapped)"
+                mergeable = bool(v and v.mergeable)
+                ksm_bytes = v.ksm_bytes if v and (v.start, v.end) == (a, b) else None
+                regs.append(RegionRow(a, b, name, mergeable, rr, ksm_bytes))
+            regs.sort(key=lambda r: (r.start == 0, r.start))
             st = stats.get(tgid)
             rows.append(
                 ProcessRow(

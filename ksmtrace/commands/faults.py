@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any
 
+from ksmtrace import inventory
 from ksmtrace.commands._common import (
     add_filter_args,
     add_interval_args,
@@ -62,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     events = ProcEvents()
     t0 = time.monotonic()
     state = FaultsState(t0, vmstat.ksm_vmstat().get("cow_ksm"))
+    for tgid, ranges in initial_regions(only).items():
+        fp.set_regions(tgid, ranges)
     print("Tracing... Ctrl-C to end.", file=sys.stderr if args.json else sys.stdout, flush=True)
     try:
         for _ in intervals(args.interval, args.count):
@@ -78,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
                 ),
                 regions=not args.no_regions,
             )
+            for tgid, ranges in state.wanted_regions.items():
+                fp.set_regions(tgid, ranges)
             if args.json:
                 emit_json({"time": time.strftime("%H:%M:%S"), **rep.as_dict()}, lines=True)
             else:
@@ -93,11 +98,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def initial_regions(only: set[int] | None) -> dict[int, list[tuple[int, int]]]:
+    """Mergeable ranges of processes that opted in before tracing started."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for p in inventory.take().processes:
+        if only is None or p.pid in only:
+            out[p.pid] = [(v.start, v.end) for v in p.regions]
+    return out
+
+
 def _rate(v: float) -> str:
     return f"{v:.0f}" if v >= 10 or v == 0 else f"{v:.1f}"
 
 
 def _region(start: int, end: int, name: str, mergeable: bool, exact: bool) -> str:
+    if not start:
+        return name
     size = human_bytes(end - start, exact)
     short = name if len(name) <= 10 else "…" + name[-9:]
     return f"{start:x}+{size} {short}{' mg' if mergeable else ''}"

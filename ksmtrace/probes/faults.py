@@ -9,16 +9,19 @@ into rates.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from ksmtrace.errors import AccessDenied, ProcessGone
 from ksmtrace.kernel import checks
+from ksmtrace.kernel.procfs import ProcFS
 from ksmtrace.probes import kaddr, loader
 
-DEFAULT_BUCKET_SHIFT = 12  # one page: exact region attribution
 MAX_PROCS = 8192
-MAX_BUCKETS = 131072
-_STATS = ("bucket_drops", "proc_drops", "walk_failures", "kernel_mode_ksm_cow")
+MAX_REGIONS = 32  # per process; must match bpf/faults.h
+_STATS = ("no_table", "proc_drops", "walk_failures", "kernel_mode_ksm_cow")
 
 
 @dataclass(frozen=True)
@@ -28,12 +31,35 @@ class FaultCounts:
 
 
 @dataclass(frozen=True)
+class ProcFaults:
+    total: FaultCounts
+    other: FaultCounts  # outside every range of the process's region table
+    regions: dict[tuple[int, int], FaultCounts]  # (start, end) -> counts
+
+
+@dataclass(frozen=True)
 class FaultSnapshot:
     t: float  # time.monotonic() of the read
-    procs: dict[int, FaultCounts]
-    buckets: dict[tuple[int, int], FaultCounts]  # (tgid, first address of the bucket)
-    bucket_size: int
+    procs: dict[int, ProcFaults]
     stats: dict[str, int] = field(default_factory=dict)
+
+
+def _pid_max(path: Path = Path("/proc/sys/kernel/pid_max")) -> int:
+    return int(path.read_text())
+
+
+def already_mergeable(proc: ProcFS | None = None) -> list[int]:
+    """Processes whose mm joined KSM before tracing started (ksm_stat says so)."""
+    proc = proc or ProcFS()
+    out = []
+    for pid in proc.pids():
+        try:
+            st = proc.ksm_stat(pid)
+        except (ProcessGone, AccessDenied):
+            continue
+        if st is not None and (st.mergeable or st.merge_any or st.rmap_items):
+            out.append(pid)
+    return out
 
 
 def available() -> bool:
@@ -41,51 +67,93 @@ def available() -> bool:
 
 
 class FaultProbe:
-    def __init__(
-        self,
-        pid: int | None = None,
-        bucket_shift: int = DEFAULT_BUCKET_SHIFT,
-        max_procs: int = MAX_PROCS,
-        max_buckets: int = MAX_BUCKETS,
-    ) -> None:
+    def __init__(self, pid: int | None = None, max_procs: int = MAX_PROCS) -> None:
         lay = kaddr.layout()
         defines: dict[str, int | str] = {
             **lay.defines(),
-            "BUCKET_SHIFT": bucket_shift,
             "MAX_PROCS": max_procs,
-            "MAX_BUCKETS": max_buckets,
+            "MAX_REGIONS": MAX_REGIONS,
         }
+        self.tables: dict[int, list[tuple[int, int]]] = {}
+        self.pid_max = 0
         if pid is not None:
             defines["FILTER_TGID"] = pid
-        self.bucket_shift = bucket_shift
+        self.prefilter = checks.tracepoint_exists("ksm", "ksm_enter")
+        if self.prefilter:
+            defines["PID_MAX"] = self.pid_max = _pid_max()
+        else:
+            defines["NO_PREFILTER"] = 1
         self.bpf: Any = loader.load("faults.bpf.c", defines)
+        # After attaching (BCC attached on load), so no opt-in falls in between.
+        if self.prefilter:
+            self.mark(already_mergeable())
+
+    def mark(self, tgids: Iterable[int]) -> None:
+        """Tell the fault path these processes may be mergeable."""
+        bits = self.bpf["maybe_mergeable"]
+        words: dict[int, int] = {}
+        for tgid in tgids:
+            if 0 < tgid < self.pid_max:
+                words[tgid // 64] = words.get(tgid // 64, 0) | 1 << (tgid % 64)
+        for w, v in words.items():
+            k = bits.Key(w)
+            bits[k] = bits.Leaf(bits[k].value | v)
+
+    def unmark(self, tgids: Iterable[int]) -> None:
+        """Exited processes: their pids will be reused by others."""
+        bits = self.bpf["maybe_mergeable"] if self.prefilter else None
+        for tgid in tgids:
+            if bits is not None and 0 < tgid < self.pid_max:
+                k = bits.Key(tgid // 64)
+                bits[k] = bits.Leaf(bits[k].value & ~(1 << (tgid % 64)))
+
+    def set_regions(self, tgid: int, ranges: Iterable[tuple[int, int]]) -> None:
+        """Count faults in these ranges of ``tgid`` separately. Append-only: a
+        range keeps its slot, new ones take free slots, the rest stay "other"."""
+        table = self.tables.setdefault(tgid, [])
+        new = [r for r in ranges if r not in table and r[0] > 0]
+        room = MAX_REGIONS - len(table)
+        if not new or room <= 0:
+            return
+        table.extend(sorted(new, key=lambda r: r[0] - r[1])[:room])  # largest first
+        m = self.bpf["regions"]
+        leaf = m.Leaf()
+        for i, (start, end) in enumerate(table):
+            leaf.start[i], leaf.end[i] = start, end
+        m[m.Key(tgid)] = leaf
 
     def snapshot(self) -> FaultSnapshot:
         t = time.monotonic()
-        procs = {int(k.value): FaultCounts(int(v.wp), int(v.ksm_cow)) for k, v in self.bpf["procs"].items()}
-        buckets = {
-            (int(k.tgid), int(k.bucket) << self.bucket_shift): FaultCounts(int(v.wp), int(v.ksm_cow))
-            for k, v in self.bpf["buckets"].items()
-        }
+        procs = {}
+        for k, v in self.bpf["procs"].items():
+            tgid = int(k.value)
+            table = self.tables.get(tgid, [])
+            procs[tgid] = ProcFaults(
+                total=FaultCounts(int(v.total.wp), int(v.total.ksm_cow)),
+                other=FaultCounts(int(v.other.wp), int(v.other.ksm_cow)),
+                regions={
+                    rng: FaultCounts(int(v.region[i].wp), int(v.region[i].ksm_cow))
+                    for i, rng in enumerate(table)
+                },
+            )
         st = self.bpf["stats"]
         stats = {name: int(sum(st[st.Key(i)])) for i, name in enumerate(_STATS)}
-        return FaultSnapshot(t, procs, buckets, 1 << self.bucket_shift, stats)
+        return FaultSnapshot(t, procs, stats)
 
     def forget(self, tgids: set[int]) -> None:
         """Drop exited processes' entries: their pids can be reused."""
         if not tgids:
             return
-        procs, buckets = self.bpf["procs"], self.bpf["buckets"]
+        self.unmark(tgids)
+        for name in ("procs", "regions"):
+            m = self.bpf[name]
+            for tgid in tgids:
+                try:
+                    del m[m.Key(tgid)]
+                except KeyError:
+                    pass
         for tgid in tgids:
-            try:
-                del procs[procs.Key(tgid)]
-            except KeyError:
-                pass
-        for k in [k for k in buckets.keys() if int(k.tgid) in tgids]:
-            try:
-                del buckets[k]
-            except KeyError:
-                pass
+            self.tables.pop(tgid, None)
 
     def close(self) -> None:
         self.bpf.cleanup()

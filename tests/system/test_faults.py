@@ -80,6 +80,8 @@ def test_ksm_cow_exact_per_process_and_region(ksm, workload) -> None:  # type: i
         b_written = dup[5::7][:33]
 
         before = state.update(fp.snapshot(), kp.snapshot(), vmstat.ksm_vmstat()["cow_ksm"])
+        for tgid, ranges in state.wanted_regions.items():  # as the command does
+            fp.set_regions(tgid, ranges)
         cow0 = vmstat.ksm_vmstat()["cow_ksm"]
         tsa0, tsb0 = ts.tgid(a.pid), ts.tgid(b.pid)
         a.call("write_pages", name="r", pages=ksm_written)
@@ -105,6 +107,8 @@ def test_ksm_cow_exact_per_process_and_region(ksm, workload) -> None:  # type: i
         assert after.cow_ksm is not None
         assert after.ksm_cow_sum == cow1 - cow0 == after.cow_ksm.delta
         assert after.drops["walk_failures"] == 0
+        # Merges per region: the ranges ksmd merged are the same rows.
+        assert rega.rates["merges"].total - rega.rates["unmerges"].total == len(dup)
         # taskstats counts pages copied on write (any kind, any region): b only
         # broke merges; a's write-protect faults are copies or reuses (its
         # interpreter's own pages after the fork), so copies lie in between.
@@ -135,7 +139,7 @@ def test_unmerged_pages_are_not_ksm_cow(ksm, workload) -> None:  # type: ignore[
         s1 = fp.snapshot()
         cow2 = vmstat.ksm_vmstat()["cow_ksm"]
     assert cow1 - cow0 == 128  # the kernel's unshare copies
-    got = s1.procs[w.pid].ksm_cow - (s0.procs[w.pid].ksm_cow if w.pid in s0.procs else 0)
+    got = s1.procs[w.pid].total.ksm_cow - (s0.procs[w.pid].total.ksm_cow if w.pid in s0.procs else 0)
     assert got == 10 == cow2 - cow1
 
 
