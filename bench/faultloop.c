@@ -3,7 +3,8 @@
  *   faultloop fresh   PAGES REPS        first-touch writes (zero-fill faults)
  *   faultloop forkcow PAGES REPS [mg]   writes after fork (COW copies); mg: the
  *                                      process is mergeable (no page merged)
- *   faultloop ksmcow  PAGES REPS        writes to KSM-merged pages (ksmd must run)
+ *   faultloop ksmcow  PAGES REPS        writes to KSM-merged pages (ksmd must run;
+ *                                      stopped while the writes are timed)
  */
 #define _GNU_SOURCE
 #include <signal.h>
@@ -43,6 +44,23 @@ static double touch(char *p, long pages, char v)
 	return now_ns() - t;
 }
 
+/* Distinct content per page, so ksmd (running for the ksmcow loop) never
+ * merges these pages behind the writer's back. */
+static void fill_unique(char *p, long pages)
+{
+	for (long i = 0; i < pages; i++)
+		*(long *)(p + i * page) = i + 1;
+}
+
+static void ksm_run(const char *v)
+{
+	FILE *f = fopen("/sys/kernel/mm/ksm/run", "w");
+	if (f) {
+		fputs(v, f);
+		fclose(f);
+	}
+}
+
 static long merging_pages(void)
 {
 	FILE *f = fopen("/proc/self/ksm_merging_pages", "r");
@@ -70,7 +88,7 @@ int main(int argc, char **argv)
 		if (!strcmp(mode, "fresh")) {
 			total += touch(p, pages, 1);
 		} else if (!strcmp(mode, "forkcow")) {
-			touch(p, pages, 1);
+			fill_unique(p, pages);
 			if (mg)
 				madvise(p, pages * page, MADV_MERGEABLE);
 			pid_t c = fork();
@@ -91,7 +109,9 @@ int main(int argc, char **argv)
 				fprintf(stderr, "ksmd merged %ld of %ld pages\n", merging_pages(), pages);
 				return 1;
 			}
+			ksm_run("0"); /* ksmd must not rescan while we time the writes */
 			total += touch(p, pages, 2);
+			ksm_run("1");
 		} else {
 			return 2;
 		}

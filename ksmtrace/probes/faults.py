@@ -15,13 +15,21 @@ from pathlib import Path
 from typing import Any
 
 from ksmtrace.errors import AccessDenied, ProcessGone
-from ksmtrace.kernel import checks
+from ksmtrace.kernel import checks, pagemap
 from ksmtrace.kernel.procfs import ProcFS
 from ksmtrace.probes import kaddr, loader
 
 MAX_PROCS = 8192
 MAX_REGIONS = 32  # per process; must match bpf/faults.h
-_STATS = ("no_table", "proc_drops", "walk_failures", "kernel_mode_ksm_cow")
+MAX_MERGED = 1 << 20  # merged pages tracked (allocated as used, ~100 bytes each)
+_STATS = (
+    "no_table",
+    "proc_drops",
+    "walk_failures",
+    "kernel_mode_ksm_cow",
+    "merged_drops",
+    "stale_merged",
+)
 
 
 @dataclass(frozen=True)
@@ -67,26 +75,67 @@ def available() -> bool:
 
 
 class FaultProbe:
-    def __init__(self, pid: int | None = None, max_procs: int = MAX_PROCS) -> None:
+    def __init__(
+        self, pid: int | None = None, max_procs: int = MAX_PROCS, max_merged: int = MAX_MERGED
+    ) -> None:
         lay = kaddr.layout()
+        self.pid_max = _pid_max()
         defines: dict[str, int | str] = {
             **lay.defines(),
             "MAX_PROCS": max_procs,
             "MAX_REGIONS": MAX_REGIONS,
+            "MAX_MERGED": max_merged,
+            "PID_MAX": self.pid_max,
         }
         self.tables: dict[int, list[tuple[int, int]]] = {}
-        self.pid_max = 0
         if pid is not None:
             defines["FILTER_TGID"] = pid
-        self.prefilter = checks.tracepoint_exists("ksm", "ksm_enter")
-        if self.prefilter:
-            defines["PID_MAX"] = self.pid_max = _pid_max()
-        else:
-            defines["NO_PREFILTER"] = 1
+        # ksm:* tracepoints appeared in 6.4; without them every fault of a
+        # mergeable process is checked against struct page (NO_KSM_TP).
+        self.merge_events = checks.tracepoint_exists("ksm", "ksm_merge_with_ksm_page")
+        if not self.merge_events:
+            defines["NO_KSM_TP"] = 1
         self.bpf: Any = loader.load("faults.bpf.c", defines)
-        # After attaching (BCC attached on load), so no opt-in falls in between.
-        if self.prefilter:
-            self.mark(already_mergeable())
+        # After attaching (BCC attached on load), so no opt-in or merge falls
+        # in between: processes that opted in earlier, and their KSM pages.
+        self.preloaded = 0
+        if self.merge_events:
+            pids = already_mergeable()
+            if pid is not None:
+                pids = [p for p in pids if p == pid]
+            self.mark(pids)
+            self.preloaded = self.preload_merged(pids)
+
+    def preload_merged(self, pids: Iterable[int]) -> int:
+        """Enter pages that are KSM now (pagemap + kpageflags) into the merged set."""
+        merged = self.bpf["merged"]
+        n = 0
+        for pid in pids:
+            try:
+                vmas = [v for v in ProcFS().smaps(pid) if v.mergeable]
+                for v in vmas:
+                    for va, pfn in pagemap.ksm_pages(pid, v.start, v.end):
+                        k = merged.Key()
+                        k.tgid, k.page = pid, va >> 12
+                        merged[k] = merged.Leaf(pfn)
+                        n += 1
+            except (ProcessGone, AccessDenied):
+                continue
+            except Exception:  # BCC: the set is full (E2BIG)
+                self.walk_all(pid)
+        return n
+
+    def walk_all(self, tgid: int) -> None:
+        """This process's KSM pages are not all in the merged set: check every
+        write-protect fault of it against struct page instead (exact, slower)."""
+        procs = self.bpf["procs"]
+        k = procs.Key(tgid)
+        try:
+            leaf = procs[k]
+        except KeyError:
+            leaf = procs.Leaf()
+        leaf.walk_all = 1
+        procs[k] = leaf
 
     def mark(self, tgids: Iterable[int]) -> None:
         """Tell the fault path these processes may be mergeable."""
@@ -101,7 +150,7 @@ class FaultProbe:
 
     def unmark(self, tgids: Iterable[int]) -> None:
         """Exited processes: their pids will be reused by others."""
-        bits = self.bpf["maybe_mergeable"] if self.prefilter else None
+        bits = self.bpf["maybe_mergeable"]
         for tgid in tgids:
             if bits is not None and 0 < tgid < self.pid_max:
                 k = bits.Key(tgid // 64)
@@ -154,6 +203,12 @@ class FaultProbe:
                     pass
         for tgid in tgids:
             self.tables.pop(tgid, None)
+        merged = self.bpf["merged"]
+        for k in [k for k in merged.keys() if int(k.tgid) in tgids]:
+            try:
+                del merged[k]
+            except KeyError:
+                pass
 
     def close(self) -> None:
         self.bpf.cleanup()

@@ -199,3 +199,22 @@ def test_cli_faults_and_ksmd_json(ksm, workload) -> None:  # type: ignore[no-unt
     recs = [json.loads(line) for line in ks.stdout.splitlines()]
     assert len(recs) == 2 and recs[0]["cpu_pct"] is not None
     assert os.path.exists("/proc/sys/kernel/task_delayacct")
+
+
+def test_pages_merged_before_tracing_started(ksm, workload) -> None:  # type: ignore[no-untyped-def]
+    """The common case on a live host: merges happened before ksmtrace ran."""
+    w = workload()
+    r = w.call("alloc", name="r", pages=300, kind="dup", seed=9)
+    w.call("madvise", name="r")
+    ksm.start()
+    ksm.wait_merged(w.pid, r["addr"], r["len"], 300)
+    ksm.set(run=0)
+    with FaultProbe() as fp:
+        assert fp.preloaded >= 300
+        cow0 = vmstat.ksm_vmstat()["cow_ksm"]
+        s0 = fp.snapshot()
+        w.call("write", name="r", first=0, count=300, step=7)
+        s1 = fp.snapshot()
+        cow1 = vmstat.ksm_vmstat()["cow_ksm"]
+    before = s0.procs[w.pid].total.ksm_cow if w.pid in s0.procs else 0
+    assert s1.procs[w.pid].total.ksm_cow - before == len(range(0, 300, 7)) == cow1 - cow0
