@@ -61,26 +61,17 @@ def run(args: argparse.Namespace) -> int:
     fp = faults_probe.FaultProbe(pid=kernel_pid)
     kp = ksmd_probe.KsmdProbe(pid=kernel_pid) if have_ksmd else None
     events = ProcEvents()
-    t0 = time.monotonic()
-    state = FaultsState(t0, vmstat.ksm_vmstat().get("cow_ksm"))
-    for tgid, ranges in initial_regions(only).items():
-        fp.set_regions(tgid, ranges)
-    print("Tracing... Ctrl-C to end.", file=sys.stderr if args.json else sys.stdout, flush=True)
     try:
+        for tgid, ranges in initial_regions(only).items():
+            fp.set_regions(tgid, ranges)
+        state = FaultsState(time.monotonic())
+        # Baseline: counts and cow_ksm read back to back, after every probe is
+        # attached, so the first interval compares like with like.
+        _update(state, fp, kp, args, only)
+        print("Tracing... Ctrl-C to end.", file=sys.stderr if args.json else sys.stdout, flush=True)
         for _ in intervals(args.interval, args.count):
             gone = state.apply_events(events.read())
-            fsnap = fp.snapshot()
-            ksnap = kp.snapshot(pages=not args.no_regions) if kp else None
-            rep = state.update(
-                fsnap,
-                ksnap,
-                vmstat.ksm_vmstat().get("cow_ksm"),
-                keep=lambda pid, comm: (
-                    (only is None or pid in only)
-                    and (not args.name or comm == args.name or pid in (args.pid or []))
-                ),
-                regions=not args.no_regions,
-            )
+            rep = _update(state, fp, kp, args, only)
             for tgid, ranges in state.wanted_regions.items():
                 fp.set_regions(tgid, ranges)
             if args.json:
@@ -96,6 +87,27 @@ def run(args: argparse.Namespace) -> int:
         if kp:
             kp.close()
     return 0
+
+
+def _update(
+    state: FaultsState,
+    fp: faults_probe.FaultProbe,
+    kp: ksmd_probe.KsmdProbe | None,
+    args: argparse.Namespace,
+    only: set[int] | None,
+) -> FaultsReport:
+    fsnap = fp.snapshot()
+    cow = vmstat.ksm_vmstat().get("cow_ksm")  # right after the counts it is compared with
+    ksnap = kp.snapshot(pages=not args.no_regions) if kp else None
+    return state.update(
+        fsnap,
+        ksnap,
+        cow,
+        keep=lambda pid, comm: (
+            (only is None or pid in only) and (not args.name or comm == args.name or pid in (args.pid or []))
+        ),
+        regions=not args.no_regions,
+    )
 
 
 def initial_regions(only: set[int] | None) -> dict[int, list[tuple[int, int]]]:
