@@ -203,13 +203,26 @@ class Server:
         self.regions.pop(name).mm.close()
         return {}
 
-    def cmd_fork(self) -> dict[str, Any]:
-        """A child that holds the parent's pages (fork COW) and waits for SIGTERM."""
+    def cmd_fork(self, name: str | None = None, pages: list[int] | None = None) -> dict[str, Any]:
+        """A child that holds the parent's pages (fork COW) and waits for SIGTERM;
+        with ``name``/``pages`` it first writes those pages of that region itself
+        (the reply comes once it has)."""
+        rfd, wfd = os.pipe()
         pid = os.fork()
         if pid == 0:
+            os.close(rfd)
             signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+            if name is not None:
+                r = self._region(name)
+                for p in pages or []:
+                    r.mm[int(p) * PAGE + 8] = 0x5A
+            os.write(wfd, b"k")
+            os.close(wfd)
             while True:
                 signal.pause()
+        os.close(wfd)
+        os.read(rfd, 1)
+        os.close(rfd)
         self.children.append(pid)
         return {"child": pid}
 

@@ -218,3 +218,21 @@ def test_pages_merged_before_tracing_started(ksm, workload) -> None:  # type: ig
         cow1 = vmstat.ksm_vmstat()["cow_ksm"]
     before = s0.procs[w.pid].total.ksm_cow if w.pid in s0.procs else 0
     assert s1.procs[w.pid].total.ksm_cow - before == len(range(0, 300, 7)) == cow1 - cow0
+
+
+def test_forked_child_breaking_inherited_merges(ksm, workload) -> None:  # type: ignore[no-untyped-def]
+    """A child inherits its parent's KSM pages without any merge event naming
+    it: its faults are checked one by one (walk_all), and still exact."""
+    w = workload()
+    r = w.call("alloc", name="r", pages=200, kind="dup", seed=4)
+    w.call("madvise", name="r")
+    ksm.start()
+    with FaultProbe() as fp:
+        ksm.wait_merged(w.pid, r["addr"], r["len"], 200)
+        ksm.set(run=0)
+        cow0 = vmstat.ksm_vmstat()["cow_ksm"]
+        child = w.call("fork", name="r", pages=list(range(0, 200, 5)))["child"]
+        snap = fp.snapshot()
+        cow1 = vmstat.ksm_vmstat()["cow_ksm"]
+    assert snap.procs[child].total.ksm_cow == 40 == cow1 - cow0
+    assert snap.procs.get(w.pid) is None or snap.procs[w.pid].total.ksm_cow == 0
