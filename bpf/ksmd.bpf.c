@@ -190,8 +190,9 @@ TRACEPOINT_PROBE(ksm, ksm_remove_ksm_page)
 
 TRACEPOINT_PROBE(ksm, ksm_enter)
 {
-	/* current is the opting-in process, or the parent at fork; mm->owner is
-	 * right in both cases (the child's owner is set before ksm_fork()). */
+	/* current is the opting-in process. At fork (ksm_fork()) the child's mm
+	 * is already owned by the child, but copy_process() assigns the child's
+	 * tgid only later, so that enter is counted for the parent. */
 	struct ksm_proc_counts *c = proc(mm_tgid(args->mm));
 	if (c)
 		__sync_fetch_and_add(&c->enters, 1);

@@ -51,9 +51,10 @@ def run(args: argparse.Namespace) -> int:
     checks.ensure_tracefs()
     if not faults_probe.available():
         raise TracingUnavailable("the exceptions:page_fault_user tracepoint is missing (x86 only)")
-    pids = resolve_pids(args)
-    only = set(pids) if pids else None
-    kernel_pid = pids[0] if pids and len(pids) == 1 else None
+    resolve_pids(args)  # checks that -p pids exist and -n names something
+    # -n matches comm at every interval: processes started later count too.
+    only = set(args.pid) if args.pid else None
+    kernel_pid = args.pid[0] if args.pid and len(args.pid) == 1 and not args.name else None
     have_ksmd = ksmd_probe.available()
     if not have_ksmd:
         print(NO_KSM_TRACEPOINTS, file=sys.stderr)
