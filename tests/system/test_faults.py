@@ -41,6 +41,22 @@ def _layout() -> tuple[list[int], list[int], list[int]]:
     return dup, unique, zero
 
 
+def _pair(fp: FaultProbe) -> tuple:  # type: ignore[type-arg]
+    """A fault snapshot and cow_ksm read back to back: other processes on the
+    machine (not under the test lock) may break merges at any time."""
+    snap = fp.snapshot()
+    return snap, vmstat.ksm_vmstat()["cow_ksm"]
+
+
+def _traced(s0, s1, pids=None) -> int:  # type: ignore[no-untyped-def]
+    """KSM COW faults traced between two snapshots, for pids (default: all)."""
+    total = 0
+    for tgid, pf in s1.procs.items():
+        if pids is None or tgid in pids:
+            total += pf.total.ksm_cow - (s0.procs[tgid].total.ksm_cow if tgid in s0.procs else 0)
+    return total
+
+
 def _region_row(report, pid: int, addr: int):  # type: ignore[no-untyped-def]
     proc = next(p for p in report.processes if p.pid == pid)
     return proc, next(r for r in proc.regions if r.start == addr)
@@ -79,10 +95,10 @@ def test_ksm_cow_exact_per_process_and_region(ksm, workload) -> None:  # type: i
         zero_written = zero[::4]
         b_written = dup[5::7][:33]
 
-        before = state.update(fp.snapshot(), kp.snapshot(), vmstat.ksm_vmstat()["cow_ksm"])
+        fs0, cow0 = _pair(fp)
+        before = state.update(fs0, kp.snapshot(), cow0)
         for tgid, ranges in state.wanted_regions.items():  # as the command does
             fp.set_regions(tgid, ranges)
-        cow0 = vmstat.ksm_vmstat()["cow_ksm"]
         tsa0, tsb0 = ts.tgid(a.pid), ts.tgid(b.pid)
         a.call("write_pages", name="r", pages=ksm_written)
         a.call("write_pages", name="r", pages=fork_written)
@@ -90,8 +106,8 @@ def test_ksm_cow_exact_per_process_and_region(ksm, workload) -> None:  # type: i
         b.call("write_pages", name="r", pages=b_written)
         a.call("write_pages", name="r", pages=ksm_written)  # second writes: no fault at all
         tsa1, tsb1 = ts.tgid(a.pid), ts.tgid(b.pid)
-        cow1 = vmstat.ksm_vmstat()["cow_ksm"]
-        after = state.update(fp.snapshot(), kp.snapshot(), cow1)
+        fs1, cow1 = _pair(fp)
+        after = state.update(fs1, kp.snapshot(), cow1)
         assert before.processes is not None
 
         pa, rega = _region_row(after, a.pid, ra["addr"])
@@ -106,6 +122,7 @@ def test_ksm_cow_exact_per_process_and_region(ksm, workload) -> None:  # type: i
         # The sum over all processes is the kernel's own machine-wide count.
         assert after.cow_ksm is not None
         assert after.ksm_cow_sum == cow1 - cow0 == after.cow_ksm.delta
+        assert _traced(fs0, fs1) == cow1 - cow0
         assert after.drops["walk_failures"] == 0
         # Merges per region: the ranges ksmd merged are the same rows.
         assert rega.rates["merges"].total - rega.rates["unmerges"].total == len(dup)
@@ -130,17 +147,16 @@ def test_unmerged_pages_are_not_ksm_cow(ksm, workload) -> None:  # type: ignore[
         ksm.start()
         ksm.wait_merged(w.pid, r["addr"], r["len"], 256)
         ksm.set(run=0)
-        cow0 = vmstat.ksm_vmstat()["cow_ksm"]
+        s0, cow0 = _pair(fp)
         assert w.call("madvise", name="r", advice="unmergeable", first=0, count=128)["ret"] == 0
-        cow1 = vmstat.ksm_vmstat()["cow_ksm"]
-        s0 = fp.snapshot()
+        s1, cow1 = _pair(fp)
         w.call("write", name="r", first=0, count=128)  # unshared: read-only private copies
         w.call("write", name="r", first=128, count=10)  # still merged
-        s1 = fp.snapshot()
-        cow2 = vmstat.ksm_vmstat()["cow_ksm"]
-    assert cow1 - cow0 == 128  # the kernel's unshare copies
-    got = s1.procs[w.pid].total.ksm_cow - (s0.procs[w.pid].total.ksm_cow if w.pid in s0.procs else 0)
-    assert got == 10 == cow2 - cow1
+        s2, cow2 = _pair(fp)
+    # The kernel's unshare copies (no fault: not traced), beside what others broke.
+    assert cow1 - cow0 - _traced(s0, s1) == 128
+    assert _traced(s1, s2, {w.pid}) == 10
+    assert _traced(s1, s2) == cow2 - cow1
 
 
 def test_process_events_exec_and_exit() -> None:
@@ -211,13 +227,11 @@ def test_pages_merged_before_tracing_started(ksm, workload) -> None:  # type: ig
     ksm.set(run=0)
     with FaultProbe() as fp:
         assert fp.preloaded >= 300
-        cow0 = vmstat.ksm_vmstat()["cow_ksm"]
-        s0 = fp.snapshot()
+        s0, cow0 = _pair(fp)
         w.call("write", name="r", first=0, count=300, step=7)
-        s1 = fp.snapshot()
-        cow1 = vmstat.ksm_vmstat()["cow_ksm"]
-    before = s0.procs[w.pid].total.ksm_cow if w.pid in s0.procs else 0
-    assert s1.procs[w.pid].total.ksm_cow - before == len(range(0, 300, 7)) == cow1 - cow0
+        s1, cow1 = _pair(fp)
+    assert _traced(s0, s1, {w.pid}) == len(range(0, 300, 7))
+    assert _traced(s0, s1) == cow1 - cow0
 
 
 def test_forked_child_breaking_inherited_merges(ksm, workload) -> None:  # type: ignore[no-untyped-def]
@@ -230,9 +244,9 @@ def test_forked_child_breaking_inherited_merges(ksm, workload) -> None:  # type:
     with FaultProbe() as fp:
         ksm.wait_merged(w.pid, r["addr"], r["len"], 200)
         ksm.set(run=0)
-        cow0 = vmstat.ksm_vmstat()["cow_ksm"]
+        s0, cow0 = _pair(fp)
         child = w.call("fork", name="r", pages=list(range(0, 200, 5)))["child"]
-        snap = fp.snapshot()
-        cow1 = vmstat.ksm_vmstat()["cow_ksm"]
-    assert snap.procs[child].total.ksm_cow == 40 == cow1 - cow0
-    assert snap.procs.get(w.pid) is None or snap.procs[w.pid].total.ksm_cow == 0
+        s1, cow1 = _pair(fp)
+    assert _traced(s0, s1, {child}) == 40
+    assert _traced(s0, s1, {w.pid}) == 0
+    assert _traced(s0, s1) == cow1 - cow0
