@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 emit_json({"time": time.strftime("%H:%M:%S"), **rep.as_dict()}, lines=True)
             else:
-                render(rep, exact=args.bytes)
+                render(rep, exact=args.bytes, filtered=bool(args.pid or args.name))
             fp.forget(gone)
             if kp:
                 kp.forget(gone)
@@ -132,15 +132,24 @@ def _region(start: int, end: int, name: str, mergeable: bool, exact: bool) -> st
     return f"{start:x}+{size} {short}{' mg' if mergeable else ''}"
 
 
-def render(rep: FaultsReport, exact: bool = False) -> None:
+# Counters that mean something was not counted (or not per region).
+_LOSSES = ("proc_drops", "walk_failures", "ksmd_proc_drops", "ksmd_page_drops")
+
+
+def render(rep: FaultsReport, exact: bool = False, filtered: bool = False) -> None:
     cow = "-" if rep.cow_ksm is None else str(rep.cow_ksm.delta)
+    who = "in the processes shown" if filtered else "traced"
     print(
-        f"\n{time.strftime('%H:%M:%S')}  KSM COW faults: {rep.ksm_cow_sum} traced, "
+        f"\n{time.strftime('%H:%M:%S')}  KSM COW faults: {rep.ksm_cow_sum} {who}, "
         f"{cow} in /proc/vmstat cow_ksm ({rep.interval:.1f}s)"
     )
-    dropped = {k: v for k, v in rep.drops.items() if v and k != "kernel_mode_ksm_cow"}
-    if dropped:
-        print("  dropped: " + ", ".join(f"{k}={v}" for k, v in dropped.items()))
+    lost = {k: v for k, v in rep.drops.items() if v and k in _LOSSES}
+    if lost:
+        print("  not counted (maps full or unreadable): " + ", ".join(f"{k}={v}" for k, v in lost.items()))
+    if rep.drops.get("merged_drops"):
+        print(
+            f"  merged-page set full ({rep.drops['merged_drops']} pages): those processes are checked fault by fault"
+        )
     if not rep.processes:
         print("  no mergeable process faulted or merged yet")
         return
