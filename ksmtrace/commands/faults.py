@@ -148,7 +148,8 @@ def render(rep: FaultsReport, exact: bool = False, filtered: bool = False) -> No
         print("  not counted (maps full or unreadable): " + ", ".join(f"{k}={v}" for k, v in lost.items()))
     if rep.drops.get("merged_drops"):
         print(
-            f"  merged-page set full ({rep.drops['merged_drops']} pages): those processes are checked fault by fault"
+            f"  merged-page set full ({rep.drops['merged_drops']} pages): "
+            "those processes are checked fault by fault"
         )
     if not rep.processes:
         print("  no mergeable process faulted or merged yet")
