@@ -96,9 +96,11 @@ class Region:
         )
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
 
-    def fill(self, ids: list[int | None], kind: str) -> None:
+    def fill(self, ids: list[int | None], kind: str, untouched: int = 0) -> None:
+        """Write each page's content; the last ``untouched`` pages are left
+        unwritten (a later read maps the shared zero page there)."""
         cache: dict[int, bytes] = {}
-        for i, cid in enumerate(ids):
+        for i, cid in enumerate(ids[: len(ids) - untouched]):
             if kind == "zero":
                 self.mm[i * PAGE] = 0  # touch: a private zero-filled page
                 continue
@@ -128,9 +130,11 @@ class Server:
         fraction: float = 1.0,
         run: int = 16,
         pool: int = 64,
+        untouched: int = 0,
     ) -> dict[str, Any]:
         r = Region(int(pages))
-        r.fill(plan_content(kind, int(pages), int(seed), float(fraction), int(run), int(pool)), kind)
+        ids = plan_content(kind, int(pages), int(seed), float(fraction), int(run), int(pool))
+        r.fill(ids, kind, int(untouched))
         self.regions[name] = r
         return {"addr": r.addr, "len": r.pages * PAGE}
 
@@ -200,13 +204,26 @@ class Server:
         self.regions.pop(name).mm.close()
         return {}
 
-    def cmd_fork(self) -> dict[str, Any]:
-        """A child that holds the parent's pages (fork COW) and waits for SIGTERM."""
+    def cmd_fork(self, name: str | None = None, pages: list[int] | None = None) -> dict[str, Any]:
+        """A child that holds the parent's pages (fork COW) and waits for SIGTERM;
+        with ``name``/``pages`` it first writes those pages of that region itself
+        (the reply comes once it has)."""
+        rfd, wfd = os.pipe()
         pid = os.fork()
         if pid == 0:
+            os.close(rfd)
             signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+            if name is not None:
+                r = self._region(name)
+                for p in pages or []:
+                    r.mm[int(p) * PAGE + 8] = 0x5A
+            os.write(wfd, b"k")
+            os.close(wfd)
             while True:
                 signal.pause()
+        os.close(wfd)
+        os.read(rfd, 1)
+        os.close(rfd)
         self.children.append(pid)
         return {"child": pid}
 

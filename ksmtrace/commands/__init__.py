@@ -1,3 +1,3 @@
 """One module per CLI subcommand: ``add_parser(subparsers)`` and ``run(args)``."""
 
-COMMANDS = ("status", "demo", "run", "snoop", "optins")
+COMMANDS = ("status", "demo", "run", "snoop", "optins", "faults", "ksmd")

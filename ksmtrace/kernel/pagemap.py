@@ -101,3 +101,29 @@ def range_pages(
         ksm=len(ksm),
         ksm_frames=frozenset(ksm),
     )
+
+
+def ksm_pages(pid: int, start: int, end: int, proc: Path = Path("/proc")) -> list[tuple[int, int]]:
+    """(virtual address, frame) of every page of [start, end) mapped to a KSM page now."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    with proc_errors(pid):
+        fd = os.open(proc / str(pid) / "pagemap", os.O_RDONLY)
+    present: list[tuple[int, int]] = []
+    try:
+        idx, last = start // page, (end + page - 1) // page
+        while idx < last:
+            n = min(_CHUNK_PAGES, last - idx)
+            with proc_errors(pid):
+                raw = os.pread(fd, n * 8, idx * 8)
+            entries = array("Q")
+            entries.frombytes(raw[: len(raw) // 8 * 8])
+            for i, e in enumerate(entries):
+                if e & PAGEMAP_PRESENT and e & PAGEMAP_PFN_MASK:
+                    present.append(((idx + i) * page, e & PAGEMAP_PFN_MASK))
+            if len(entries) < n:
+                break
+            idx += n
+    finally:
+        os.close(fd)
+    flags = frame_flags([pfn for _, pfn in present], proc)
+    return [(va, pfn) for va, pfn in present if flags.get(pfn, 0) & KPF_KSM]

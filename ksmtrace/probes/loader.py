@@ -41,3 +41,27 @@ def load(source: str, defines: dict[str, int | str] | None = None) -> Any:
         return bcc.BPF(src_file=str(path).encode(), cflags=cflags)
     except Exception as exc:  # BCC raises bare Exception on compile/load failure
         raise TracingUnavailable(f"could not load {source}: {exc}") from exc
+
+
+def detach_all(bpf: Any) -> list[tuple[str, bytes]]:
+    """Detach every tracepoint and raw tracepoint of ``bpf`` (programs stay
+    loaded, maps keep their counts); returns what :func:`reattach` needs.
+    Benchmarks toggle probes this way instead of recompiling."""
+    done: list[tuple[str, bytes]] = []
+    for tp in list(bpf.raw_tracepoint_fds):
+        bpf.detach_raw_tracepoint(tp=tp)
+        done.append(("raw", tp))
+    for tp in list(bpf.tracepoint_fds):
+        bpf.detach_tracepoint(tp=tp)
+        done.append(("tp", tp))
+    return done
+
+
+def reattach(bpf: Any, detached: list[tuple[str, bytes]]) -> None:
+    """Undo :func:`detach_all` (BCC's auto-attach names: raw_tracepoint__TP,
+    tracepoint__CAT__EVENT)."""
+    for kind, tp in detached:
+        if kind == "raw":
+            bpf.attach_raw_tracepoint(tp=tp, fn_name=b"raw_tracepoint__" + tp)
+        else:
+            bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + tp.replace(b":", b"__"))

@@ -1,0 +1,122 @@
+/* Fault loops for bench_probe_overhead.py: prints nanoseconds per fault.
+ *
+ *   faultloop fresh   PAGES REPS        first-touch writes (zero-fill faults)
+ *   faultloop forkcow PAGES REPS [mg]   writes after fork (COW copies); mg: the
+ *                                      process is mergeable (no page merged)
+ *   faultloop ksmcow  PAGES REPS        writes to KSM-merged pages (ksmd must run;
+ *                                      stopped while the writes are timed)
+ */
+#define _GNU_SOURCE
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static long page;
+
+static double now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e9 + ts.tv_nsec;
+}
+
+static char *region(long pages)
+{
+	char *p = mmap(NULL, pages * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED) {
+		perror("mmap");
+		exit(1);
+	}
+	madvise(p, pages * page, MADV_NOHUGEPAGE); /* one fault per 4 KiB page */
+	return p;
+}
+
+static double touch(char *p, long pages, char v)
+{
+	double t = now_ns();
+	for (long i = 0; i < pages; i++)
+		p[i * page + 64] = v;
+	return now_ns() - t;
+}
+
+/* Distinct content per page, so ksmd (running for the ksmcow loop) never
+ * merges these pages behind the writer's back. */
+static void fill_unique(char *p, long pages)
+{
+	for (long i = 0; i < pages; i++)
+		*(long *)(p + i * page) = i + 1;
+}
+
+static void ksm_run(const char *v)
+{
+	FILE *f = fopen("/sys/kernel/mm/ksm/run", "w");
+	if (f) {
+		fputs(v, f);
+		fclose(f);
+	}
+}
+
+static long merging_pages(void)
+{
+	FILE *f = fopen("/proc/self/ksm_merging_pages", "r");
+	long n = 0;
+	if (f) {
+		if (fscanf(f, "%ld", &n) != 1)
+			n = 0;
+		fclose(f);
+	}
+	return n;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 4)
+		return 2;
+	page = sysconf(_SC_PAGESIZE);
+	const char *mode = argv[1];
+	long pages = atol(argv[2]), reps = atol(argv[3]);
+	int mg = argc > 4 && !strcmp(argv[4], "mg");
+	double total = 0;
+
+	for (long r = 0; r < reps; r++) {
+		char *p = region(pages);
+		if (!strcmp(mode, "fresh")) {
+			total += touch(p, pages, 1);
+		} else if (!strcmp(mode, "forkcow")) {
+			fill_unique(p, pages);
+			if (mg)
+				madvise(p, pages * page, MADV_MERGEABLE);
+			pid_t c = fork();
+			if (c == 0) {
+				pause();
+				_exit(0);
+			}
+			total += touch(p, pages, 2);
+			kill(c, SIGKILL);
+			waitpid(c, NULL, 0);
+		} else if (!strcmp(mode, "ksmcow")) {
+			touch(p, pages, 1);
+			madvise(p, pages * page, MADV_MERGEABLE);
+			double deadline = now_ns() + 30e9;
+			while (merging_pages() < pages && now_ns() < deadline)
+				usleep(2000);
+			if (merging_pages() < pages) {
+				fprintf(stderr, "ksmd merged %ld of %ld pages\n", merging_pages(), pages);
+				return 1;
+			}
+			ksm_run("0"); /* ksmd must not rescan while we time the writes */
+			total += touch(p, pages, 2);
+			ksm_run("1");
+		} else {
+			return 2;
+		}
+		munmap(p, pages * page);
+	}
+	printf("%.1f\n", total / (pages * reps));
+	return 0;
+}

@@ -1,0 +1,116 @@
+"""ksmd's activity per interval: scan rounds, pages scanned, merges, CPU share.
+
+Fed by the ksmd probe (ksm:* tracepoints, 6.4+) when there is one, and always
+by /sys/kernel/mm/ksm counters and ksmd's own /proc/PID/stat CPU times, so the
+same record comes out on kernels without the tracepoints (fields the
+tracepoints alone give are None there).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ksmtrace.probes.ksmd import KsmdSnapshot
+
+
+def find_ksmd(proc: Path = Path("/proc")) -> int | None:
+    """pid of the ksmd kernel thread (a child of kthreadd, pid 2)."""
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if (d / "comm").read_text().strip() == "ksmd":
+                stat = (d / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == 2:
+                    return int(d.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def cpu_ticks(pid: int, proc: Path = Path("/proc")) -> int:
+    """utime + stime of a task, in clock ticks."""
+    fields = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+
+
+@dataclass(frozen=True)
+class KsmdSample:
+    t: float
+    full_scans: int  # sysfs
+    pages_scanned: int | None  # sysfs (6.8+)
+    pages_sharing: int
+    pages_shared: int
+    cpu_ticks: int | None
+    probe: KsmdSnapshot | None
+
+
+@dataclass(frozen=True)
+class KsmdInterval:
+    interval_s: float
+    rounds: int  # completed full scans
+    round_ms_avg: float | None  # probe only
+    round_ms_max: float | None  # longest round since tracing started (probe only)
+    rmap_entries: int | None  # at the last round's end (probe only)
+    pages_scanned_per_s: float | None
+    merges_per_s: float | None  # probe: pages merged; None without tracepoints
+    unmerges_per_s: float | None
+    sharing_delta: int  # change of pages_sharing (net effect, any kernel)
+    cpu_pct: float | None  # of one CPU
+    advisor_pages_to_scan: int | None
+    advisor_cpu_pct: int | None
+    advisor_events: int | None
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _sum(snap: KsmdSnapshot, name: str) -> int:
+    return sum(getattr(c, name) for c in snap.procs.values())
+
+
+class KsmdState:
+    def __init__(self, first: KsmdSample) -> None:
+        self.prev = first
+        self.hz = os.sysconf("SC_CLK_TCK")
+
+    def update(self, cur: KsmdSample) -> KsmdInterval:
+        p, dt = self.prev, max(cur.t - self.prev.t, 1e-9)
+        self.prev = cur
+        cpu = None
+        if cur.cpu_ticks is not None and p.cpu_ticks is not None:
+            cpu = 100.0 * (cur.cpu_ticks - p.cpu_ticks) / self.hz / dt
+        scanned = None
+        if cur.pages_scanned is not None and p.pages_scanned is not None:
+            scanned = (cur.pages_scanned - p.pages_scanned) / dt
+        rounds = cur.full_scans - p.full_scans
+        avg = mx = rmap = merges = unmerges = None
+        adv_pages = adv_cpu = adv_events = None
+        if cur.probe is not None and p.probe is not None:
+            a, b = p.probe.scan, cur.probe.scan
+            rounds = b.rounds - a.rounds
+            avg = (b.total_ns - a.total_ns) / rounds / 1e6 if rounds else None
+            mx = b.max_ns / 1e6 if b.rounds else None
+            rmap = b.last_rmap_entries if b.rounds else None
+            merges = (_sum(cur.probe, "merges") - _sum(p.probe, "merges")) / dt
+            unmerges = (_sum(cur.probe, "unmerges") - _sum(p.probe, "unmerges")) / dt
+            if b.advisor_events:
+                adv_pages, adv_cpu = b.advisor_pages_to_scan, b.advisor_cpu_percent
+            adv_events = b.advisor_events - a.advisor_events
+        return KsmdInterval(
+            interval_s=dt,
+            rounds=rounds,
+            round_ms_avg=avg,
+            round_ms_max=mx,
+            rmap_entries=rmap,
+            pages_scanned_per_s=scanned,
+            merges_per_s=merges,
+            unmerges_per_s=unmerges,
+            sharing_delta=cur.pages_sharing - p.pages_sharing,
+            cpu_pct=cpu,
+            advisor_pages_to_scan=adv_pages,
+            advisor_cpu_pct=adv_cpu,
+            advisor_events=adv_events,
+        )

@@ -1,0 +1,119 @@
+"""Load bpf/ksmd.bpf.c (the ksm:* tracepoints, Linux 6.4+) and decode its maps."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ksmtrace.kernel import btf, checks
+from ksmtrace.probes import loader
+
+MAX_PROCS = 8192
+MAX_PAGES = 262144
+PAGE_SHIFT = 12
+
+
+@dataclass(frozen=True)
+class KsmProcCounts:
+    merges: int
+    merge_fails: int
+    zero_merges: int
+    unmerges: int
+    enters: int
+    exits: int
+
+
+@dataclass(frozen=True)
+class ScanState:
+    rounds: int
+    total_ns: int
+    max_ns: int
+    last_ns: int
+    last_seq: int
+    last_rmap_entries: int
+    starts: int
+    ksm_pages_freed: int
+    advisor_events: int
+    advisor_scan_time: int
+    advisor_pages_to_scan: int
+    advisor_cpu_percent: int
+    proc_drops: int
+    page_drops: int
+
+
+@dataclass(frozen=True)
+class KsmdSnapshot:
+    t: float
+    procs: dict[int, KsmProcCounts]  # tgid 0: mm without an owner (exiting)
+    scan: ScanState
+    pages: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+    """(tgid, page address) -> (merges, unmerges)"""
+
+
+def available() -> bool:
+    """The ksm:* tracepoints appeared in Linux 6.4; detect them, not the version."""
+    return checks.tracepoint_exists("ksm", "ksm_start_scan") and checks.tracepoint_exists(
+        "ksm", "ksm_merge_with_ksm_page"
+    )
+
+
+class KsmdProbe:
+    def __init__(
+        self, pid: int | None = None, max_procs: int = MAX_PROCS, max_pages: int = MAX_PAGES
+    ) -> None:
+        checks.ensure_tracefs()
+        b = btf.load()
+        defines: dict[str, int | str] = {
+            "MM_OWNER_OFF": b.offset("mm_struct", "owner"),
+            "TASK_TGID_OFF": b.offset("task_struct", "tgid"),
+            "RMAP_ITEM_ADDRESS_OFF": b.offset("ksm_rmap_item", "address"),
+            "MAX_PROCS": max_procs,
+            "MAX_PAGES": max_pages,
+        }
+        if pid is not None:
+            defines["FILTER_TGID"] = pid
+        self.bpf: Any = loader.load("ksmd.bpf.c", defines)
+
+    def snapshot(self, pages: bool = True) -> KsmdSnapshot:
+        t = time.monotonic()
+        names = [f.name for f in fields(KsmProcCounts)]
+        procs = {
+            int(k.value): KsmProcCounts(**{n: int(getattr(v, n)) for n in names})
+            for k, v in self.bpf["procs"].items()
+        }
+        s = self.bpf["scan"][0]
+        scan = ScanState(**{f.name: int(getattr(s, f.name)) for f in fields(ScanState)})
+        page_counts = (
+            {
+                (int(k.tgid), int(k.page) << PAGE_SHIFT): (int(v.merges), int(v.unmerges))
+                for k, v in self.bpf["pages"].items()
+            }
+            if pages
+            else {}
+        )
+        return KsmdSnapshot(t, procs, scan, page_counts)
+
+    def forget(self, tgids: set[int]) -> None:
+        if not tgids:
+            return
+        procs, pages = self.bpf["procs"], self.bpf["pages"]
+        for tgid in tgids:
+            try:
+                del procs[procs.Key(tgid)]
+            except KeyError:
+                pass
+        for k in [k for k in pages.keys() if int(k.tgid) in tgids]:
+            try:
+                del pages[k]
+            except KeyError:
+                pass
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+    def __enter__(self) -> KsmdProbe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

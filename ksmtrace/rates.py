@@ -1,0 +1,51 @@
+"""Rates from cumulative counters: the small state both commands and later a
+coordinator or dashboard share.
+
+Probes hand over cumulative counters keyed by anything hashable (a tgid, a
+(tgid, region) pair); :class:`Rates` keeps the previous reading and returns
+per-second rates and interval deltas. Keys that disappear (a pruned, exited
+process) are dropped, so a reused pid starts from zero instead of producing a
+negative rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Rate:
+    delta: int  # increase over the interval
+    per_s: float
+    total: int  # cumulative since tracing started
+
+
+class Rates:
+    def __init__(self) -> None:
+        self._prev: dict[Hashable, dict[str, int]] = {}
+        self._t: float | None = None
+
+    def update(
+        self, t: float, counters: Mapping[Hashable, Mapping[str, int]]
+    ) -> dict[Hashable, dict[str, Rate]]:
+        """Rates since the previous update; on the first one, since the probes
+        were loaded at ``start`` (all counters start at zero there)."""
+        dt = (t - self._t) if self._t is not None else 0.0
+        out: dict[Hashable, dict[str, Rate]] = {}
+        for key, vals in counters.items():
+            prev = self._prev.get(key, {})
+            row = {}
+            for name, total in vals.items():
+                d = int(total) - int(prev.get(name, 0))
+                if d < 0:  # counter reset (entry pruned and re-created)
+                    d = int(total)
+                row[name] = Rate(d, d / dt if dt > 0 else 0.0, int(total))
+            out[key] = row
+        self._prev = {k: dict(v) for k, v in counters.items()}
+        self._t = t
+        return out
+
+    def start(self, t: float) -> None:
+        """Mark the moment counters were zero (probe load)."""
+        self._t = t

@@ -1,0 +1,288 @@
+"""ksmtrace faults / ksmd against the real kernel: exact KSM COW counts.
+
+A workload region holds pages that KSM merges, unique pages and untouched
+(zero-page) pages. After a fork, writes to all three kinds are write-protect
+faults, but only the writes to merged pages are KSM copy-on-write: the count
+for the process and region must be exactly the number of merged pages
+written, and the sum over processes must equal the change of cow_ksm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ksmtrace.kernel import pagemap, vmstat
+from ksmtrace.kernel.proc_events import ProcEvents
+from ksmtrace.kernel.taskstats import DelayAcct, TaskStats
+from ksmtrace.probes.faults import FaultProbe
+from ksmtrace.probes.ksmd import KsmdProbe
+from ksmtrace.state import FaultsState
+from ksmtrace.workload import plan_content
+
+pytestmark = pytest.mark.system
+
+PAGES = 768
+UNTOUCHED = 128  # tail pages: zero page after a read
+MIX = {"kind": "mix", "fraction": 0.6, "run": 8, "pool": 4, "seed": 11}
+
+
+def _layout() -> tuple[list[int], list[int], list[int]]:
+    ids = plan_content(MIX["kind"], PAGES, MIX["seed"], MIX["fraction"], MIX["run"], MIX["pool"])
+    body = PAGES - UNTOUCHED
+    dup = [i for i in range(body) if ids[i] is not None]
+    unique = [i for i in range(body) if ids[i] is None]
+    zero = list(range(body, PAGES))
+    return dup, unique, zero
+
+
+def _pair(fp: FaultProbe) -> tuple:  # type: ignore[type-arg]
+    """A fault snapshot and cow_ksm read back to back: other processes on the
+    machine (not under the test lock) may break merges at any time."""
+    snap = fp.snapshot()
+    return snap, vmstat.ksm_vmstat()["cow_ksm"]
+
+
+def _traced(s0, s1, pids=None) -> int:  # type: ignore[no-untyped-def]
+    """KSM COW faults traced between two snapshots, for pids (default: all)."""
+    total = 0
+    for tgid, pf in s1.procs.items():
+        if pids is None or tgid in pids:
+            total += pf.total.ksm_cow - (s0.procs[tgid].total.ksm_cow if tgid in s0.procs else 0)
+    return total
+
+
+def _region_row(report, pid: int, addr: int):  # type: ignore[no-untyped-def]
+    proc = next(p for p in report.processes if p.pid == pid)
+    return proc, next(r for r in proc.regions if r.start == addr)
+
+
+def test_ksm_cow_exact_per_process_and_region(ksm, workload) -> None:  # type: ignore[no-untyped-def]
+    dup, unique, zero = _layout()
+    with DelayAcct(), TaskStats() as ts, FaultProbe() as fp, KsmdProbe() as kp:
+        t0 = time.monotonic()
+        state = FaultsState(t0, vmstat.ksm_vmstat()["cow_ksm"])
+        # Started after DelayAcct: the kernel gives a task its accounting record at fork.
+        a = workload(comm="faults-a")
+        b = workload(comm="faults-b")
+        ra = a.call("alloc", name="r", pages=PAGES, untouched=UNTOUCHED, **MIX)
+        rb = b.call("alloc", name="r", pages=PAGES, untouched=UNTOUCHED, **MIX)
+        a.call("read", name="r")  # untouched pages now map the zero page
+        for w in (a, b):
+            assert w.call("madvise", name="r")["ret"] == 0
+        ksm.start()
+        ksm.wait_merged(a.pid, ra["addr"], ra["len"], len(dup))
+        ksm.wait_merged(b.pid, rb["addr"], rb["len"], len(dup))
+        ksm.set(run=0)  # no merging or unmerging inside the measured window
+
+        live_a = pagemap.range_pages(a.pid, ra["addr"], ra["addr"] + ra["len"])
+        live_b = pagemap.range_pages(b.pid, rb["addr"], rb["addr"] + rb["len"])
+        assert live_a.ksm == len(dup) and live_b.ksm == len(dup)
+        merged = kp.snapshot()
+        for w, live in ((a, live_a), (b, live_b)):
+            c = merged.procs[w.pid]
+            assert c.merges - c.unmerges == live.ksm, (w.pid, c, live.ksm)
+
+        a.call("fork")  # unique pages become fork-COW pages for a
+        time.sleep(0.2)
+        ksm_written = dup[::3][:70]
+        fork_written = unique[::2][:40]
+        zero_written = zero[::4]
+        b_written = dup[5::7][:33]
+
+        fs0, cow0 = _pair(fp)
+        before = state.update(fs0, kp.snapshot(), cow0)
+        for tgid, ranges in state.wanted_regions.items():  # as the command does
+            fp.set_regions(tgid, ranges)
+        tsa0, tsb0 = ts.tgid(a.pid), ts.tgid(b.pid)
+        a.call("write_pages", name="r", pages=ksm_written)
+        a.call("write_pages", name="r", pages=fork_written)
+        a.call("write_pages", name="r", pages=zero_written)
+        b.call("write_pages", name="r", pages=b_written)
+        a.call("write_pages", name="r", pages=ksm_written)  # second writes: no fault at all
+        tsa1, tsb1 = ts.tgid(a.pid), ts.tgid(b.pid)
+        fs1, cow1 = _pair(fp)
+        after = state.update(fs1, kp.snapshot(), cow1)
+        assert before.processes is not None
+
+        pa, rega = _region_row(after, a.pid, ra["addr"])
+        pb, regb = _region_row(after, b.pid, rb["addr"])
+        assert pa.rates["ksm_cow"].delta == len(ksm_written)
+        assert pb.rates["ksm_cow"].delta == len(b_written)
+        assert rega.rates["ksm_cow"].delta == len(ksm_written)
+        assert regb.rates["ksm_cow"].delta == len(b_written)
+        # Every write-protect fault of the region: KSM, fork and zero-page COW.
+        assert rega.rates["wp"].delta == len(ksm_written) + len(fork_written) + len(zero_written)
+        assert regb.rates["wp"].delta == len(b_written)
+        # The sum over all processes is the kernel's own machine-wide count.
+        assert after.cow_ksm is not None
+        assert after.ksm_cow_sum == cow1 - cow0 == after.cow_ksm.delta
+        assert _traced(fs0, fs1) == cow1 - cow0
+        assert after.drops["walk_failures"] == 0
+        # Merges per region: the ranges ksmd merged are the same rows.
+        assert rega.rates["merges"].total - rega.rates["unmerges"].total == len(dup)
+        # taskstats counts pages copied on write (any kind, any region): b only
+        # broke merges; a's write-protect faults are copies or reuses (its
+        # interpreter's own pages after the fork), so copies lie in between.
+        assert tsb1.wpcopy_count - tsb0.wpcopy_count == len(b_written) == pb.rates["wp"].delta
+        copies = tsa1.wpcopy_count - tsa0.wpcopy_count
+        assert len(ksm_written) + len(fork_written) + len(zero_written) <= copies <= pa.rates["wp"].delta
+
+        live_after = pagemap.range_pages(a.pid, ra["addr"], ra["addr"] + ra["len"])
+        assert live_after.ksm == len(dup) - len(ksm_written)
+
+
+def test_unmerged_pages_are_not_ksm_cow(ksm, workload) -> None:  # type: ignore[no-untyped-def]
+    """MADV_UNMERGEABLE unshares merged pages (cow_ksm counts those copies, no
+    fault is taken); later writes there are plain faults, not KSM COW."""
+    with FaultProbe() as fp:
+        w = workload()
+        r = w.call("alloc", name="r", pages=256, kind="dup", seed=3)
+        w.call("madvise", name="r")
+        ksm.start()
+        ksm.wait_merged(w.pid, r["addr"], r["len"], 256)
+        ksm.set(run=0)
+        s0, cow0 = _pair(fp)
+        assert w.call("madvise", name="r", advice="unmergeable", first=0, count=128)["ret"] == 0
+        s1, cow1 = _pair(fp)
+        w.call("write", name="r", first=0, count=128)  # unshared: read-only private copies
+        w.call("write", name="r", first=128, count=10)  # still merged
+        s2, cow2 = _pair(fp)
+    # The kernel's unshare copies (no fault: not traced), beside what others broke.
+    assert cow1 - cow0 - _traced(s0, s1) == 128
+    assert _traced(s1, s2, {w.pid}) == 10
+    assert _traced(s1, s2) == cow2 - cow1
+
+
+def test_process_events_exec_and_exit() -> None:
+    with ProcEvents() as pe:
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import os; os.execv('/bin/true', ['true'])"],
+        )
+        child.wait()
+        deadline = time.monotonic() + 2
+        seen: list[str] = []
+        while time.monotonic() < deadline and "exit" not in seen:
+            seen += [e.kind for e in pe.read() if e.tgid == child.pid]
+            time.sleep(0.02)
+    assert seen[:1] == ["fork"] or "fork" in seen
+    assert "exec" in seen and "exit" in seen
+    state = FaultsState(time.monotonic())
+    from ksmtrace.kernel.proc_events import ProcEvent
+
+    assert state.apply_events([ProcEvent("exit", child.pid, child.pid)]) == {child.pid}
+    # A thread's exit does not prune its process.
+    assert state.apply_events([ProcEvent("exit", child.pid + 1, child.pid)]) == set()
+
+
+def test_delayacct_restored() -> None:
+    before = open("/proc/sys/kernel/task_delayacct").read()
+    with DelayAcct():
+        assert open("/proc/sys/kernel/task_delayacct").read().strip() == "1"
+    assert open("/proc/sys/kernel/task_delayacct").read() == before
+
+
+def test_cli_faults_and_ksmd_json(ksm, workload) -> None:  # type: ignore[no-untyped-def]
+    w = workload(comm="faults-cli")
+    r = w.call("alloc", name="r", pages=128, kind="dup", seed=5)
+    w.call("madvise", name="r")
+    ksm.start()
+    ksm.wait_merged(w.pid, r["addr"], r["len"], 128)
+    cli = [sys.executable, "-m", "ksmtrace"]
+    proc = subprocess.Popen(
+        [*cli, "faults", "-j", "-p", str(w.pid), "1", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    assert "Tracing" in proc.stderr.readline()  # probes attached
+    w.call("write", name="r", first=0, count=17)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == 2
+    rows = [p for line in lines for p in line["processes"] if p["pid"] == w.pid]
+    assert rows and rows[-1]["ksm_cow_total"] == 17
+    assert rows[-1]["regions"][0]["start"] == r["addr"]
+    ks = subprocess.run([*cli, "ksmd", "-j", "0.5", "2"], capture_output=True, text=True, timeout=60)
+    assert ks.returncode == 0, ks.stderr
+    recs = [json.loads(line) for line in ks.stdout.splitlines()]
+    assert len(recs) == 2 and recs[0]["cpu_pct"] is not None
+    assert os.path.exists("/proc/sys/kernel/task_delayacct")
+
+
+def test_pages_merged_before_tracing_started(ksm, workload) -> None:  # type: ignore[no-untyped-def]
+    """The common case on a live host: merges happened before ksmtrace ran."""
+    w = workload()
+    r = w.call("alloc", name="r", pages=300, kind="dup", seed=9)
+    w.call("madvise", name="r")
+    ksm.start()
+    ksm.wait_merged(w.pid, r["addr"], r["len"], 300)
+    ksm.set(run=0)
+    with FaultProbe() as fp:
+        assert fp.preloaded >= 300
+        s0, cow0 = _pair(fp)
+        w.call("write", name="r", first=0, count=300, step=7)
+        s1, cow1 = _pair(fp)
+    assert _traced(s0, s1, {w.pid}) == len(range(0, 300, 7))
+    assert _traced(s0, s1) == cow1 - cow0
+
+
+def test_forked_child_breaking_inherited_merges(ksm, workload) -> None:  # type: ignore[no-untyped-def]
+    """A child inherits its parent's KSM pages without any merge event naming
+    it: its faults are checked one by one (walk_all), and still exact."""
+    w = workload()
+    r = w.call("alloc", name="r", pages=200, kind="dup", seed=4)
+    w.call("madvise", name="r")
+    ksm.start()
+    with FaultProbe() as fp:
+        ksm.wait_merged(w.pid, r["addr"], r["len"], 200)
+        ksm.set(run=0)
+        s0, cow0 = _pair(fp)
+        child = w.call("fork", name="r", pages=list(range(0, 200, 5)))["child"]
+        s1, cow1 = _pair(fp)
+    assert _traced(s0, s1, {child}) == 40
+    assert _traced(s0, s1, {w.pid}) == 0
+    assert _traced(s0, s1) == cow1 - cow0
+
+
+def test_fallback_without_ksm_tracepoints_still_exact(ksm, workload, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Kernels before 6.4 have no ksm:* tracepoints: the probe is built without
+    them (NO_KSM_TP) and checks every write-protect fault of mergeable
+    processes against struct page instead."""
+    from ksmtrace.kernel import checks
+
+    real = checks.tracepoint_exists
+    monkeypatch.setattr(checks, "tracepoint_exists", lambda cat, ev, *a: cat != "ksm" and real(cat, ev, *a))
+    w = workload()
+    r = w.call("alloc", name="r", pages=128, kind="dup", seed=6)
+    w.call("madvise", name="r")
+    with FaultProbe() as fp:
+        assert not fp.merge_events
+        ksm.start()
+        ksm.wait_merged(w.pid, r["addr"], r["len"], 128)
+        ksm.set(run=0)
+        s0, cow0 = _pair(fp)
+        w.call("write", name="r", first=3, count=60, step=2)
+        s1, cow1 = _pair(fp)
+    assert _traced(s0, s1, {w.pid}) == 30
+    assert _traced(s0, s1) == cow1 - cow0
+
+
+def test_ksmd_command_without_ksm_tracepoints(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from ksmtrace import cli
+    from ksmtrace.probes import ksmd as ksmd_probe
+
+    monkeypatch.setattr(ksmd_probe, "available", lambda: False)
+    assert cli.main(["ksmd", "-j", "0.3", "2"]) == 0
+    out = capsys.readouterr()
+    assert "no ksm:* tracepoints" in out.err  # said once
+    recs = [json.loads(line) for line in out.out.splitlines()]
+    assert len(recs) == 2
+    assert recs[0]["merges_per_s"] is None and recs[0]["rounds"] >= 0

@@ -1,0 +1,84 @@
+"""FaultsState, taskstats and proc-connector decoding on recorded inputs (no root)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from ksmtrace.kernel.proc_events import decode
+from ksmtrace.kernel.procfs import ProcFS
+from ksmtrace.kernel.taskstats import TaskstatsLayout, decode_stats
+from ksmtrace.probes.faults import FaultCounts, FaultSnapshot, ProcFaults
+from ksmtrace.probes.ksmd import KsmdSnapshot, KsmProcCounts, ScanState
+from ksmtrace.state import FaultsState
+
+FIX = Path(__file__).parent.parent / "fixtures" / "host1" / "proc"
+PID = 2761
+MG = (0x7FD2A7800000, 0x7FD2A7B00000)  # the mergeable VMA of pid 2761's smaps
+
+
+def _faults(t: float, ksm: int, wp: int, other_wp: int) -> FaultSnapshot:
+    region = FaultCounts(wp, ksm)
+    return FaultSnapshot(
+        t,
+        {PID: ProcFaults(FaultCounts(wp + other_wp, ksm), FaultCounts(other_wp, 0), {MG: region})},
+        {"walk_failures": 0},
+    )
+
+
+def _ksmd(t: float, merges: int) -> KsmdSnapshot:
+    scan = ScanState(*([0] * 14))
+    pages = {(PID, MG[0] + i * 4096): (1, 0) for i in range(merges)}
+    return KsmdSnapshot(t, {PID: KsmProcCounts(merges, 0, 0, 0, 1, 0)}, scan, pages)
+
+
+def test_rates_regions_and_cow_ksm_check() -> None:
+    st = FaultsState(0.0, proc=ProcFS(FIX))
+    st.update(_faults(0.0, 0, 0, 0), _ksmd(0.0, 0), 1000)
+    rep = st.update(_faults(2.0, 30, 50, 7), _ksmd(2.0, 512), 1030)
+    (p,) = rep.processes
+    assert p.comm == (FIX / str(PID) / "comm").read_text().strip()
+    assert p.rates["ksm_cow"].delta == 30 and p.rates["ksm_cow"].per_s == 15.0
+    assert p.rates["merges"].delta == 512
+    assert p.wp_mergeable.delta == 50  # "other" faults are not in mergeable regions
+    assert p.profit_bytes == 2048000 and p.merging_pages == 512
+    mg = next(r for r in p.regions if r.start == MG[0])
+    assert mg.mergeable and mg.rates["merges"].delta == 512 and mg.rates["ksm_cow"].delta == 30
+    other = next(r for r in p.regions if r.name == "(other)")
+    assert other.rates["wp"].delta == 7
+    assert rep.cow_ksm is not None and rep.cow_ksm.delta == rep.ksm_cow_sum == 30
+    assert st.wanted_regions[PID] == [MG]
+    assert rep.as_dict()["processes"][0]["regions"][0]["start"] == MG[0]
+
+
+def test_filtered_out_process_is_not_reported() -> None:
+    st = FaultsState(0.0, proc=ProcFS(FIX))
+    rep = st.update(_faults(1.0, 1, 1, 0), None, None, keep=lambda pid, comm: pid != PID)
+    assert rep.processes == [] and not rep.merges_available
+
+
+def test_taskstats_v16_layout_decoded_by_offsets() -> None:
+    lay = TaskstatsLayout(version=0, wpcopy_count=400, wpcopy_delay_total=408, ac_minflt=184)
+    raw = bytearray(560)
+    struct.pack_into("=H", raw, 0, 16)
+    struct.pack_into("=Q", raw, 400, 5015)
+    struct.pack_into("=Q", raw, 408, 6_500_000)
+    struct.pack_into("=Q", raw, 184, 77)
+    cow = decode_stats(bytes(raw), lay, 42)
+    assert (cow.version, cow.wpcopy_count, cow.wpcopy_delay_ns, cow.minflt) == (16, 5015, 6_500_000, 77)
+
+
+def _cn(what: int, payload: bytes) -> bytes:
+    body = struct.pack("=IIQ", what, 0, 123) + payload
+    cn = struct.pack("=IIIIHH", 1, 1, 0, 0, len(body), 0)
+    return struct.pack("=IHHII", 16 + len(cn) + len(body), 3, 0, 0, 0) + cn + body
+
+
+def test_proc_connector_decoding() -> None:
+    fork = decode(_cn(0x1, struct.pack("=IIII", 10, 10, 11, 11)))
+    assert fork is not None and (fork.kind, fork.tgid, fork.parent_tgid) == ("fork", 11, 10)
+    ex = decode(_cn(0x2, struct.pack("=II", 11, 11)))
+    assert ex is not None and (ex.kind, ex.pid, ex.tgid) == ("exec", 11, 11)
+    gone = decode(_cn(0x80000000, struct.pack("=IIIIII", 12, 11, 9, 0, 10, 10)))
+    assert gone is not None and (gone.kind, gone.pid, gone.tgid, gone.exit_code) == ("exit", 12, 11, 9)
+    assert decode(_cn(0x4, struct.pack("=IIII", 1, 1, 0, 0))) is None  # uid change: ignored
