@@ -1,22 +1,30 @@
 """ksmtrace demo: see an opt-in, ksmd merging and copy-on-write within seconds.
 
-Starts the built-in workload (identical private anonymous pages), opts it in
-with madvise(MADV_MERGEABLE), lets ksmd merge it with brisk settings, then
-writes to some merged pages so that each write breaks a merge. The KSM
-settings are restored on exit, whatever happens.
+Starts the built-in workload (identical private anonymous pages) and ksmtrace's
+probes filtered to it, opts it in with madvise(MADV_MERGEABLE), lets ksmd merge
+it with brisk settings, then writes to some merged pages so that each write
+breaks a merge. Every step is shown as the kernel reports it: the opt-in from
+the syscall tracepoints, merges from the ksm tracepoints, copy-on-write faults
+from the fault path, beside /proc's live page state and vmstat's cow_ksm. The
+KSM settings are restored on exit, whatever happens.
+
+Without BCC (or on a kernel lacking a tracepoint) the demo still runs on /proc
+alone and says which probe it went without.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import contextlib
 import time
 from typing import Any
 
-from ksmtrace.errors import KsmtraceError
+from ksmtrace.errors import KsmtraceError, TracingUnavailable
 from ksmtrace.kernel import checks, ksm_sysfs, pagemap, vmstat
 from ksmtrace.views.fmt import emit_json, human_bytes
 from ksmtrace.workload import PAGE, Workload, WorkloadError
+
+BRISK = (("pages_to_scan", 5000), ("sleep_millisecs", 10))
 
 
 def add_parser(sub: Any) -> None:
@@ -42,51 +50,85 @@ def add_parser(sub: Any) -> None:
         metavar="SEC",
         help="give up waiting for ksmd after this long (default 30)",
     )
+    p.add_argument("--no-probes", action="store_true", help="use /proc only, no BPF")
     p.add_argument("-j", "--json", action="store_true", help="print one JSON summary at the end")
     p.set_defaults(run=run)
 
 
-def _say(args: argparse.Namespace, msg: str) -> None:
-    if not args.json:
-        print(msg, flush=True)
+class _Probes:
+    """The three probes, each optional: a missing one is reported, not fatal."""
+
+    def __init__(self, pid: int, say: Any) -> None:
+        from ksmtrace.probes import faults, ksmd, optins  # noqa: PLC0415 (BCC is slow to import)
+
+        self.optins = self.faults = self.ksmd = None
+        self.missing: list[str] = []
+        for name, make in (
+            ("optins", lambda: optins.OptinProbe(pids=[pid])),
+            ("faults", lambda: faults.FaultProbe(pid=pid) if faults.available() else None),
+            ("ksmd", lambda: ksmd.KsmdProbe(pid=pid) if ksmd.available() else None),
+        ):
+            try:
+                probe = make()
+            except TracingUnavailable as exc:
+                probe = None
+                say(f"probe    {name}: unavailable ({exc})")
+            if probe is None:
+                self.missing.append(name)
+            setattr(self, name, probe)
+
+    def close(self) -> None:
+        for p in (self.optins, self.faults, self.ksmd):
+            if p is not None:
+                with contextlib.suppress(Exception):
+                    p.close()
 
 
 def run(args: argparse.Namespace) -> int:
     checks.require_root("pagemap")
     ksm_sysfs.require_ksm()
     pages = args.size * 1024 * 1024 // PAGE
+
+    def say(msg: str) -> None:
+        if not args.json:
+            print(msg, flush=True)
+
     saved = ksm_sysfs.SavedSettings()
     summary: dict[str, Any] = {}
+    probes: _Probes | None = None
     try:
         with Workload(comm="ksmtrace-demo") as wl:
             reg = wl.call("alloc", name="demo", pages=pages, kind="dup", seed=7)
             addr, length = reg["addr"], reg["len"]
-            _say(
-                args,
-                f"demo workload pid {wl.pid}: {human_bytes(length)} of identical "
-                f"private anonymous pages at {addr:#x}",
+            say(
+                f"workload pid {wl.pid}: {human_bytes(length)} of identical private "
+                f"anonymous pages at {addr:#x}"
             )
-            res = wl.call("madvise", name="demo", advice="mergeable")
-            _say(args, f"opt-in   pid {wl.pid} madvise({addr:#x}, {length}, MADV_MERGEABLE) = {res['ret']}")
-            summary.update(pid=wl.pid, pages=pages, madvise_ret=res["ret"])
+            if not args.no_probes:
+                say("probes   loading opt-in, fault and ksmd probes for this pid...")
+                probes = _Probes(wl.pid, say)
+            summary.update(pid=wl.pid, pages=pages, probes_missing=probes.missing if probes else None)
 
-            for k, v in (("pages_to_scan", 5000), ("sleep_millisecs", 10), ("run", 1)):
+            res = wl.call("madvise", name="demo", advice="mergeable")
+            summary["madvise_ret"] = res["ret"]
+            events = probes.optins.poll(200) if probes and probes.optins else []
+            if probes and probes.optins:
+                summary["optin_events"] = [e.as_dict() for e in events]
+                for e in events:
+                    say(f"opt-in   pid {e.pid} {e.describe_call()} = {e.result()}  (seen by BPF)")
+            else:
+                say(f"opt-in   pid {wl.pid} madvise({addr:#x}, {length}, MADV_MERGEABLE) = {res['ret']}")
+            if probes and probes.faults:
+                probes.faults.set_regions(wl.pid, [(addr, addr + length)])
+
+            for k, v in (*BRISK, ("run", 1)):
                 ksm_sysfs.write(k, v)
-            _say(args, "ksmd     run=1 pages_to_scan=5000 sleep_millisecs=10 (restored on exit)")
-            t0 = time.monotonic()
-            merged = 0
-            while time.monotonic() - t0 < args.timeout:
-                merged = pagemap.range_pages(wl.pid, addr, addr + length).ksm
-                sysfs = ksm_sysfs.read()
-                _say(
-                    args,
-                    f"merging  t={time.monotonic() - t0:4.1f}s  KSM pages in demo: {merged:6d}/{pages}"
-                    f"  pages_sharing={sysfs.get('pages_sharing')}",
-                )
-                if merged >= pages:
-                    break
-                time.sleep(0.5)
-            summary.update(merged_pages=merged, merge_seconds=round(time.monotonic() - t0, 2))
+            say("ksmd     run=1 pages_to_scan=5000 sleep_millisecs=10 (restored on exit)")
+            merged = _wait_merged(args, say, wl.pid, addr, length, pages, probes)
+            summary.update(merged_pages=merged)
+            if probes and probes.ksmd:
+                counts = probes.ksmd.snapshot(pages=False).procs.get(wl.pid)
+                summary["ksmd_merges"] = counts.merges if counts else 0
             if merged == 0:
                 raise KsmtraceError(
                     "ksmd merged nothing within the timeout: is another tool "
@@ -94,27 +136,58 @@ def run(args: argparse.Namespace) -> int:
                 )
 
             # Stop scanning (run=0 keeps merged pages merged): the written pages
-            # are identical to each other, and a running ksmd re-merged some of
-            # them before they were counted.
+            # are identical to each other and a running ksmd would re-merge them.
             ksm_sysfs.write("run", 0)
             cow0 = vmstat.ksm_vmstat().get("cow_ksm")
             step = max(1, int(round(1 / args.writes))) if args.writes > 0 else 0
             written = wl.call("write", name="demo", step=step)["written"] if step else 0
             cow1 = vmstat.ksm_vmstat().get("cow_ksm")
             after = pagemap.range_pages(wl.pid, addr, addr + length).ksm
-            cow = None if cow0 is None else cow1 - cow0
-            _say(
-                args,
-                f"writes   pid {wl.pid} wrote to {written} merged pages: "
-                f"cow_ksm +{cow}, KSM pages in demo now {after}",
-            )
+            cow = None if cow0 is None or cow1 is None else cow1 - cow0
             summary.update(written=written, cow_ksm_delta=cow, merged_after_writes=after)
+            line = f"writes   pid {wl.pid} wrote to {written} merged pages"
+            if probes and probes.faults:
+                snap = probes.faults.snapshot().procs.get(wl.pid)
+                ksm_cow = snap.total.ksm_cow if snap else 0
+                summary["ksm_cow_faults"] = ksm_cow
+                line += f": {ksm_cow} KSM copy-on-write faults traced for it"
+            say(f"{line}; machine-wide cow_ksm +{cow}; KSM pages left {after}")
     except WorkloadError as exc:
         raise KsmtraceError(f"demo workload failed: {exc}") from exc
     finally:
+        if probes is not None:
+            probes.close()
         saved.restore()
     if args.json:
         emit_json(summary)
     else:
-        print("KSM settings restored.", file=sys.stdout)
+        print("KSM settings restored. Next: 'ksmtrace snoop', 'ksmtrace faults', 'ksmtrace status'.")
     return 0
+
+
+def _wait_merged(
+    args: argparse.Namespace,
+    say: Any,
+    pid: int,
+    addr: int,
+    length: int,
+    pages: int,
+    probes: _Probes | None,
+) -> int:
+    t0 = time.monotonic()
+    merged = 0
+    while time.monotonic() - t0 < args.timeout:
+        merged = pagemap.range_pages(pid, addr, addr + length).ksm
+        extra = ""
+        if probes and probes.ksmd:
+            c = probes.ksmd.snapshot(pages=False).procs.get(pid)
+            extra = f"  merges traced: {c.merges if c else 0}"
+        sharing = ksm_sysfs.read().get("pages_sharing")
+        say(
+            f"merging  t={time.monotonic() - t0:4.1f}s  KSM pages in workload: {merged:6d}/{pages}"
+            f"{extra}  pages_sharing={sharing}"
+        )
+        if merged >= pages:
+            break
+        time.sleep(0.5)
+    return merged

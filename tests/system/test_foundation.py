@@ -47,18 +47,34 @@ def test_status_json_lists_merged_workload(ksm, workload) -> None:
 
 
 @pytest.mark.ksm
-def test_demo_shows_merge_and_cow(ksm) -> None:
+def test_demo_shows_optin_merge_and_cow(ksm) -> None:
     before = open("/sys/kernel/mm/ksm/pages_to_scan").read()
     out = ksmtrace("demo", "-j", "--size", "16", "--writes", "0.5")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
+    assert data["probes_missing"] == []
     assert data["madvise_ret"] == 0
+    # The opt-in, as the syscall tracepoints saw it: exactly one event.
+    (ev,) = data["optin_events"]
+    assert ev["pid"] == data["pid"] and ev["syscall"] == "madvise" and ev["ret"] == 0
+    assert ev["op_name"] == "MADV_MERGEABLE"
     assert data["merged_pages"] == data["pages"] == 4096
+    assert data["ksmd_merges"] >= 4096
     assert data["written"] == 2048
-    # cow_ksm is machine-wide: the test holds the KSM lock, so nobody else breaks merges.
-    assert data["cow_ksm_delta"] == 2048
+    # Exact per-process count from the fault probe; cow_ksm is machine-wide, and
+    # a KSM user outside the test lock (a VM on the host) can only add to it.
+    assert data["ksm_cow_faults"] == 2048
+    assert data["cow_ksm_delta"] >= 2048
     assert data["merged_after_writes"] == 2048
     assert open("/sys/kernel/mm/ksm/pages_to_scan").read() == before
+
+
+@pytest.mark.ksm
+def test_demo_without_probes_runs_on_proc_alone(ksm) -> None:
+    out = ksmtrace("demo", "-j", "--size", "4", "--no-probes")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["merged_pages"] == 1024 and "ksm_cow_faults" not in data
 
 
 def test_unprivileged_user_gets_clear_error() -> None:
