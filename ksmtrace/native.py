@@ -87,13 +87,17 @@ class Scanner:
     def add_region(self, pid: int, start: int, end: int, check_ksm: bool) -> int:
         if pid not in self.pids:
             self.pids.append(pid)
-        return check(lib.kn_scanner_add_region(self._s, pid, start, end, int(check_ksm)), f"region of pid {pid}")
+        return check(
+            lib.kn_scanner_add_region(self._s, pid, start, end, int(check_ksm)), f"region of pid {pid}"
+        )
 
     def scan(self, idx: int, start: int, end: int) -> None:
         """Raises OSError: ESRCH when the process is gone, EPERM/EACCES when refused."""
         check(lib.kn_scanner_scan(self._s, idx, start, end), f"scan {start:#x}-{end:#x}")
 
-    def finish(self, nregions: int) -> tuple[list[dict[str, float]], dict[int, dict[str, float]], dict[str, int]]:
+    def finish(
+        self, nregions: int
+    ) -> tuple[list[dict[str, float]], dict[int, dict[str, float]], dict[str, int]]:
         rs = ffi.new("struct kn_region_stats[]", max(1, nregions))
         ps = ffi.new("struct kn_process_stats[]", max(1, len(self.pids)))
         tot = ffi.new("struct kn_total_stats *")

@@ -10,9 +10,28 @@ const char *kn_version(void)
 	return "ksmnative 2";
 }
 
-uint64_t kn_hash_page(const void *p, size_t n)
+static uint64_t hash_sse2(const void *p, size_t n)
 {
 	return XXH3_64bits(p, n);
+}
+
+static uint64_t hash_pick(const void *p, size_t n);
+static uint64_t (*hash_fn)(const void *, size_t) = hash_pick;
+
+static uint64_t hash_pick(const void *p, size_t n)
+{
+#if defined(__x86_64__)
+	__builtin_cpu_init();
+	hash_fn = __builtin_cpu_supports("avx2") ? kn_hash_page_avx2 : hash_sse2;
+#else
+	hash_fn = hash_sse2;
+#endif
+	return hash_fn(p, n);
+}
+
+uint64_t kn_hash_page(const void *p, size_t n)
+{
+	return hash_fn(p, n);
 }
 
 void kn_hash_pages(const void *buf, size_t npages, size_t page_size, uint64_t *out)

@@ -94,6 +94,7 @@ int kn_page_is_zero(const unsigned char *p, size_t n);
 
 /* hash.c */
 uint64_t kn_hash_page(const void *p, size_t n);
+uint64_t kn_hash_page_avx2(const void *p, size_t n);
 
 /* scan.c */
 int kn_read_remote(int pid, uint64_t addr, void *dst, size_t len);

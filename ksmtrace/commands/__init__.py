@@ -1,3 +1,3 @@
 """One module per CLI subcommand: ``add_parser(subparsers)`` and ``run(args)``."""
 
-COMMANDS = ("status", "demo", "run")
+COMMANDS = ("status", "demo", "run", "estimate", "merge", "unmerge")
