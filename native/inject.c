@@ -197,13 +197,13 @@ static int inject(struct job *j)
 	uint64_t t0 = mono_ns(), sysaddr;
 	int status, r, sig;
 
-	sysaddr = find_syscall_insn(j->tid);
-	if (!sysaddr)
-		return tgid_of(j->tid) < 0 ? -ESRCH : -ENOENT;
-	res->syscall_addr = sysaddr;
-
+	/* Attach first: it is what refuses kernel threads and already-traced targets. */
 	if (ptrace(PTRACE_SEIZE, j->tid, 0, 0) != 0)
 		return -errno;
+	sysaddr = find_syscall_insn(j->tid);
+	if (!sysaddr)
+		return tgid_of(j->tid) < 0 ? -ESRCH : -ENOENT; /* thread exit detaches */
+	res->syscall_addr = sysaddr;
 	if (ptrace(PTRACE_INTERRUPT, j->tid, 0, 0) != 0)
 		return -errno; /* thread exit detaches */
 
