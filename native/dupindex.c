@@ -133,6 +133,15 @@ static int same_content(struct kn_scanner *s, struct kn_group *g, const unsigned
 	return 1;
 }
 
+void kn_index_prefetch(const struct kn_scanner *s, uint64_t h)
+{
+	const uint32_t *slot = &s->table[mix(h) & s->table_mask];
+
+	__builtin_prefetch(slot);
+	if (*slot != KN_NONE)
+		__builtin_prefetch(&s->groups[*slot]);
+}
+
 uint32_t kn_index_add(struct kn_scanner *s, const unsigned char *p, uint64_t h, int pid, uint64_t addr,
 		      uint32_t idx)
 {

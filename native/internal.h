@@ -41,6 +41,21 @@ struct kn_region {
 	uint64_t present, zero, zero_mapped, ksm, volatile_pages;
 };
 
+#define KN_SLOTS 3
+
+/* One batch, as the reader hands it over: n pages copied contiguously into buf. */
+struct kn_slot {
+	unsigned char *buf;
+	uint64_t *pagemap;
+	uint64_t *cand_addr, *cand_pfn;
+	unsigned char *cand_ksm;
+	uint64_t *addr, *pfn;
+	unsigned char *ksm;
+	uint32_t n;
+	uint32_t volatile_pages, zero_mapped;
+	uint64_t map_ns, read_ns;
+};
+
 struct kn_scanner {
 	uint32_t page_size;
 	uint32_t max_page_sharing;
@@ -69,13 +84,11 @@ struct kn_scanner {
 	uint64_t *ksm_pfns;
 	uint64_t nksm_pfns, ksm_pfns_cap;
 
-	/* batch buffers */
+	/* batch buffers: a ring the reader thread fills while the caller hashes */
 	uint32_t batch_pages;
 	uint32_t batch_seq;
-	unsigned char *buf;
-	uint64_t *pagemap;
-	uint64_t *batch_addr;
-	uint64_t *batch_pfn;
+	const unsigned char *buf; /* the batch being hashed (first sightings are fetched from it) */
+	struct kn_slot *slots;
 	int kpageflags_fd;
 	int pagemap_fd;
 	int pagemap_pid;
@@ -90,6 +103,7 @@ void kn_index_free(struct kn_scanner *s);
 /* Group of one page (bytes p, hash h, at pid/addr, index idx of the current batch); KN_NONE on ENOMEM. */
 uint32_t kn_index_add(struct kn_scanner *s, const unsigned char *p, uint64_t h, int pid, uint64_t addr,
 		      uint32_t idx);
+void kn_index_prefetch(const struct kn_scanner *s, uint64_t h);
 int kn_page_is_zero(const unsigned char *p, size_t n);
 
 /* hash.c */

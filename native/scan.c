@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -89,6 +90,28 @@ static uint64_t find_zero_pfn(uint32_t page)
 	return (e & PM_PRESENT) && (e & PM_PFN_MASK) ? (e & PM_PFN_MASK) : UINT64_MAX;
 }
 
+static int alloc_slots(struct kn_scanner *s)
+{
+	size_t n = s->batch_pages;
+
+	for (int i = 0; i < KN_SLOTS; i++) {
+		struct kn_slot *b = &s->slots[i];
+
+		b->buf = aligned_alloc(4096, n * s->page_size);
+		b->pagemap = malloc(n * 8);
+		b->cand_addr = malloc(n * 8);
+		b->cand_pfn = malloc(n * 8);
+		b->cand_ksm = malloc(n);
+		b->addr = malloc(n * 8);
+		b->pfn = malloc(n * 8);
+		b->ksm = malloc(n);
+		if (!b->buf || !b->pagemap || !b->cand_addr || !b->cand_pfn || !b->cand_ksm || !b->addr ||
+		    !b->pfn || !b->ksm)
+			return -ENOMEM;
+	}
+	return 0;
+}
+
 struct kn_scanner *kn_scanner_new(uint32_t max_page_sharing, int use_zero_pages, uint32_t batch_pages)
 {
 	struct kn_scanner *s = calloc(1, sizeof(*s));
@@ -106,12 +129,9 @@ struct kn_scanner *kn_scanner_new(uint32_t max_page_sharing, int use_zero_pages,
 	s->kpageflags_fd = -1;
 	s->pagemap_fd = -1;
 	s->zero_pfn = find_zero_pfn(s->page_size);
-	s->buf = aligned_alloc(4096, (size_t)s->batch_pages * s->page_size);
-	s->pagemap = malloc(sizeof(uint64_t) * s->batch_pages);
-	s->batch_addr = malloc(sizeof(uint64_t) * s->batch_pages);
-	s->batch_pfn = malloc(sizeof(uint64_t) * s->batch_pages);
+	s->slots = calloc(KN_SLOTS, sizeof(*s->slots));
 	zero = calloc(1, s->page_size);
-	if (!s->buf || !s->pagemap || !s->batch_addr || !s->batch_pfn || !zero || kn_index_init(s) != 0) {
+	if (!s->slots || !zero || alloc_slots(s) != 0 || kn_index_init(s) != 0) {
 		free(zero);
 		kn_scanner_free(s);
 		return NULL;
@@ -133,10 +153,19 @@ void kn_scanner_free(struct kn_scanner *s)
 	free(s->items);
 	free(s->regions);
 	free(s->ksm_pfns);
-	free(s->buf);
-	free(s->pagemap);
-	free(s->batch_addr);
-	free(s->batch_pfn);
+	for (int i = 0; s->slots && i < KN_SLOTS; i++) {
+		struct kn_slot *b = &s->slots[i];
+
+		free(b->buf);
+		free(b->pagemap);
+		free(b->cand_addr);
+		free(b->cand_pfn);
+		free(b->cand_ksm);
+		free(b->addr);
+		free(b->pfn);
+		free(b->ksm);
+	}
+	free(s->slots);
 	free(s);
 }
 
@@ -264,142 +293,225 @@ static int ksm_flags(struct kn_scanner *s, const uint64_t *pfn, uint32_t n, unsi
 	return 0;
 }
 
-/* Copy the n pages at s->batch_addr into s->buf; returns pages copied (a prefix). */
-static int64_t read_batch(int pid, struct kn_scanner *s, uint32_t n)
+/* Copy the n pages at addr[] into dst; returns pages copied (a prefix) or -errno. */
+static int64_t read_pages(int pid, const uint64_t *addr, uint32_t n, unsigned char *dst, uint32_t page)
 {
-	struct iovec local = { s->buf, (size_t)n * s->page_size };
+	struct iovec local = { dst, (size_t)n * page };
 	struct iovec remote[MAX_IOV];
 	uint32_t nr = 0;
 	ssize_t got;
 
 	for (uint32_t i = 0; i < n; i++) {
-		if (nr && (uint64_t)(uintptr_t)remote[nr - 1].iov_base + remote[nr - 1].iov_len == s->batch_addr[i]) {
-			remote[nr - 1].iov_len += s->page_size;
+		if (nr && (uint64_t)(uintptr_t)remote[nr - 1].iov_base + remote[nr - 1].iov_len == addr[i]) {
+			remote[nr - 1].iov_len += page;
 			continue;
 		}
-		if (nr == MAX_IOV) {
-			n = i; /* caller keeps batches below this; be safe anyway */
-			local.iov_len = (size_t)n * s->page_size;
-			break;
-		}
-		remote[nr].iov_base = (void *)(uintptr_t)s->batch_addr[i];
-		remote[nr].iov_len = s->page_size;
+		remote[nr].iov_base = (void *)(uintptr_t)addr[i];
+		remote[nr].iov_len = page;
 		nr++;
 	}
 	got = process_vm_readv(pid, &local, 1, remote, nr, 0);
-	if (got < 0) {
-		/* EFAULT on the very first page: it went away; the rest may not have. */
-		return errno == EFAULT ? 0 : -errno;
+	if (got < 0)
+		return errno == EFAULT ? 0 : -errno; /* EFAULT on the first page: it went away */
+	return got / page;
+}
+
+/*
+ * Fill one slot with the batch at va: which pages are present (pagemap),
+ * which are KSM pages, and their bytes. A page unmapped while we read it
+ * makes process_vm_readv stop short: it is counted as volatile and the
+ * rest is read after it.
+ */
+static int fill_slot(struct kn_scanner *s, const struct kn_region *r, uint64_t va, uint32_t want,
+		     struct kn_slot *b)
+{
+	uint64_t t0 = now_ns(), t1;
+	uint32_t m = 0, i = 0;
+	int64_t got;
+
+	b->n = b->volatile_pages = b->zero_mapped = 0;
+	got = pread_full(s->pagemap_fd, b->pagemap, (size_t)want * 8, (off_t)(va / s->page_size * 8));
+	if (got < 0)
+		return got == -ENOENT ? -ESRCH : (int)got;
+	if ((uint64_t)got < (uint64_t)want * 8)
+		return -ESRCH; /* pagemap of an exited process reads short */
+	for (uint32_t k = 0; k < want; k++) {
+		uint64_t e = b->pagemap[k], pfn = e & PM_PFN_MASK;
+
+		if (!(e & PM_PRESENT))
+			continue;
+		if (pfn && pfn == s->zero_pfn) {
+			b->zero_mapped++;
+			continue;
+		}
+		b->cand_addr[m] = va + (uint64_t)k * s->page_size;
+		b->cand_pfn[m] = pfn;
+		m++;
 	}
-	return got / s->page_size;
+	if (r->check_ksm && m) {
+		int rc = ksm_flags(s, b->cand_pfn, m, b->cand_ksm);
+
+		if (rc)
+			return rc;
+	}
+	t1 = now_ns();
+	b->map_ns = t1 - t0;
+	while (i < m) {
+		got = read_pages(r->pid, b->cand_addr + i, m - i, b->buf + (size_t)b->n * s->page_size, s->page_size);
+		if (got < 0)
+			return (int)got;
+		for (uint32_t k = 0; k < (uint32_t)got; k++, i++, b->n++) {
+			b->addr[b->n] = b->cand_addr[i];
+			b->pfn[b->n] = b->cand_pfn[i];
+			b->ksm[b->n] = r->check_ksm ? b->cand_ksm[i] : 0;
+		}
+		if (i < m) {
+			b->volatile_pages++;
+			i++;
+		}
+	}
+	b->read_ns = now_ns() - t1;
+	return 0;
+}
+
+/* The reader thread and the hashing caller share a ring of KN_SLOTS batches. */
+struct ring {
+	struct kn_scanner *s;
+	const struct kn_region *r;
+	uint64_t start, end;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	uint32_t produced, consumed; /* batches */
+	uint32_t total;              /* batches in [start, end) */
+	int err;                     /* reader's -errno; it stops there */
+	int abort;                   /* caller's: stop reading */
+};
+
+static void *reader(void *arg)
+{
+	struct ring *q = arg;
+	struct kn_scanner *s = q->s;
+
+	for (uint32_t k = 0; k < q->total; k++) {
+		uint64_t va = q->start + (uint64_t)k * s->batch_pages * s->page_size;
+		uint32_t want = (uint32_t)((q->end - va) / s->page_size);
+		int rc;
+
+		if (want > s->batch_pages)
+			want = s->batch_pages;
+		pthread_mutex_lock(&q->lock);
+		while (q->produced - q->consumed == KN_SLOTS && !q->abort)
+			pthread_cond_wait(&q->cond, &q->lock);
+		rc = q->abort;
+		pthread_mutex_unlock(&q->lock);
+		if (rc)
+			break;
+		rc = fill_slot(s, q->r, va, want, &s->slots[k % KN_SLOTS]);
+		pthread_mutex_lock(&q->lock);
+		if (rc)
+			q->err = rc;
+		else
+			q->produced++;
+		pthread_cond_broadcast(&q->cond);
+		pthread_mutex_unlock(&q->lock);
+		if (rc)
+			break;
+	}
+	return NULL;
+}
+
+/* Hash and index one batch: runs in the caller while the reader fills the next. */
+static int consume(struct kn_scanner *s, struct kn_region *r, const struct kn_slot *b)
+{
+	uint64_t t0 = now_ns();
+
+	s->buf = b->buf;
+	s->batch_seq++;
+	r->zero_mapped += b->zero_mapped;
+	r->volatile_pages += b->volatile_pages;
+	s->map_ns += b->map_ns;
+	s->read_ns += b->read_ns;
+	s->bytes_read += (uint64_t)b->n * s->page_size;
+	static __thread uint64_t hashes[MAX_IOV];
+
+	/* Hash the batch first, then index it with the table slots prefetched a few pages ahead:
+	 * the lookups are random accesses and would otherwise wait on memory one by one. */
+	for (uint32_t i = 0; i < b->n; i++)
+		hashes[i] = kn_hash_page(b->buf + (size_t)i * s->page_size, s->page_size);
+	for (uint32_t i = 0; i < b->n; i++) {
+		const unsigned char *p = b->buf + (size_t)i * s->page_size;
+		uint64_t h = hashes[i];
+		uint32_t g;
+
+		if (i + 8 < b->n)
+			kn_index_prefetch(s, hashes[i + 8]);
+		g = kn_index_add(s, p, h, r->pid, b->addr[i], i);
+
+		if (g == KN_NONE || push_item(s, g))
+			return -ENOMEM;
+		r->present++;
+		if (s->groups[g].rep == KN_REP_ZERO)
+			r->zero++;
+		if (b->ksm[i]) {
+			r->ksm++;
+			if (push_ksm_pfn(s, b->pfn[i]))
+				return -ENOMEM;
+		}
+	}
+	s->hash_ns += now_ns() - t0;
+	return 0;
 }
 
 int kn_scanner_scan(struct kn_scanner *s, int idx, uint64_t start, uint64_t end)
 {
+	struct ring q = { .s = s, .start = start, .end = end };
 	struct kn_region *r;
-	unsigned char is_ksm[MAX_IOV];
-	int rc;
+	uint64_t batch_bytes = (uint64_t)s->batch_pages * s->page_size;
+	pthread_t th;
+	int rc = 0;
 
 	if (idx < 0 || (uint32_t)idx != s->nregions - 1)
 		return -EINVAL; /* regions in order: their pages are one contiguous run of items */
 	r = &s->regions[idx];
-	if (start != r->scanned_to || end > r->end || start > end)
+	if (start != r->scanned_to || end > r->end || start > end || start % s->page_size || end % s->page_size)
 		return -EINVAL;
 	rc = open_pagemap(s, r->pid);
 	if (rc)
 		return rc;
-
-	for (uint64_t va = start; va < end;) {
-		uint32_t want = (uint32_t)((end - va) / s->page_size);
-		uint32_t n = 0, copied, done;
-		uint64_t t0, t1, t2;
-		int64_t got;
-
-		if (want > s->batch_pages)
-			want = s->batch_pages;
-		t0 = now_ns();
-		got = pread_full(s->pagemap_fd, s->pagemap, (size_t)want * 8, (off_t)(va / s->page_size * 8));
-		if (got < 0)
-			return got == -ENOENT ? -ESRCH : (int)got;
-		if ((uint64_t)got < (uint64_t)want * 8) {
-			/* pagemap of an exited process reads empty */
-			if (kill(r->pid, 0) != 0 && errno == ESRCH)
-				return -ESRCH;
-			want = (uint32_t)(got / 8);
-			if (!want)
-				return -ESRCH;
-		}
-		for (uint32_t i = 0; i < want; i++) {
-			uint64_t e = s->pagemap[i];
-			uint64_t pfn = e & PM_PFN_MASK;
-
-			if (!(e & PM_PRESENT))
-				continue;
-			if (pfn && pfn == s->zero_pfn) {
-				r->zero_mapped++;
-				continue;
-			}
-			s->batch_addr[n] = va + (uint64_t)i * s->page_size;
-			s->batch_pfn[n] = pfn;
-			n++;
-		}
-		va += (uint64_t)want * s->page_size;
-		if (!n)
-			continue;
-		if (r->check_ksm) {
-			rc = ksm_flags(s, s->batch_pfn, n, is_ksm);
-			if (rc)
-				return rc;
-		}
-		t1 = now_ns();
-		s->map_ns += t1 - t0;
-
-		/* A short read means a page vanished (unmapped meanwhile): count it and go on after it. */
-		for (done = 0; done < n;) {
-			uint32_t rest = n - done;
-
-			memmove(s->batch_addr, s->batch_addr + done, sizeof(uint64_t) * rest);
-			memmove(s->batch_pfn, s->batch_pfn + done, sizeof(uint64_t) * rest);
-			if (r->check_ksm)
-				memmove(is_ksm, is_ksm + done, rest);
-			n = rest;
-			done = 0;
-			t1 = now_ns();
-			got = read_batch(r->pid, s, n);
-			if (got < 0)
-				return (int)got;
-			copied = (uint32_t)got;
-			t2 = now_ns();
-			s->read_ns += t2 - t1;
-			s->bytes_read += (uint64_t)copied * s->page_size;
-			s->batch_seq++;
-			for (uint32_t i = 0; i < copied; i++) {
-				const unsigned char *p = s->buf + (size_t)i * s->page_size;
-				uint64_t h = kn_hash_page(p, s->page_size);
-				uint32_t g = kn_index_add(s, p, h, r->pid, s->batch_addr[i], i);
-
-				if (g == KN_NONE || push_item(s, g))
-					return -ENOMEM;
-				r->present++;
-				if (s->groups[g].rep == KN_REP_ZERO)
-					r->zero++;
-				if (r->check_ksm && is_ksm[i]) {
-					r->ksm++;
-					if (push_ksm_pfn(s, s->batch_pfn[i]))
-						return -ENOMEM;
-				}
-			}
-			s->hash_ns += now_ns() - t2;
-			done = copied;
-			if (done < n) {
-				r->volatile_pages++;
-				done++;
-			}
-		}
+	q.r = r;
+	q.total = (uint32_t)((end - start + batch_bytes - 1) / batch_bytes);
+	pthread_mutex_init(&q.lock, NULL);
+	pthread_cond_init(&q.cond, NULL);
+	rc = -pthread_create(&th, NULL, reader, &q);
+	if (rc)
+		goto out;
+	for (uint32_t k = 0; k < q.total; k++) {
+		pthread_mutex_lock(&q.lock);
+		while (q.produced == k && !q.err)
+			pthread_cond_wait(&q.cond, &q.lock);
+		rc = q.produced == k ? q.err : 0;
+		pthread_mutex_unlock(&q.lock);
+		if (rc)
+			break;
+		rc = consume(s, r, &s->slots[k % KN_SLOTS]);
+		pthread_mutex_lock(&q.lock);
+		q.consumed++;
+		if (rc)
+			q.abort = 1;
+		pthread_cond_broadcast(&q.cond);
+		pthread_mutex_unlock(&q.lock);
+		if (rc)
+			break;
 	}
-	r->scanned_to = end;
-	r->nitems = s->nitems - r->first_item;
-	return 0;
+	pthread_join(th, NULL);
+out:
+	pthread_mutex_destroy(&q.lock);
+	pthread_cond_destroy(&q.cond);
+	if (rc == 0) {
+		r->scanned_to = end;
+		r->nitems = s->nitems - r->first_item;
+	}
+	return rc;
 }
 
 int64_t kn_copy_bandwidth(int pid, uint64_t start, uint64_t end, uint32_t batch_pages)
