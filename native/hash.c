@@ -10,7 +10,7 @@ const char *kn_version(void)
 	return "ksmnative 2";
 }
 
-static uint64_t hash_sse2(const void *p, size_t n)
+uint64_t kn_hash_page_portable(const void *p, size_t n)
 {
 	return XXH3_64bits(p, n);
 }
@@ -22,9 +22,9 @@ static uint64_t hash_pick(const void *p, size_t n)
 {
 #if defined(__x86_64__)
 	__builtin_cpu_init();
-	hash_fn = __builtin_cpu_supports("avx2") ? kn_hash_page_avx2 : hash_sse2;
+	hash_fn = __builtin_cpu_supports("avx2") ? kn_hash_page_avx2 : kn_hash_page_portable;
 #else
-	hash_fn = hash_sse2;
+	hash_fn = kn_hash_page_portable;
 #endif
 	return hash_fn(p, n);
 }

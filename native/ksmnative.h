@@ -20,6 +20,9 @@ const char *kn_version(void);
 /* 64-bit xxh3 of each page of buf (npages pages of page_size bytes). */
 void kn_hash_pages(const void *buf, size_t npages, size_t page_size, uint64_t *out);
 
+/* xxh3-64 of one buffer built for the baseline ISA (kn_hash_pages may use AVX2): same values. */
+uint64_t kn_hash_page_portable(const void *p, size_t n);
+
 /* Count pages of buf that are all zero bytes. */
 size_t kn_count_zero_pages(const void *buf, size_t npages, size_t page_size);
 /* ---- scanner (scan.c, dupindex.c, estimate.c) ---- */

@@ -27,6 +27,9 @@
 #define PM_PRESENT (1ULL << 63)
 #define PM_PFN_MASK ((1ULL << 55) - 1)
 #define KPF_KSM (1ULL << 21)
+#define KPF_ZERO_PAGE (1ULL << 24)
+#define FLAG_KSM 1
+#define FLAG_ZERO 2
 #define DEFAULT_BATCH_PAGES 256u
 #define MAX_IOV 1024
 #define KPF_WINDOW 512u
@@ -78,6 +81,7 @@ static uint64_t find_zero_pfn(uint32_t page)
 
 	if (p == MAP_FAILED)
 		return UINT64_MAX;
+	madvise((void *)p, page, MADV_NOHUGEPAGE); /* the small zero page, never the huge one */
 	(void)p[0]; /* a read fault maps the zero page */
 	fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	if (fd >= 0) {
@@ -253,7 +257,7 @@ static int cmp_pfn(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-/* KPF_KSM of n frames. Sorted first: neighbouring virtual pages often sit on
+/* KPF_KSM (FLAG_KSM) and KPF_ZERO_PAGE (FLAG_ZERO, the huge zero page too) of n frames. Sorted first: neighbouring virtual pages often sit on
  * frames close together but in descending order, and one pread then serves many. */
 static int ksm_flags(struct kn_scanner *s, const uint64_t *pfn, uint32_t n, unsigned char *is_ksm)
 {
@@ -288,7 +292,8 @@ static int ksm_flags(struct kn_scanner *s, const uint64_t *pfn, uint32_t n, unsi
 			return (int)got;
 		for (; k <= e; k++)
 			if ((sorted[k].pfn - f) * 8 < (uint64_t)got)
-				is_ksm[sorted[k].idx] = (win[sorted[k].pfn - f] & KPF_KSM) != 0;
+				is_ksm[sorted[k].idx] = ((win[sorted[k].pfn - f] & KPF_KSM) ? FLAG_KSM : 0) |
+							((win[sorted[k].pfn - f] & KPF_ZERO_PAGE) ? FLAG_ZERO : 0);
 	}
 	return 0;
 }
@@ -350,9 +355,22 @@ static int fill_slot(struct kn_scanner *s, const struct kn_region *r, uint64_t v
 	}
 	if (r->check_ksm && m) {
 		int rc = ksm_flags(s, b->cand_pfn, m, b->cand_ksm);
+		uint32_t kept = 0;
 
 		if (rc)
 			return rc;
+		/* Where frames are looked up anyway, KPF_ZERO_PAGE also catches the huge zero page. */
+		for (uint32_t k = 0; k < m; k++) {
+			if (b->cand_ksm[k] & FLAG_ZERO) {
+				b->zero_mapped++;
+				continue;
+			}
+			b->cand_addr[kept] = b->cand_addr[k];
+			b->cand_pfn[kept] = b->cand_pfn[k];
+			b->cand_ksm[kept] = b->cand_ksm[k] & FLAG_KSM;
+			kept++;
+		}
+		m = kept;
 	}
 	t1 = now_ns();
 	b->map_ns = t1 - t0;
