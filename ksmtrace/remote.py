@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ksmtrace import native
-from ksmtrace.errors import KsmtraceError, ProcessGone, UsageError
+from ksmtrace.errors import AccessDenied, KsmtraceError, ProcessGone, UsageError
 from ksmtrace.kernel.procfs import ProcFS, Vma
 from ksmtrace.scan import skip_reason
 
@@ -84,11 +84,19 @@ def check_target(pid: int, proc: ProcFS | None = None) -> list[Vma]:
     if pid in (os.getpid(), os.getppid()) or pid <= 0:
         raise UsageError(f"pid {pid} is ksmtrace itself (or its parent): refusing to inject into it")
     if not proc.exists(pid):
-        raise ProcessGone(pid)
+        raise UsageError(f"pid {pid} does not exist")
     status = proc.status(pid)
     if status.is_kernel_thread:
         raise UsageError(f"pid {pid} ({status.comm}) is a kernel thread: it has no user memory to merge")
-    return proc.smaps(pid)
+    try:
+        return proc.smaps(pid)
+    except AccessDenied:
+        if os.geteuid() != 0:
+            raise
+        raise AttachRefused(
+            f"pid {pid} ({status.comm}) refuses even root access to its mappings "
+            "(/proc/PID/smaps: not dumpable, or in another user namespace): leaving it alone"
+        ) from None
 
 
 def check_range(pid: int, vmas: list[Vma], start: int, end: int, merging: bool) -> list[Vma]:
