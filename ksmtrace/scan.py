@@ -167,8 +167,8 @@ def _targets(
                 continue
             t = _Target(pid, status.comm)
             vmas = proc.smaps(pid)
-            if ranges is not None:
-                vmas = [piece for v in vmas for piece in _clip(v, ranges.get(pid, []))]
+            if ranges is not None and pid in ranges:
+                vmas = [piece for v in vmas for piece in _clip(v, ranges[pid])]
             for v in vmas:
                 if only is not None and not only(pid, v):
                     continue
@@ -202,7 +202,8 @@ def estimate(
     left out, the scan restarts without it (its pages would skew the
     duplicate counts) and it is listed in ``gone``/``denied``.
     ``only(pid, vma)`` selects mappings (default: all); ``ranges`` (pid ->
-    [(start, end)]) limits the scan to those address ranges, cut at mapping edges.
+    [(start, end)]) limits the scan of those pids to those address ranges, cut
+    at mapping edges: each piece is a region of its own.
     """
     proc = proc or ProcFS()
     mps, uzp = rules or kernel_rules()

@@ -9,12 +9,14 @@ mergeable elsewhere, which is what KSM would merge it with).
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any
 
 from ksmtrace import remote, scan
-from ksmtrace.errors import UsageError
+from ksmtrace.errors import KsmtraceError, ProcessGone, UsageError
 from ksmtrace.kernel import checks, ksm_sysfs
 from ksmtrace.kernel.procfs import ProcFS, Vma
+from ksmtrace.native import PAGE
 from ksmtrace.views.fmt import emit_json, human_bytes, table
 from ksmtrace.views.progress import ProgressBar
 
@@ -47,6 +49,13 @@ def add_parser(sub: Any) -> None:
         metavar="N",
         help="--auto: minimum predicted saving in pages (default 16)",
     )
+    p.add_argument(
+        "--granularity",
+        type=int,
+        default=2048,
+        metavar="KIB",
+        help="--auto: judge mappings in windows of this size (default 2048 KiB)",
+    )
     p.add_argument("--dry-run", action="store_true", help="--auto: show the choice, change nothing")
     p.add_argument("--progress", action="store_true", help="progress bar on stderr even when not a tty")
     p.set_defaults(run=run, advice=remote.MADV_MERGEABLE)
@@ -71,8 +80,15 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bytes", action="store_true", help="exact byte counts instead of KiB/MiB")
 
 
-def auto_ranges(pid: int, min_pct: float, min_pages: int, progress: ProgressBar | None) -> list[Any]:
-    """Regions of pid worth merging, judged together with memory already mergeable elsewhere."""
+def auto_ranges(
+    pid: int, min_pct: float, min_pages: int, progress: ProgressBar | None, granularity: int = 2 << 20
+) -> list[scan.RegionEstimate]:
+    """Ranges of pid worth merging, judged together with memory already mergeable elsewhere.
+
+    The target's mappings are judged in windows of ``granularity`` bytes, so
+    that the duplicate-rich part of a large mapping is chosen without its
+    unique rest: ksmd rescans mergeable pages that never merge forever.
+    """
     proc = ProcFS()
     peers = []
     for other in proc.pids():
@@ -80,29 +96,62 @@ def auto_ranges(pid: int, min_pct: float, min_pages: int, progress: ProgressBar 
             continue
         try:
             stat = proc.ksm_stat(other)
-        except Exception:  # noqa: BLE001 - gone or unreadable peers simply do not count
-            continue
+        except KsmtraceError:
+            continue  # gone or unreadable peers simply do not count
         if stat and (stat.mergeable or stat.merge_any or stat.rmap_items):
             peers.append(other)
+    windows = []
+    for v in proc.smaps(pid):
+        if v.mergeable or scan.skip_reason(v):
+            continue
+        at = v.start
+        while at < v.end:
+            nxt = min(v.end, (at // granularity + 1) * granularity)
+            windows.append((at, nxt))
+            at = nxt
 
     def only(p: int, v: Vma) -> bool:
         return p == pid or v.mergeable
 
-    est = scan.estimate([pid, *peers], strict=False, progress=progress, only=only, proc=proc)
+    est = scan.estimate(
+        [pid, *peers], strict=False, progress=progress, only=only, ranges={pid: windows}, proc=proc
+    )
     if pid in est.gone:
-        from ksmtrace.errors import ProcessGone
-
         raise ProcessGone(pid, "exited during the scan")
-    chosen = []
-    for p in est.processes:
-        if p.pid != pid:
-            continue
-        for r in p.regions:
-            if r.mergeable:
-                continue
-            if r.saved_share >= min_pages and r.saving_ratio * 100 >= min_pct:
-                chosen.append(r)
-    return chosen
+    good = [
+        r
+        for p in est.processes
+        if p.pid == pid
+        for r in p.regions
+        if r.saved_share >= 1 and r.saving_ratio * 100 >= min_pct
+    ]
+    # Neighbouring windows become one range (one madvise, one VMA).
+    merged: list[scan.RegionEstimate] = []
+    for r in sorted(good, key=lambda r: r.start):
+        last = merged[-1] if merged else None
+        if last and last.end == r.start:
+            merged[-1] = replace(
+                last,
+                end=r.end,
+                **{f: getattr(last, f) + getattr(r, f) for f in _SUMMED},
+            )
+        else:
+            merged.append(r)
+    return [r for r in merged if r.saved_share >= min_pages]
+
+
+_SUMMED = (
+    "present",
+    "zero",
+    "zero_mapped",
+    "ksm",
+    "volatile_pages",
+    "dup_region",
+    "dup_process",
+    "dup_cross",
+    "saved_alone",
+    "saved_share",
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,9 +165,11 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "auto", False):
         if args.range:
             raise UsageError("give either --range or --auto")
+        if args.granularity < 4 or args.granularity * 1024 % PAGE:
+            raise UsageError("--granularity must be a multiple of the page size, in KiB")
         bar = ProgressBar(enabled=True if args.progress else None)
         try:
-            chosen = auto_ranges(args.pid, args.min_saving, args.min_pages, bar)
+            chosen = auto_ranges(args.pid, args.min_saving, args.min_pages, bar, args.granularity * 1024)
         finally:
             bar.close()
         ranges = [(r.start, r.end) for r in chosen]

@@ -21,6 +21,7 @@ import pytest
 from ksmtrace import remote, scan
 from ksmtrace.errors import ProcessGone
 from ksmtrace.kernel import ksm_sysfs, pagemap
+from ksmtrace.kernel.procfs import ProcFS
 
 pytestmark = pytest.mark.system
 
@@ -171,3 +172,40 @@ def test_pid_gone_mid_scan_is_reported(workload) -> None:
     assert est.gone == (victim.pid,)
     assert [p.pid for p in est.processes] == [other.pid]
     assert est.totals["saved"] >= 255
+
+
+def _vmflags(pid: int, addr: int) -> frozenset[str]:
+    (vma,) = [v for v in ProcFS().smaps(pid) if v.start <= addr < v.end]
+    return vma.vmflags
+
+
+def test_merge_auto_picks_only_regions_worth_it(workload) -> None:
+    wl = workload(comm="merge-auto")
+    dup = wl.call("alloc", name="d", pages=2048, kind="mix", fraction=0.8, run=8, pool=32, seed=4)
+    # Allocated back to back: the kernel makes one mapping of the two, and --auto
+    # must still choose the duplicate-rich half only (it judges 2 MiB windows).
+    uniq = wl.call("alloc", name="u", pages=2048, kind="unique")
+    cmd = [sys.executable, "-m", "ksmtrace"]
+    dry = subprocess.run(
+        [*cmd, "merge", "-p", str(wl.pid), "--auto", "--dry-run", "-j"], capture_output=True, text=True
+    )
+    assert dry.returncode == 0, dry.stderr
+    chosen = json.loads(dry.stdout)["ranges"]
+    assert any(r["start"] <= dup["addr"] < r["end"] for r in chosen)
+    assert not any(r["start"] <= uniq["addr"] < r["end"] for r in chosen)
+    assert "mg" not in _vmflags(wl.pid, dup["addr"])  # a dry run changes nothing
+    out = subprocess.run([*cmd, "merge", "-p", str(wl.pid), "--auto", "-j"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    inj = json.loads(out.stdout)["injections"]
+    assert inj and all(i["ret"] == 0 and i["advice"] == "MADV_MERGEABLE" for i in inj)
+    assert "mg" in _vmflags(wl.pid, dup["addr"])
+    assert "mg" not in _vmflags(wl.pid, uniq["addr"])
+    # The workload still answers and its memory is intact after the injection.
+    assert wl.call("checksum", name="d")["sha256"]
+    un = subprocess.run([*cmd, "unmerge", "-p", str(wl.pid)], capture_output=True, text=True)
+    assert un.returncode == 0, un.stderr
+    assert "mg" not in _vmflags(wl.pid, dup["addr"])
+    bad = subprocess.run(
+        [*cmd, "merge", "-p", str(wl.pid), "--range", "1000-3000"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "not mapped" in bad.stderr and "Traceback" not in bad.stderr
