@@ -19,7 +19,7 @@ import time
 import pytest
 
 from ksmtrace import remote, scan
-from ksmtrace.errors import ProcessGone
+from ksmtrace.errors import KsmtraceError, ProcessGone
 from ksmtrace.kernel import ksm_sysfs, pagemap
 from ksmtrace.kernel.procfs import ProcFS
 
@@ -42,6 +42,22 @@ def _actual_saved(regions: list[tuple[int, int, int]]) -> int:
         frames |= rp.ksm_frames
         zero += rp.zero_page
     return mapped - len(frames) + zero
+
+
+def _foreign_mergeable(ours: set[int]) -> list[int]:
+    """Other processes KSM may merge: they move the machine-wide counters too."""
+    out = []
+    proc = ProcFS()
+    for pid in proc.pids():
+        if pid in ours:
+            continue
+        try:
+            st = proc.ksm_stat(pid)
+        except KsmtraceError:
+            continue
+        if st and (st.mergeable or st.merge_any or st.rmap_items or st.merging_pages):
+            out.append(pid)
+    return out
 
 
 def _settle(ksm, regions: list[tuple[int, int, int]], timeout: float = 60.0) -> int:
@@ -98,6 +114,8 @@ def test_estimate_matches_what_ksm_saves(
     assert est.saved_across > 0
     assert est.saved > 0
 
+    ours = {w.pid for w in wls}
+    foreign = _foreign_mergeable(ours)
     sharing0, zero0 = _counters()
     for k, (pid, s, e) in enumerate(regions):
         if pid == wls[0].pid:
@@ -116,7 +134,13 @@ def test_estimate_matches_what_ksm_saves(
         f"pages_sharing+ksm_zero_pages delta {kernel_saved}"
     )
     assert actual == pytest.approx(est.saved, rel=0.02)
-    assert kernel_saved == pytest.approx(est.saved, rel=0.02)
+    # pages_sharing and ksm_zero_pages are machine-wide: they measure our processes
+    # only when nothing else on the machine is mergeable (other checkouts' tests may be).
+    foreign += _foreign_mergeable(ours)
+    if not foreign:
+        assert kernel_saved == pytest.approx(est.saved, rel=0.02)
+    else:
+        print(f"  (other mergeable processes {sorted(set(foreign))}: kernel counters not ours alone)")
 
     # And after merging, the estimate sees the KSM pages and what they save already.
     # Pages merged into the zero page cost nothing any more: no longer "present".
