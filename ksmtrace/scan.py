@@ -256,7 +256,7 @@ def _scan(
                     sc.scan(idx, at, nxt)
                 except OSError as exc:
                     if exc.errno in (errno.ESRCH, errno.ENOENT):
-                        raise _TargetFailed(t.pid, ProcessGone(t.pid, "exited during the scan")) from None
+                        raise _TargetFailed(t.pid, ProcessGone(t.pid, "during the scan")) from None
                     if exc.errno in (errno.EPERM, errno.EACCES):
                         raise _TargetFailed(t.pid, AccessDenied(t.pid)) from None
                     raise KsmtraceError(f"scanning pid {t.pid}: {exc.strerror}") from None

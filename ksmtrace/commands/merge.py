@@ -117,7 +117,7 @@ def auto_ranges(
         [pid, *peers], strict=False, progress=progress, only=only, ranges={pid: windows}, proc=proc
     )
     if pid in est.gone:
-        raise ProcessGone(pid, "exited during the scan")
+        raise ProcessGone(pid, "during the scan")
     good = [
         r
         for p in est.processes
