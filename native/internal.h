@@ -92,6 +92,7 @@ struct kn_scanner {
 	int kpageflags_fd;
 	int pagemap_fd;
 	int pagemap_pid;
+	int pagemap_scan; /* -1: the kernel has no PAGEMAP_SCAN */
 
 	uint64_t bytes_read;
 	uint64_t read_ns, hash_ns, map_ns;

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -31,6 +32,19 @@
 #define FLAG_KSM 1
 #define FLAG_ZERO 2
 #define DEFAULT_BATCH_PAGES 256u
+
+/* PAGEMAP_SCAN (Linux 6.7+; Debian 12's uapi headers are 6.1, hence defined here):
+ * present pages as address ranges, the zero page flagged, in one ioctl. */
+#define KN_PAGEMAP_SCAN _IOWR('f', 16, struct kn_pm_scan_arg)
+#define KN_PAGE_IS_PRESENT (1ULL << 3)
+#define KN_PAGE_IS_PFNZERO (1ULL << 5)
+struct kn_page_region {
+	uint64_t start, end, categories;
+};
+struct kn_pm_scan_arg {
+	uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+	uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
 #define MAX_IOV 1024
 #define KPF_WINDOW 512u
 
@@ -102,7 +116,7 @@ static int alloc_slots(struct kn_scanner *s)
 		struct kn_slot *b = &s->slots[i];
 
 		b->buf = aligned_alloc(4096, n * s->page_size);
-		b->pagemap = malloc(n * 8);
+		b->pagemap = malloc(n * sizeof(struct kn_page_region)); /* entries, or PAGEMAP_SCAN regions */
 		b->cand_addr = malloc(n * 8);
 		b->cand_pfn = malloc(n * 8);
 		b->cand_ksm = malloc(n);
@@ -335,6 +349,44 @@ static int fill_slot(struct kn_scanner *s, const struct kn_region *r, uint64_t v
 	int64_t got;
 
 	b->n = b->volatile_pages = b->zero_mapped = 0;
+	if (!r->check_ksm && s->pagemap_scan >= 0) {
+		/* No frame numbers needed (no KSM pages outside VM_MERGEABLE): ask for ranges. */
+		struct kn_page_region *vec = (struct kn_page_region *)b->pagemap;
+		struct kn_pm_scan_arg a = {
+			.size = sizeof(a),
+			.start = va,
+			.end = va + (uint64_t)want * s->page_size,
+			.vec = (uint64_t)(uintptr_t)vec,
+			.vec_len = want, /* b->pagemap has room for one region per page */
+			.category_mask = KN_PAGE_IS_PRESENT,
+			.return_mask = KN_PAGE_IS_PRESENT | KN_PAGE_IS_PFNZERO,
+		};
+		int nr = ioctl(s->pagemap_fd, KN_PAGEMAP_SCAN, &a);
+
+		if (nr >= 0 && a.walk_end == a.end) {
+			for (int k = 0; k < nr; k++) {
+				uint64_t pages = (vec[k].end - vec[k].start) / s->page_size;
+
+				if (vec[k].categories & KN_PAGE_IS_PFNZERO) {
+					b->zero_mapped += (uint32_t)pages;
+					continue;
+				}
+				for (uint64_t q = 0; q < pages; q++) {
+					b->cand_addr[m] = vec[k].start + q * s->page_size;
+					b->cand_pfn[m] = 0;
+					m++;
+				}
+			}
+			goto read;
+		}
+		if (nr < 0 && errno == ENOTTY)
+			s->pagemap_scan = -1; /* before 6.7: read pagemap entries from now on */
+		else if (nr < 0 && (errno == ESRCH || errno == ENOENT))
+			return -ESRCH;
+		/* anything else: this batch from pagemap entries */
+		b->zero_mapped = 0;
+		m = 0;
+	}
 	got = pread_full(s->pagemap_fd, b->pagemap, (size_t)want * 8, (off_t)(va / s->page_size * 8));
 	if (got < 0)
 		return got == -ENOENT ? -ESRCH : (int)got;
@@ -372,6 +424,7 @@ static int fill_slot(struct kn_scanner *s, const struct kn_region *r, uint64_t v
 		}
 		m = kept;
 	}
+read:
 	t1 = now_ns();
 	b->map_ns = t1 - t0;
 	while (i < m) {

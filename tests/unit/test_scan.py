@@ -109,3 +109,20 @@ def test_parse_range() -> None:
     for bad in ("1000", "3000-1000", "zz-1000", "1001-3000"):
         with pytest.raises(UsageError):
             scan.parse_range(bad)
+
+
+def test_untouched_and_zero_page_mappings_cost_nothing() -> None:
+    m = mmap.mmap(-1, 64 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    try:
+        assert sum(m[i * PAGE] for i in range(0, 32)) == 0  # read faults: the shared zero page
+        m[40 * PAGE] = 1  # one real page
+        sc = native.Scanner(256, False)
+        idx = sc.add_region(os.getpid(), addr, addr + 64 * PAGE, check_ksm=False)
+        sc.scan(idx, addr, addr + 64 * PAGE)
+        (r,), _, total = sc.finish(1)
+    finally:
+        m.close()
+    assert r["zero_mapped"] == 32
+    assert r["present"] == 1 and total["present"] == 1
+    assert total["saved"] == 0
