@@ -175,7 +175,9 @@ def _targets(
                 why = skip_reason(v)
                 if why:
                     t.skipped.append(SkippedRegion(v.start, v.end, v.name, why))
-                elif v.sizes.get("Rss", 1):
+                elif v.sizes.get("Rss", 1) or v.mergeable:
+                    # Rss 0: nothing to merge (pages on the zero page are not in Rss);
+                    # mergeable ones still are, for the pages KSM put on the zero page.
                     t.scan.append(v)
             targets.append(t)
         except ProcessGone:

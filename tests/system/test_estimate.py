@@ -60,6 +60,10 @@ def _foreign_mergeable(ours: set[int]) -> list[int]:
     return out
 
 
+def _zero_mapped(regions: list[tuple[int, int, int]]) -> int:
+    return sum(pagemap.range_pages(pid, s, e).zero_page for pid, s, e in regions)
+
+
 def _settle(ksm, regions: list[tuple[int, int, int]], timeout: float = 60.0) -> int:
     """ksmd merges a page on its second visit: wait until the saving stops growing."""
     deadline = time.monotonic() + timeout
@@ -143,10 +147,17 @@ def test_estimate_matches_what_ksm_saves(
         print(f"  (other mergeable processes {sorted(set(foreign))}: kernel counters not ours alone)")
 
     # And after merging, the estimate sees the KSM pages and what they save already.
+    # After merging, the scanner sees what KSM did: KSM pages and what they save now,
+    # pages on the zero page. Compared with pagemap+kpageflags read just before and after
+    # (the kernel's KSM state is machine-wide: retry if something else changed it meanwhile).
+    for _ in range(3):
+        live = _actual_saved(regions), _zero_mapped(regions)
+        after = scan.estimate([w.pid for w in wls], ranges=ranges)
+        if (_actual_saved(regions), _zero_mapped(regions)) == live:
+            break
+    assert after.totals["zero_mapped"] == live[1]
+    assert after.totals["saved_now"] + after.totals["zero_mapped"] == live[0]
     # Pages merged into the zero page cost nothing any more: no longer "present".
-    after = scan.estimate([w.pid for w in wls], ranges=ranges)
-    assert after.totals["zero_mapped"] == (zero_pages if use_zero_pages else 0)
-    assert after.totals["saved_now"] + after.totals["zero_mapped"] == pytest.approx(actual, rel=0.02)
     assert after.saved + after.totals["zero_mapped"] == pytest.approx(est.saved, rel=0.02)
 
 
