@@ -158,12 +158,15 @@ def _targets(
     proc: ProcFS,
     only: Callable[[int, Vma], bool] | None,
     ranges: dict[int, list[tuple[int, int]]] | None,
+    strict: bool = False,
 ) -> tuple[list[_Target], list[int], list[int]]:
     targets, gone, denied = [], [], []
     for pid in pids:
         try:
             status = proc.status(pid)
             if status.is_kernel_thread:
+                if strict:
+                    raise UsageError(f"pid {pid} ({status.comm}) is a kernel thread: it has no user memory")
                 continue
             t = _Target(pid, status.comm)
             vmas = proc.smaps(pid)
@@ -213,7 +216,7 @@ def estimate(
     gone: list[int] = []
     denied: list[int] = []
     while True:
-        targets, g, d = _targets(todo, proc, only, ranges)
+        targets, g, d = _targets(todo, proc, only, ranges, strict)
         if strict and (g or d):
             raise ProcessGone(g[0]) if g else AccessDenied(d[0])
         gone += g

@@ -177,6 +177,8 @@ def test_estimate_command_json_and_errors(workload) -> None:
     wl.close()
     gone = subprocess.run([*cmd, "-p", str(wl.pid)], capture_output=True, text=True, timeout=60)
     assert gone.returncode != 0 and "does not exist" in gone.stderr and "Traceback" not in gone.stderr
+    kthread = subprocess.run([*cmd, "-p", "2"], capture_output=True, text=True, timeout=60)
+    assert kthread.returncode == 2 and "kernel thread" in kthread.stderr
     none = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert none.returncode == 2 and "-p PID" in none.stderr
 
