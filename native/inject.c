@@ -16,8 +16,9 @@
  * sleep is not cut short and a read still gets its data. The injected
  * registers carry orig_rax = -1 so that this logic leaves them alone.
  *
- * Signals that arrive while we hold the thread are held back and delivered at
- * detach with their original siginfo. Until the registers are changed, giving
+ * Signals that arrive while we hold the thread are held back: the first is
+ * delivered by the detach with its original siginfo, any more are re-sent
+ * with tgkill (no fixed limit: under load dozens arrive in one injection). Until the registers are changed, giving
  * up is free: the ptrace work runs in a short-lived thread whose exit detaches
  * the target (exit_ptrace) even when it never stopped. Once the syscall runs
  * we wait for it: abandoning it would leave the target on foreign registers.
@@ -45,6 +46,19 @@
 #define USER64_CS 0x33
 #define MAX_RESTARTS 16
 
+/*
+ * Foreign signals dequeued while we hold the thread: the first goes back with
+ * the detach (original siginfo), the rest are re-sent with tgkill (the
+ * siginfo then names us: the kernel lets no one forge another sender). None
+ * may be lost: a busy target under load can see dozens in one injection.
+ */
+struct held {
+	int sig;
+	siginfo_t info;
+	int extra, extra_cap;
+	int *extra_sig;
+};
+
 struct job {
 	int tid;
 	uint64_t addr, len;
@@ -52,6 +66,7 @@ struct job {
 	int timeout_ms;
 	struct kn_inject_result *res;
 	int rc;
+	struct held held; /* its storage is freed by the thread on every path */
 };
 
 static uint64_t mono_ns(void)
@@ -156,24 +171,40 @@ static int wait_stop(int tid, int *status, uint64_t deadline)
 	}
 }
 
-struct held {
-	int sig;
-	siginfo_t info;
-	int extra; /* more foreign signals than one detach can carry: re-sent with tgkill */
-	int extra_sig[8];
-};
-
 static void hold_signal(int tid, int sig, struct held *h)
 {
 	if (!h->sig && ptrace(PTRACE_GETSIGINFO, tid, 0, &h->info) == 0) {
 		h->sig = sig;
 		return;
 	}
-	if (h->extra < (int)(sizeof(h->extra_sig) / sizeof(h->extra_sig[0])))
-		h->extra_sig[h->extra++] = sig;
+	if (h->extra == h->extra_cap) {
+		int ncap = h->extra_cap ? h->extra_cap * 2 : 16;
+		int *n = realloc(h->extra_sig, sizeof(int) * (size_t)ncap);
+
+		if (!n) {
+			syscall(SYS_tgkill, tgid_of(tid), tid, sig); /* queued now: better early than lost */
+			return;
+		}
+		h->extra_sig = n;
+		h->extra_cap = ncap;
+	}
+	h->extra_sig[h->extra++] = sig;
 }
 
-/* Detach; in a signal-delivery-stop the held signal goes with it (original siginfo). */
+/* Re-send what is still held (tgkill); the target gets it once it runs. */
+static void release_held(int tid, struct held *h)
+{
+	int tgid = (h->sig || h->extra) ? tgid_of(tid) : -1;
+
+	if (h->sig)
+		syscall(SYS_tgkill, tgid, tid, h->sig);
+	for (int i = 0; i < h->extra; i++)
+		syscall(SYS_tgkill, tgid, tid, h->extra_sig[i]);
+	h->sig = 0;
+	h->extra = 0;
+}
+
+/* Detach; in a signal-delivery-stop the first held signal goes with it (original siginfo). */
 static void detach(int tid, struct held *h, int in_signal_stop)
 {
 	int sig = 0;
@@ -183,17 +214,14 @@ static void detach(int tid, struct held *h, int in_signal_stop)
 		h->sig = 0;
 	}
 	ptrace(PTRACE_DETACH, tid, 0, (void *)(long)sig);
-	if (h->sig)
-		syscall(SYS_tgkill, tgid_of(tid), tid, h->sig);
-	for (int i = 0; i < h->extra; i++)
-		syscall(SYS_tgkill, tgid_of(tid), tid, h->extra_sig[i]);
+	release_held(tid, h);
 }
 
 static int inject(struct job *j)
 {
 	struct kn_inject_result *res = j->res;
 	struct user_regs_struct saved, regs;
-	struct held held = { 0 };
+	struct held *held = &j->held;
 	uint64_t t0 = mono_ns(), sysaddr;
 	int status, r, sig;
 
@@ -216,19 +244,19 @@ static int inject(struct job *j)
 			continue;
 		if (status >> 16 == PTRACE_EVENT_STOP)
 			break;
-		hold_signal(j->tid, WSTOPSIG(status), &held);
+		hold_signal(j->tid, WSTOPSIG(status), held);
 		if (ptrace(PTRACE_CONT, j->tid, 0, 0) != 0)
 			return -ESRCH;
 	}
 
 	if (ptrace(PTRACE_GETREGS, j->tid, 0, &saved) != 0) {
-		detach(j->tid, &held, 0);
+		detach(j->tid, held, 0);
 		return -ESRCH;
 	}
 	res->interrupted_rax = (int64_t)saved.rax;
 	res->stop_kind = (int64_t)saved.orig_rax != -1;
 	if (saved.cs != USER64_CS) {
-		detach(j->tid, &held, 0);
+		detach(j->tid, held, 0);
 		return -ENOEXEC; /* a 32-bit process: other syscall numbers and ABI */
 	}
 
@@ -260,7 +288,7 @@ static int inject(struct job *j)
 				}
 			}
 			if (status >> 16 == 0)
-				hold_signal(j->tid, sig, &held);
+				hold_signal(j->tid, sig, held);
 			/* A late interrupt or group stop, or a held signal: step on. */
 			if (ptrace(PTRACE_SINGLESTEP, j->tid, 0, 0) != 0)
 				return -ESRCH;
@@ -275,8 +303,8 @@ static int inject(struct job *j)
 
 	if (ptrace(PTRACE_SETREGS, j->tid, 0, &saved) != 0)
 		return -ESRCH;
-	res->signals_kept = (held.sig != 0) + held.extra;
-	detach(j->tid, &held, 1);
+	res->signals_kept = (held->sig != 0) + held->extra;
+	detach(j->tid, held, 1);
 	res->elapsed_ns = (int64_t)(mono_ns() - t0);
 	return 0;
 }
@@ -286,13 +314,17 @@ static void *inject_thread(void *arg)
 	struct job *j = arg;
 
 	j->rc = inject(j);
+	/* Paths that gave up (timeout, target died) may still hold signals: queue them again
+	 * (a tracee that never stopped is detached when this thread exits, and then gets them). */
+	release_held(j->tid, &j->held);
+	free(j->held.extra_sig);
 	return NULL;
 }
 
 int kn_inject_madvise(int tid, uint64_t addr, uint64_t len, int advice, int timeout_ms,
 		      struct kn_inject_result *res)
 {
-	struct job j = { tid, addr, len, advice, timeout_ms > 0 ? timeout_ms : 1000, res, 0 };
+	struct job j = { tid, addr, len, advice, timeout_ms > 0 ? timeout_ms : 1000, res, 0, { 0 } };
 	pthread_t th;
 	int err;
 
