@@ -18,9 +18,11 @@
  *
  * Signals that arrive while we hold the thread are held back: the first is
  * delivered by the detach with its original siginfo, any more are re-sent
- * with tgkill (no fixed limit: under load dozens arrive in one injection). Until the registers are changed, giving
- * up is free: the ptrace work runs in a short-lived thread whose exit detaches
- * the target (exit_ptrace) even when it never stopped. Once the syscall runs
+ * with tgkill (no fixed limit: under load dozens arrive in one injection).
+ *
+ * Until the registers are changed, giving up is free: the ptrace work runs in
+ * a short-lived thread whose exit detaches the target (exit_ptrace) even when
+ * it never stopped. Once the syscall runs
  * we wait for it: abandoning it would leave the target on foreign registers.
  */
 #define _GNU_SOURCE
