@@ -22,8 +22,8 @@
  *
  * Until the registers are changed, giving up is free: the ptrace work runs in
  * a short-lived thread whose exit detaches the target (exit_ptrace) even when
- * it never stopped. Once the syscall runs
- * we wait for it: abandoning it would leave the target on foreign registers.
+ * it never stopped. Once the syscall runs we wait for it: abandoning it would
+ * leave the target on foreign registers.
  */
 #define _GNU_SOURCE
 #include <errno.h>
