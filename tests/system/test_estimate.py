@@ -216,7 +216,10 @@ def _vmflags(pid: int, addr: int) -> frozenset[str]:
     return vma.vmflags
 
 
-def test_merge_auto_picks_only_regions_worth_it(workload) -> None:
+@pytest.mark.ksm
+def test_merge_auto_picks_only_regions_worth_it(ksm, workload) -> None:
+    # ksm: not for our assertions (ksmd stays stopped) but so that no other checkout's
+    # KSM test runs meanwhile: unmerging counts in the machine-wide cow_ksm.
     wl = workload(comm="merge-auto")
     dup = wl.call("alloc", name="d", pages=2048, kind="mix", fraction=0.8, run=8, pool=32, seed=4)
     # Allocated back to back: the kernel makes one mapping of the two, and --auto

@@ -85,7 +85,10 @@ def _not_stopped_or_traced(t: Target) -> None:
             assert not value.startswith(("t", "T")), f"{t.mode} target {key}={value}: left stopped"
 
 
-def test_injection_stress(target_bin: Path) -> None:
+@pytest.mark.ksm
+def test_injection_stress(ksm, target_bin: Path) -> None:
+    # The lock (ksmd stopped) keeps thousands of MADV_MERGEABLE/UNMERGEABLE calls from
+    # disturbing other checkouts' KSM tests; nothing here depends on ksmd.
     targets = [Target(target_bin, m, RUN_SECONDS) for m in MODES]
     rng = random.Random(5)
     stop = threading.Event()
@@ -145,7 +148,8 @@ def test_injection_stress(target_bin: Path) -> None:
     assert reports["threads"][0]["records"] > 100 and reports["threads"][0]["sleeps"] > 100
 
 
-def test_injected_madvise_really_marks_the_range(target_bin: Path) -> None:
+@pytest.mark.ksm
+def test_injected_madvise_really_marks_the_range(ksm, target_bin: Path) -> None:
     t = Target(target_bin, "sleep", 5)
     try:
         inj = remote.madvise(t.pid, t.addr, t.addr + t.len, remote.MADV_MERGEABLE)
