@@ -26,7 +26,7 @@ def add_parser(sub: Any) -> None:
         "merge",
         help="make a range of a running process mergeable (remote madvise, x86_64)",
         description="Opt a running, unmodified process into KSM: madvise(MADV_MERGEABLE) "
-        "is injected into it with ptrace. The target is stopped for about 100 us per "
+        "is injected into it with ptrace. The target is stopped for about 200 us per "
         "range and never left stopped or traced.",
     )
     _common_args(p)
@@ -214,7 +214,7 @@ def _show_choice(chosen: list[Any], exact: bool) -> None:
     if not chosen:
         print("No region is worth merging at these thresholds.")
         return
-    page = scan.native.PAGE
+    page = PAGE
     rows = [
         (
             f"{r.start:x}-{r.end:x}",
