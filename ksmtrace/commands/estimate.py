@@ -84,9 +84,9 @@ def render(est: scan.Estimate, exact: bool = False, nregions: int = 10) -> None:
     rate = t["bytes_read"] / est.seconds if est.seconds else 0
     print(
         f"Scanned {len(est.processes)} processes, {nreg} regions, {b(t['present'])} present "
-        f"in {est.seconds:.2f}s ({human_bytes(rate)}/s); "
-        f"max_page_sharing={est.max_page_sharing} use_zero_pages={int(est.use_zero_pages)}"
+        f"in {est.seconds:.2f}s ({human_bytes(rate)}/s)"
     )
+    print(f"KSM rules: max_page_sharing={est.max_page_sharing} use_zero_pages={int(est.use_zero_pages)}")
     print()
     rows = []
     for p in sorted(est.processes, key=lambda p: -p.saved_share):
@@ -106,14 +106,12 @@ def render(est: scan.Estimate, exact: bool = False, nregions: int = 10) -> None:
     table(("PID", "COMM", "PRESENT", "ZERO", "KSM-NOW", "SAVE-ALONE", "SAVE-ALL", "SAVE%"), rows)
     print()
     print(
-        f"If all scanned memory merged KSM would save {b(t['saved'])} "
-        f"({_pct(t['saved'], t['present'])} of present): {b(t['saved_within'])} within processes, "
-        f"{b(est.saved_across)} only by merging across processes."
+        f"If all scanned memory merged, KSM would save {b(t['saved'])} "
+        f"({_pct(t['saved'], t['present'])} of present):"
     )
-    print(
-        f"KSM saves {b(t['saved_now'])} of it already ({b(t['ksm'])} in KSM pages); "
-        f"{t['distinct']} distinct page contents, {t['dup_groups']} of them duplicated."
-    )
+    print(f"  {b(t['saved_within'])} within processes, {b(est.saved_across)} only by merging across them.")
+    print(f"KSM saves {b(t['saved_now'])} of it already ({b(t['ksm'])} in KSM pages).")
+    print(f"{t['distinct']} distinct page contents, {t['dup_groups']} of them duplicated.")
     if t["volatile_pages"] or t["hash_collisions"]:
         print(
             f"{t['volatile_pages']} pages changed or vanished while read; "
@@ -130,20 +128,19 @@ def render(est: scan.Estimate, exact: bool = False, nregions: int = 10) -> None:
                 r.pid,
                 f"{r.start:x}-{r.end:x}",
                 b(r.present),
-                b(r.zero),
                 b(r.dup_region),
                 b(r.dup_process),
                 b(r.dup_cross),
                 b(r.saved_share),
                 _pct(r.saved_share, r.present),
-                ("*" if r.mergeable else "") + r.name[-18:],
+                ("*" if r.mergeable else "") + r.name[-14:],
             )
             for r in regions
         ]
         table(
-            ("PID", "RANGE", "PRESENT", "ZERO", "DUP-REG", "DUP-PROC", "DUP-XPROC", "SAVE", "SAVE%", "NAME"),
+            ("PID", "RANGE", "PRESENT", "DUP-REG", "DUP-PROC", "DUP-XPROC", "SAVE", "SAVE%", "NAME"),
             rrows,
-            right=(True, False, True, True, True, True, True, True, True, False),
+            right=(True, False, True, True, True, True, True, True, False),
         )
         print("(* already mergeable; DUP-*: pages with a twin in the region / elsewhere in the process /")
         print(" only in other processes; SAVE: the region's share of the saving when everything merges)")
