@@ -202,10 +202,11 @@ def run(args: argparse.Namespace) -> int:
     if not done:
         print(f"pid {args.pid}: nothing to do")
     for d in done:
+        who = f"pid {d.pid}" if d.tid == d.pid else f"pid {d.pid} tid {d.tid}"
         print(
-            f"pid {d.pid} tid {d.tid}: madvise({d.start:#x}, {human_bytes(d.end - d.start, args.bytes)}, "
-            f"{remote.ADVICE[d.advice]}) = {d.ret}  ({d.micros:.0f} us"
-            f"{', target was in a syscall: restarted' if d.in_syscall else ''})"
+            f"{who}: madvise({d.start:#x}, {human_bytes(d.end - d.start, args.bytes)}, "
+            f"{remote.ADVICE[d.advice]}) = {d.ret} in {d.micros:.0f} us"
+            f"{' (was in a syscall: restarted)' if d.in_syscall else ''}"
         )
     return 0
 
