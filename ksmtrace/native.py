@@ -37,3 +37,103 @@ def hash_pages(data: bytes | bytearray | memoryview, page: int = PAGE) -> list[i
 
 def count_zero_pages(data: bytes | bytearray | memoryview, page: int = PAGE) -> int:
     return int(lib.kn_count_zero_pages(ffi.from_buffer(data), len(data) // page, page))
+
+
+# ---- scanner -------------------------------------------------------------
+
+REGION_FIELDS = (
+    "present",
+    "zero",
+    "zero_mapped",
+    "ksm",
+    "volatile_pages",
+    "dup_region",
+    "dup_process",
+    "dup_cross",
+    "saved_alone",
+    "saved_share",
+)
+TOTAL_FIELDS = (
+    "present",
+    "zero",
+    "zero_mapped",
+    "ksm",
+    "volatile_pages",
+    "distinct",
+    "dup_groups",
+    "saved",
+    "saved_within",
+    "saved_now",
+    "hash_collisions",
+    "rep_fetches",
+    "bytes_read",
+    "index_bytes",
+    "read_ns",
+    "hash_ns",
+    "map_ns",
+)
+
+
+class Scanner:
+    """One scan: add regions, scan them (in chunks, in order), then finish once."""
+
+    def __init__(self, max_page_sharing: int, use_zero_pages: bool, batch_pages: int = 0) -> None:
+        ptr = lib.kn_scanner_new(max_page_sharing, int(use_zero_pages), batch_pages)
+        if ptr == ffi.NULL:
+            raise MemoryError("kn_scanner_new")
+        self._s = ffi.gc(ptr, lib.kn_scanner_free)
+        self.pids: list[int] = []
+
+    def add_region(self, pid: int, start: int, end: int, check_ksm: bool) -> int:
+        if pid not in self.pids:
+            self.pids.append(pid)
+        return check(
+            lib.kn_scanner_add_region(self._s, pid, start, end, int(check_ksm)), f"region of pid {pid}"
+        )
+
+    def scan(self, idx: int, start: int, end: int) -> None:
+        """Raises OSError: ESRCH when the process is gone, EPERM/EACCES when refused."""
+        check(lib.kn_scanner_scan(self._s, idx, start, end), f"scan {start:#x}-{end:#x}")
+
+    def finish(
+        self, nregions: int
+    ) -> tuple[list[dict[str, float]], dict[int, dict[str, float]], dict[str, int]]:
+        rs = ffi.new("struct kn_region_stats[]", max(1, nregions))
+        ps = ffi.new("struct kn_process_stats[]", max(1, len(self.pids)))
+        tot = ffi.new("struct kn_total_stats *")
+        n = check(lib.kn_scanner_finish(self._s, rs, nregions, ps, len(self.pids), tot), "finish")
+        regions = [{f: getattr(rs[i], f) for f in REGION_FIELDS} for i in range(nregions)]
+        procs = {
+            ps[i].pid: {"saved_alone": ps[i].saved_alone, "saved_share": ps[i].saved_share} for i in range(n)
+        }
+        total = {f: int(getattr(tot, f)) for f in TOTAL_FIELDS}
+        return regions, procs, total
+
+
+def copy_bandwidth(pid: int, start: int, end: int, batch_pages: int = 0) -> int:
+    """Bytes copied by plain process_vm_readv of [start, end): the benchmark's baseline."""
+    return check(int(lib.kn_copy_bandwidth(pid, start, end, batch_pages)), f"process_vm_readv pid {pid}")
+
+
+# ---- remote madvise ------------------------------------------------------
+
+INJECT_FIELDS = (
+    "ret",
+    "syscall_addr",
+    "stop_kind",
+    "restarts",
+    "signals_kept",
+    "interrupted_rax",
+    "elapsed_ns",
+)
+
+
+def inject_madvise(tid: int, addr: int, length: int, advice: int, timeout_ms: int = 1000) -> dict[str, int]:
+    """madvise(addr, length, advice) inside thread ``tid`` by ptrace syscall injection.
+
+    Raises OSError when the injection itself failed (the target is then
+    untouched and not traced); the madvise result is ``ret`` (0 or -errno).
+    """
+    res = ffi.new("struct kn_inject_result *")
+    check(lib.kn_inject_madvise(tid, addr, length, advice, timeout_ms, res), f"inject into {tid}")
+    return {f: int(getattr(res, f)) for f in INJECT_FIELDS}

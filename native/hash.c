@@ -3,11 +3,35 @@
 #include <xxhash.h>
 #include <string.h>
 
-#include "ksmnative.h"
+#include "internal.h"
 
 const char *kn_version(void)
 {
-	return "ksmnative 1";
+	return "ksmnative 2";
+}
+
+uint64_t kn_hash_page_portable(const void *p, size_t n)
+{
+	return XXH3_64bits(p, n);
+}
+
+static uint64_t hash_pick(const void *p, size_t n);
+static uint64_t (*hash_fn)(const void *, size_t) = hash_pick;
+
+static uint64_t hash_pick(const void *p, size_t n)
+{
+#if defined(__x86_64__)
+	__builtin_cpu_init();
+	hash_fn = __builtin_cpu_supports("avx2") ? kn_hash_page_avx2 : kn_hash_page_portable;
+#else
+	hash_fn = kn_hash_page_portable;
+#endif
+	return hash_fn(p, n);
+}
+
+uint64_t kn_hash_page(const void *p, size_t n)
+{
+	return hash_fn(p, n);
 }
 
 void kn_hash_pages(const void *buf, size_t npages, size_t page_size, uint64_t *out)
@@ -15,10 +39,10 @@ void kn_hash_pages(const void *buf, size_t npages, size_t page_size, uint64_t *o
 	const unsigned char *p = buf;
 
 	for (size_t i = 0; i < npages; i++)
-		out[i] = XXH3_64bits(p + i * page_size, page_size);
+		out[i] = kn_hash_page(p + i * page_size, page_size);
 }
 
-static int page_is_zero(const unsigned char *p, size_t n)
+int kn_page_is_zero(const unsigned char *p, size_t n)
 {
 	/* Compare the page with itself shifted by one word: zero iff first word is. */
 	const uint64_t *w = (const uint64_t *)p;
@@ -34,6 +58,6 @@ size_t kn_count_zero_pages(const void *buf, size_t npages, size_t page_size)
 	size_t n = 0;
 
 	for (size_t i = 0; i < npages; i++)
-		n += page_is_zero(p + i * page_size, page_size);
+		n += kn_page_is_zero(p + i * page_size, page_size);
 	return n;
 }

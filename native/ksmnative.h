@@ -20,8 +20,81 @@ const char *kn_version(void);
 /* 64-bit xxh3 of each page of buf (npages pages of page_size bytes). */
 void kn_hash_pages(const void *buf, size_t npages, size_t page_size, uint64_t *out);
 
+/* xxh3-64 of one buffer built for the baseline ISA (kn_hash_pages may use AVX2): same values. */
+uint64_t kn_hash_page_portable(const void *p, size_t n);
+
 /* Count pages of buf that are all zero bytes. */
 size_t kn_count_zero_pages(const void *buf, size_t npages, size_t page_size);
+/* ---- scanner (scan.c, dupindex.c, estimate.c) ---- */
+struct kn_scanner;
+
+/* Per region results of kn_scanner_finish. Page counts unless said otherwise. */
+struct kn_region_stats {
+	uint64_t present;        /* present pages with a frame of their own */
+	uint64_t zero;           /* ... of which all bytes are zero */
+	uint64_t zero_mapped;    /* mapped to the shared zero page: cost nothing now */
+	uint64_t ksm;            /* ... already KSM pages (KPF_KSM) */
+	uint64_t volatile_pages; /* vanished or changed while being read */
+	uint64_t dup_region;     /* have an identical page in this region */
+	uint64_t dup_process;    /* ... not in this region but elsewhere in this process */
+	uint64_t dup_cross;      /* ... only in other processes */
+	uint64_t saved_alone;    /* KSM would save this many if only this region merged */
+	double saved_share;      /* this region's share of the saving when everything scanned merges */
+};
+
+struct kn_process_stats {
+	int32_t pid;
+	uint64_t saved_alone;    /* if only this process's scanned regions merged */
+	double saved_share;
+};
+
+struct kn_total_stats {
+	uint64_t present, zero, zero_mapped, ksm, volatile_pages;
+	uint64_t distinct;       /* distinct contents */
+	uint64_t dup_groups;     /* contents present more than once */
+	uint64_t saved;          /* pages KSM would save if everything scanned merged */
+	uint64_t saved_within;   /* ... counting only merges inside each process */
+	uint64_t saved_now;      /* KSM pages minus distinct KSM frames: saved by KSM already */
+	uint64_t hash_collisions;/* equal 64-bit hashes, different bytes */
+	uint64_t rep_fetches;    /* pages re-read to confirm a duplicate */
+	uint64_t bytes_read;
+	uint64_t index_bytes;    /* memory the duplicate index used */
+	uint64_t read_ns, hash_ns, map_ns;
+};
+
+/* max_page_sharing and use_zero_pages as the kernel has them; batch_pages 0 = default. */
+struct kn_scanner *kn_scanner_new(uint32_t max_page_sharing, int use_zero_pages, uint32_t batch_pages);
+void kn_scanner_free(struct kn_scanner *s);
+/* Add a region; returns its index or -errno. check_ksm: look up KPF_KSM (only
+ * VM_MERGEABLE regions can hold KSM pages). */
+int kn_scanner_add_region(struct kn_scanner *s, int pid, uint64_t start, uint64_t end, int check_ksm);
+/* Scan [start, end) of region idx; chunks of one region in order, regions in order. */
+int kn_scanner_scan(struct kn_scanner *s, int idx, uint64_t start, uint64_t end);
+/* Compute the statistics; procs needs room for one entry per distinct pid. */
+int kn_scanner_finish(struct kn_scanner *s, struct kn_region_stats *regions, size_t nregions,
+		      struct kn_process_stats *procs, size_t nprocs, struct kn_total_stats *total);
+
+/* Baseline for the benchmark: copy [start, end) with process_vm_readv in
+ * batch_pages batches and nothing else; returns bytes copied or -errno. */
+int64_t kn_copy_bandwidth(int pid, uint64_t start, uint64_t end, uint32_t batch_pages);
+
+/* ---- remote madvise by ptrace syscall injection (inject.c) ---- */
+struct kn_inject_result {
+	int64_t ret;             /* the syscall's return value (-errno on failure) */
+	uint64_t syscall_addr;   /* the syscall instruction used */
+	int32_t stop_kind;       /* 0 running/userspace, 1 stopped inside a syscall */
+	int32_t restarts;        /* injected syscall restarted after a signal */
+	int32_t signals_kept;    /* foreign signals held back and re-delivered */
+	int64_t interrupted_rax; /* rax of the target when it stopped */
+	int64_t elapsed_ns;
+};
+
+/* madvise(addr, len, advice) inside thread tid. Returns 0 (see res->ret) or
+ * -errno when the injection itself failed: -EPERM attach refused, -ESRCH gone,
+ * -ETIMEDOUT no stop within timeout_ms, -ENOEXEC not a 64-bit x86 process,
+ * -ENOSYS not x86_64, -EDEADLK the caller itself, -ENOENT no syscall instruction. */
+int kn_inject_madvise(int tid, uint64_t addr, uint64_t len, int advice, int timeout_ms,
+		      struct kn_inject_result *res);
 /* CDEF-END */
 
 #endif

@@ -34,6 +34,7 @@ class RangePages:
     present: int
     ksm: int
     ksm_frames: frozenset[int]
+    zero_page: int = 0  # mapped to the shared zero page (never written, or merged with use_zero_pages)
 
 
 def _frames(pid: int, start: int, end: int, proc: Path, page: int) -> list[int]:
@@ -100,6 +101,7 @@ def range_pages(
         present=len(frames),
         ksm=len(ksm),
         ksm_frames=frozenset(ksm),
+        zero_page=sum(1 for f in frames if flags.get(f, 0) & KPF_ZERO_PAGE),
     )
 
 

@@ -12,7 +12,7 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("status", "demo", "run"):
+    for cmd in ("status", "demo", "run", "estimate", "merge", "unmerge"):
         assert cmd in out
 
 

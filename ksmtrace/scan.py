@@ -1,0 +1,323 @@
+"""What KSM would save: the exact duplicate estimate, as typed records.
+
+Candidate regions come from smaps (only private anonymous memory can merge;
+every other mapping is listed with the reason). The native scanner reads them
+without stopping the processes, confirms duplicates byte by byte and applies
+the kernel's own rules (``max_page_sharing``, ``use_zero_pages``); this module
+turns its numbers into :class:`Estimate` records for the views and commands.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+
+from ksmtrace import native
+from ksmtrace.errors import AccessDenied, KsmtraceError, ProcessGone, UsageError
+from ksmtrace.kernel import ksm_sysfs
+from ksmtrace.kernel.procfs import ProcFS, Vma
+
+# Progress is reported, and Ctrl-C noticed, after every chunk of this size.
+CHUNK = 64 << 20
+
+Progress = Callable[[int, int, int], None]  # (done_bytes, total_bytes, pid)
+
+
+def skip_reason(vma: Vma) -> str | None:
+    """Why KSM would never merge pages of this mapping, or None."""
+    why = vma.why_not_mergeable()
+    if why:
+        return why
+    if not vma.anonymous:
+        return "file-backed: KSM merges anonymous pages only"
+    name = vma.path
+    if name.startswith("[") and name not in ("[heap]", "[stack]") and not name.startswith("[anon"):
+        return f"special mapping {name}"
+    return None
+
+
+@dataclass(frozen=True)
+class SkippedRegion:
+    start: int
+    end: int
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RegionEstimate:
+    """One scanned mapping. Page counts; ``saved_share`` is fractional."""
+
+    pid: int
+    start: int
+    end: int
+    name: str
+    mergeable: bool  # VM_MERGEABLE already
+    present: int
+    zero: int
+    zero_mapped: int
+    ksm: int
+    volatile_pages: int
+    dup_region: int
+    dup_process: int
+    dup_cross: int
+    saved_alone: int
+    saved_share: float
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def duplicates(self) -> int:
+        return self.dup_region + self.dup_process + self.dup_cross
+
+    @property
+    def saving_ratio(self) -> float:
+        return self.saved_share / self.present if self.present else 0.0
+
+
+@dataclass(frozen=True)
+class ProcessEstimate:
+    pid: int
+    comm: str
+    regions: tuple[RegionEstimate, ...]
+    skipped: tuple[SkippedRegion, ...]
+    saved_alone: int  # if only this process's memory merged
+    saved_share: float  # its share when every scanned process merges
+
+    def total(self, name: str) -> int:
+        return sum(getattr(r, name) for r in self.regions)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    page_size: int
+    max_page_sharing: int
+    use_zero_pages: bool
+    processes: tuple[ProcessEstimate, ...]
+    totals: dict[str, int]
+    seconds: float
+    gone: tuple[int, ...] = ()  # exited before or during the scan, left out
+    denied: tuple[int, ...] = ()
+
+    @property
+    def saved(self) -> int:
+        return self.totals["saved"]
+
+    @property
+    def saved_across(self) -> int:
+        """Pages saved only because processes merge with each other."""
+        return self.totals["saved"] - self.totals["saved_within"]
+
+    def region(self, pid: int, start: int) -> RegionEstimate | None:
+        for p in self.processes:
+            for r in p.regions:
+                if r.pid == pid and r.start == start:
+                    return r
+        return None
+
+    def as_dict(self) -> dict[str, object]:
+        out = asdict(self)
+        out["saved_across"] = self.saved_across
+        return out
+
+
+@dataclass
+class _Target:
+    pid: int
+    comm: str
+    scan: list[Vma] = field(default_factory=list)
+    skipped: list[SkippedRegion] = field(default_factory=list)
+
+
+def kernel_rules() -> tuple[int, bool]:
+    """max_page_sharing and use_zero_pages as this kernel has them now."""
+    sysfs = ksm_sysfs.read()
+    mps = sysfs.get("max_page_sharing", 256)
+    uzp = sysfs.get("use_zero_pages", 0)
+    return int(mps) if isinstance(mps, int) else 256, bool(uzp)
+
+
+def _clip(v: Vma, ranges: list[tuple[int, int]]) -> list[Vma]:
+    """The parts of v inside ranges, with Rss scaled (it only steers the progress bar)."""
+    out = []
+    for lo, hi in ranges:
+        a, b = max(lo, v.start), min(hi, v.end)
+        if a < b:
+            sizes = dict(v.sizes)
+            sizes["Rss"] = v.sizes.get("Rss", v.length) * (b - a) // v.length
+            out.append(replace(v, start=a, end=b, sizes=sizes))
+    return out
+
+
+def _targets(
+    pids: Iterable[int],
+    proc: ProcFS,
+    only: Callable[[int, Vma], bool] | None,
+    ranges: dict[int, list[tuple[int, int]]] | None,
+    strict: bool = False,
+) -> tuple[list[_Target], list[int], list[int]]:
+    targets, gone, denied = [], [], []
+    for pid in pids:
+        try:
+            status = proc.status(pid)
+            if status.is_kernel_thread:
+                if strict:
+                    raise UsageError(f"pid {pid} ({status.comm}) is a kernel thread: it has no user memory")
+                continue
+            t = _Target(pid, status.comm)
+            vmas = proc.smaps(pid)
+            if ranges is not None and pid in ranges:
+                vmas = [piece for v in vmas for piece in _clip(v, ranges[pid])]
+            for v in vmas:
+                if only is not None and not only(pid, v):
+                    continue
+                why = skip_reason(v)
+                if why:
+                    t.skipped.append(SkippedRegion(v.start, v.end, v.name, why))
+                elif v.sizes.get("Rss", 1) or v.mergeable:
+                    # Rss 0: nothing to merge (pages on the zero page are not in Rss);
+                    # mergeable ones still are, for the pages KSM put on the zero page.
+                    t.scan.append(v)
+            targets.append(t)
+        except ProcessGone:
+            gone.append(pid)
+        except AccessDenied:
+            denied.append(pid)
+    return targets, gone, denied
+
+
+def estimate(
+    pids: Iterable[int],
+    *,
+    strict: bool = True,
+    progress: Progress | None = None,
+    only: Callable[[int, Vma], bool] | None = None,
+    ranges: dict[int, list[tuple[int, int]]] | None = None,
+    proc: ProcFS | None = None,
+    rules: tuple[int, bool] | None = None,
+    batch_pages: int = 0,
+) -> Estimate:
+    """Scan ``pids`` and predict what KSM would save if their candidate memory merged.
+
+    ``strict``: a pid that exits (or refuses us) is an error; otherwise it is
+    left out, the scan restarts without it (its pages would skew the
+    duplicate counts) and it is listed in ``gone``/``denied``.
+    ``only(pid, vma)`` selects mappings (default: all); ``ranges`` (pid ->
+    [(start, end)]) limits the scan of those pids to those address ranges, cut
+    at mapping edges: each piece is a region of its own.
+    """
+    proc = proc or ProcFS()
+    mps, uzp = rules or kernel_rules()
+    todo = list(dict.fromkeys(pids))
+    gone: list[int] = []
+    denied: list[int] = []
+    while True:
+        targets, g, d = _targets(todo, proc, only, ranges, strict)
+        if strict and (g or d):
+            raise ProcessGone(g[0]) if g else AccessDenied(d[0])
+        gone += g
+        denied += d
+        try:
+            return _scan(targets, mps, uzp, progress, batch_pages, tuple(gone), tuple(denied))
+        except _TargetFailed as exc:
+            if strict:
+                raise exc.error from None
+            (gone if isinstance(exc.error, ProcessGone) else denied).append(exc.pid)
+            todo = [t.pid for t in targets if t.pid != exc.pid]
+
+
+class _TargetFailed(Exception):
+    def __init__(self, pid: int, error: KsmtraceError) -> None:
+        self.pid, self.error = pid, error
+
+
+def _scan(
+    targets: list[_Target],
+    mps: int,
+    uzp: bool,
+    progress: Progress | None,
+    batch_pages: int,
+    gone: tuple[int, ...],
+    denied: tuple[int, ...],
+) -> Estimate:
+    t0 = time.monotonic()
+    sc = native.Scanner(mps, uzp, batch_pages)
+    order: list[tuple[_Target, Vma]] = []
+    total = sum(v.sizes.get("Rss", v.length) for t in targets for v in t.scan)
+    done = 0
+    for t in targets:
+        for v in t.scan:
+            idx = sc.add_region(t.pid, v.start, v.end, check_ksm=v.mergeable)
+            order.append((t, v))
+            rss = v.sizes.get("Rss", v.length)
+            at = v.start
+            while at < v.end:
+                nxt = min(v.end, at + CHUNK)
+                try:
+                    sc.scan(idx, at, nxt)
+                except OSError as exc:
+                    if exc.errno in (errno.ESRCH, errno.ENOENT):
+                        raise _TargetFailed(t.pid, ProcessGone(t.pid, "during the scan")) from None
+                    if exc.errno in (errno.EPERM, errno.EACCES):
+                        raise _TargetFailed(t.pid, AccessDenied(t.pid)) from None
+                    raise KsmtraceError(f"scanning pid {t.pid}: {exc.strerror}") from None
+                if progress:
+                    progress(done + rss * (nxt - v.start) // v.length, total, t.pid)
+                at = nxt
+            done += rss
+    rstats, pstats, totals = sc.finish(len(order))
+    by_pid: dict[int, list[RegionEstimate]] = {t.pid: [] for t in targets}
+    for (t, v), s in zip(order, rstats):
+        ints = {k: int(val) for k, val in s.items() if k != "saved_share"}
+        by_pid[t.pid].append(
+            RegionEstimate(
+                pid=t.pid,
+                start=v.start,
+                end=v.end,
+                name=v.name,
+                mergeable=v.mergeable,
+                saved_share=float(s["saved_share"]),
+                **ints,
+            )
+        )
+    procs = tuple(
+        ProcessEstimate(
+            pid=t.pid,
+            comm=t.comm,
+            regions=tuple(by_pid[t.pid]),
+            skipped=tuple(t.skipped),
+            saved_alone=int(pstats.get(t.pid, {}).get("saved_alone", 0)),
+            saved_share=float(pstats.get(t.pid, {}).get("saved_share", 0.0)),
+        )
+        for t in targets
+    )
+    return Estimate(
+        page_size=native.PAGE,
+        max_page_sharing=mps,
+        use_zero_pages=uzp,
+        processes=procs,
+        totals=totals,
+        seconds=time.monotonic() - t0,
+        gone=gone,
+        denied=denied,
+    )
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """START-END in hex (0x optional) or decimal with 0x; page aligned by the caller."""
+    lo, sep, hi = text.partition("-")
+    if not sep:
+        raise UsageError(f"bad range {text!r}: expected START-END, e.g. 7f0000000000-7f0000100000")
+    try:
+        start, end = int(lo, 16), int(hi, 16)
+    except ValueError:
+        raise UsageError(f"bad range {text!r}: START and END are hexadecimal addresses") from None
+    if start >= end:
+        raise UsageError(f"bad range {text!r}: END must be above START")
+    if start % native.PAGE or end % native.PAGE:
+        raise UsageError(f"bad range {text!r}: START and END must be multiples of the page size")
+    return start, end

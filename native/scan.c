@@ -1,0 +1,614 @@
+/*
+ * The page scanner: reads other processes' memory without stopping them.
+ *
+ * Per batch: one pagemap read says which pages are present (and their
+ * frames), one process_vm_readv copies the present pages (runs of them as
+ * one iovec each) into a buffer, then every page is hashed and put in the
+ * duplicate index. Pages mapped to the shared zero page cost no memory and
+ * are only counted. KPF_KSM is looked up only where the caller says KSM
+ * pages can exist (VM_MERGEABLE regions): kpageflags is the slow part.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define PM_PRESENT (1ULL << 63)
+#define PM_PFN_MASK ((1ULL << 55) - 1)
+#define KPF_KSM (1ULL << 21)
+#define KPF_ZERO_PAGE (1ULL << 24)
+#define FLAG_KSM 1
+#define FLAG_ZERO 2
+#define DEFAULT_BATCH_PAGES 256u
+
+/* PAGEMAP_SCAN (Linux 6.7+; Debian 12's uapi headers are 6.1, hence defined here):
+ * present pages as address ranges, the zero page flagged, in one ioctl. */
+#define KN_PAGEMAP_SCAN _IOWR('f', 16, struct kn_pm_scan_arg)
+#define KN_PAGE_IS_PRESENT (1ULL << 3)
+#define KN_PAGE_IS_PFNZERO (1ULL << 5)
+struct kn_page_region {
+	uint64_t start, end, categories;
+};
+struct kn_pm_scan_arg {
+	uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+	uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+#define MAX_IOV 1024
+#define KPF_WINDOW 512u
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int64_t pread_full(int fd, void *buf, size_t len, off_t off)
+{
+	size_t done = 0;
+
+	while (done < len) {
+		ssize_t n = pread(fd, (char *)buf + done, len - done, off + (off_t)done);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0)
+			break;
+		done += (size_t)n;
+	}
+	return (int64_t)done;
+}
+
+int kn_read_remote(int pid, uint64_t addr, void *dst, size_t len)
+{
+	struct iovec local = { dst, len };
+	struct iovec remote = { (void *)(uintptr_t)addr, len };
+	ssize_t n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+
+	if (n < 0)
+		return -errno;
+	return (size_t)n == len ? 0 : -EFAULT;
+}
+
+/* The frame of the shared zero page, learnt from our own pagemap. */
+static uint64_t find_zero_pfn(uint32_t page)
+{
+	volatile unsigned char *p = mmap(NULL, page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	uint64_t e = 0;
+	int fd;
+
+	if (p == MAP_FAILED)
+		return UINT64_MAX;
+	madvise((void *)p, page, MADV_NOHUGEPAGE); /* the small zero page, never the huge one */
+	(void)p[0]; /* a read fault maps the zero page */
+	fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		if (pread_full(fd, &e, sizeof(e), (off_t)((uintptr_t)p / page * 8)) != sizeof(e))
+			e = 0;
+		close(fd);
+	}
+	munmap((void *)p, page);
+	/* Without CAP_SYS_ADMIN frames read as 0: then no page is taken for the zero page. */
+	return (e & PM_PRESENT) && (e & PM_PFN_MASK) ? (e & PM_PFN_MASK) : UINT64_MAX;
+}
+
+static int alloc_slots(struct kn_scanner *s)
+{
+	size_t n = s->batch_pages;
+
+	for (int i = 0; i < KN_SLOTS; i++) {
+		struct kn_slot *b = &s->slots[i];
+
+		b->buf = aligned_alloc(4096, n * s->page_size);
+		b->pagemap = malloc(n * sizeof(struct kn_page_region)); /* entries, or PAGEMAP_SCAN regions */
+		b->cand_addr = malloc(n * 8);
+		b->cand_pfn = malloc(n * 8);
+		b->cand_ksm = malloc(n);
+		b->addr = malloc(n * 8);
+		b->pfn = malloc(n * 8);
+		b->ksm = malloc(n);
+		if (!b->buf || !b->pagemap || !b->cand_addr || !b->cand_pfn || !b->cand_ksm || !b->addr ||
+		    !b->pfn || !b->ksm)
+			return -ENOMEM;
+	}
+	return 0;
+}
+
+struct kn_scanner *kn_scanner_new(uint32_t max_page_sharing, int use_zero_pages, uint32_t batch_pages)
+{
+	struct kn_scanner *s = calloc(1, sizeof(*s));
+	unsigned char *zero;
+
+	if (!s)
+		return NULL;
+	s->page_size = (uint32_t)sysconf(_SC_PAGESIZE);
+	s->max_page_sharing = max_page_sharing < 2 ? 2 : max_page_sharing;
+	s->use_zero_pages = use_zero_pages;
+	s->batch_pages = batch_pages ? batch_pages : DEFAULT_BATCH_PAGES;
+	if (s->batch_pages > MAX_IOV)
+		s->batch_pages = MAX_IOV; /* one iovec per page at worst */
+	s->rep_limit = (512ull << 20) / s->page_size;
+	s->kpageflags_fd = -1;
+	s->pagemap_fd = -1;
+	s->zero_pfn = find_zero_pfn(s->page_size);
+	s->slots = calloc(KN_SLOTS, sizeof(*s->slots));
+	zero = calloc(1, s->page_size);
+	if (!s->slots || !zero || alloc_slots(s) != 0 || kn_index_init(s) != 0) {
+		free(zero);
+		kn_scanner_free(s);
+		return NULL;
+	}
+	s->zero_hash = kn_hash_page(zero, s->page_size);
+	free(zero);
+	return s;
+}
+
+void kn_scanner_free(struct kn_scanner *s)
+{
+	if (!s)
+		return;
+	kn_index_free(s);
+	if (s->kpageflags_fd >= 0)
+		close(s->kpageflags_fd);
+	if (s->pagemap_fd >= 0)
+		close(s->pagemap_fd);
+	free(s->items);
+	free(s->regions);
+	free(s->ksm_pfns);
+	for (int i = 0; s->slots && i < KN_SLOTS; i++) {
+		struct kn_slot *b = &s->slots[i];
+
+		free(b->buf);
+		free(b->pagemap);
+		free(b->cand_addr);
+		free(b->cand_pfn);
+		free(b->cand_ksm);
+		free(b->addr);
+		free(b->pfn);
+		free(b->ksm);
+	}
+	free(s->slots);
+	free(s);
+}
+
+int kn_scanner_add_region(struct kn_scanner *s, int pid, uint64_t start, uint64_t end, int check_ksm)
+{
+	struct kn_region *r;
+
+	if (start >= end || start % s->page_size || end % s->page_size)
+		return -EINVAL;
+	if (s->nregions == s->regions_cap) {
+		uint32_t ncap = s->regions_cap ? s->regions_cap * 2 : 64;
+		struct kn_region *n = realloc(s->regions, sizeof(*n) * ncap);
+
+		if (!n)
+			return -ENOMEM;
+		s->regions = n;
+		s->regions_cap = ncap;
+	}
+	r = &s->regions[s->nregions];
+	memset(r, 0, sizeof(*r));
+	r->pid = pid;
+	r->start = start;
+	r->end = end;
+	r->scanned_to = start;
+	r->check_ksm = !!check_ksm;
+	r->first_item = s->nitems;
+	return (int)s->nregions++;
+}
+
+static int push_item(struct kn_scanner *s, uint32_t g)
+{
+	if (s->nitems == s->items_cap) {
+		uint64_t ncap = s->items_cap ? s->items_cap * 2 : 65536;
+		uint32_t *n = realloc(s->items, sizeof(uint32_t) * ncap);
+
+		if (!n)
+			return -ENOMEM;
+		s->items = n;
+		s->items_cap = ncap;
+	}
+	s->items[s->nitems++] = g;
+	return 0;
+}
+
+static int push_ksm_pfn(struct kn_scanner *s, uint64_t pfn)
+{
+	if (s->nksm_pfns == s->ksm_pfns_cap) {
+		uint64_t ncap = s->ksm_pfns_cap ? s->ksm_pfns_cap * 2 : 4096;
+		uint64_t *n = realloc(s->ksm_pfns, sizeof(uint64_t) * ncap);
+
+		if (!n)
+			return -ENOMEM;
+		s->ksm_pfns = n;
+		s->ksm_pfns_cap = ncap;
+	}
+	s->ksm_pfns[s->nksm_pfns++] = pfn;
+	return 0;
+}
+
+static int open_pagemap(struct kn_scanner *s, int pid)
+{
+	char path[64];
+
+	if (s->pagemap_fd >= 0 && s->pagemap_pid == pid)
+		return 0;
+	if (s->pagemap_fd >= 0)
+		close(s->pagemap_fd);
+	snprintf(path, sizeof(path), "/proc/%d/pagemap", pid);
+	s->pagemap_fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (s->pagemap_fd < 0)
+		return errno == ENOENT ? -ESRCH : -errno;
+	s->pagemap_pid = pid;
+	return 0;
+}
+
+struct pfn_idx {
+	uint64_t pfn;
+	uint32_t idx;
+};
+
+static int cmp_pfn(const void *a, const void *b)
+{
+	uint64_t x = ((const struct pfn_idx *)a)->pfn, y = ((const struct pfn_idx *)b)->pfn;
+
+	return x < y ? -1 : x > y;
+}
+
+/* KPF_KSM (FLAG_KSM) and KPF_ZERO_PAGE (FLAG_ZERO, the huge zero page too) of n frames. Sorted first: neighbouring virtual pages often sit on
+ * frames close together but in descending order, and one pread then serves many. */
+static int ksm_flags(struct kn_scanner *s, const uint64_t *pfn, uint32_t n, unsigned char *is_ksm)
+{
+	static __thread struct pfn_idx sorted[MAX_IOV];
+	uint64_t win[KPF_WINDOW];
+
+	if (s->kpageflags_fd < 0) {
+		s->kpageflags_fd = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
+		if (s->kpageflags_fd < 0)
+			return -errno;
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		sorted[i].pfn = pfn[i];
+		sorted[i].idx = i;
+		is_ksm[i] = 0;
+	}
+	qsort(sorted, n, sizeof(sorted[0]), cmp_pfn);
+	/* kpageflags costs per frame read, not per call: read each cluster's exact span. */
+	for (uint32_t k = 0; k < n;) {
+		uint64_t f = sorted[k].pfn;
+		uint32_t e = k;
+		int64_t got;
+
+		if (!f) {
+			k++;
+			continue; /* frames hidden (no CAP_SYS_ADMIN) */
+		}
+		while (e + 1 < n && sorted[e + 1].pfn - f < KPF_WINDOW && sorted[e + 1].pfn - sorted[e].pfn <= 4)
+			e++;
+		got = pread_full(s->kpageflags_fd, win, (sorted[e].pfn - f + 1) * 8, (off_t)(f * 8));
+		if (got < 0)
+			return (int)got;
+		for (; k <= e; k++)
+			if ((sorted[k].pfn - f) * 8 < (uint64_t)got)
+				is_ksm[sorted[k].idx] = ((win[sorted[k].pfn - f] & KPF_KSM) ? FLAG_KSM : 0) |
+							((win[sorted[k].pfn - f] & KPF_ZERO_PAGE) ? FLAG_ZERO : 0);
+	}
+	return 0;
+}
+
+/* Copy the n pages at addr[] into dst; returns pages copied (a prefix) or -errno. */
+static int64_t read_pages(int pid, const uint64_t *addr, uint32_t n, unsigned char *dst, uint32_t page)
+{
+	struct iovec local = { dst, (size_t)n * page };
+	struct iovec remote[MAX_IOV];
+	uint32_t nr = 0;
+	ssize_t got;
+
+	for (uint32_t i = 0; i < n; i++) {
+		if (nr && (uint64_t)(uintptr_t)remote[nr - 1].iov_base + remote[nr - 1].iov_len == addr[i]) {
+			remote[nr - 1].iov_len += page;
+			continue;
+		}
+		remote[nr].iov_base = (void *)(uintptr_t)addr[i];
+		remote[nr].iov_len = page;
+		nr++;
+	}
+	got = process_vm_readv(pid, &local, 1, remote, nr, 0);
+	if (got < 0)
+		return errno == EFAULT ? 0 : -errno; /* EFAULT on the first page: it went away */
+	return got / page;
+}
+
+/*
+ * Fill one slot with the batch at va: which pages are present (pagemap),
+ * which are KSM pages, and their bytes. A page unmapped while we read it
+ * makes process_vm_readv stop short: it is counted as volatile and the
+ * rest is read after it.
+ */
+static int fill_slot(struct kn_scanner *s, const struct kn_region *r, uint64_t va, uint32_t want,
+		     struct kn_slot *b)
+{
+	uint64_t t0 = now_ns(), t1;
+	uint32_t m = 0, i = 0;
+	int64_t got;
+
+	b->n = b->volatile_pages = b->zero_mapped = 0;
+	if (!r->check_ksm && s->pagemap_scan >= 0) {
+		/* No frame numbers needed (no KSM pages outside VM_MERGEABLE): ask for ranges. */
+		struct kn_page_region *vec = (struct kn_page_region *)b->pagemap;
+		struct kn_pm_scan_arg a = {
+			.size = sizeof(a),
+			.start = va,
+			.end = va + (uint64_t)want * s->page_size,
+			.vec = (uint64_t)(uintptr_t)vec,
+			.vec_len = want, /* b->pagemap has room for one region per page */
+			.category_mask = KN_PAGE_IS_PRESENT,
+			.return_mask = KN_PAGE_IS_PRESENT | KN_PAGE_IS_PFNZERO,
+		};
+		int nr = ioctl(s->pagemap_fd, KN_PAGEMAP_SCAN, &a);
+
+		if (nr >= 0 && a.walk_end == a.end) {
+			for (int k = 0; k < nr; k++) {
+				uint64_t pages = (vec[k].end - vec[k].start) / s->page_size;
+
+				if (vec[k].categories & KN_PAGE_IS_PFNZERO) {
+					b->zero_mapped += (uint32_t)pages;
+					continue;
+				}
+				for (uint64_t q = 0; q < pages; q++) {
+					b->cand_addr[m] = vec[k].start + q * s->page_size;
+					b->cand_pfn[m] = 0;
+					m++;
+				}
+			}
+			goto read;
+		}
+		if (nr < 0 && errno == ENOTTY)
+			s->pagemap_scan = -1; /* before 6.7: read pagemap entries from now on */
+		else if (nr < 0 && (errno == ESRCH || errno == ENOENT))
+			return -ESRCH;
+		/* anything else: this batch from pagemap entries */
+		b->zero_mapped = 0;
+		m = 0;
+	}
+	got = pread_full(s->pagemap_fd, b->pagemap, (size_t)want * 8, (off_t)(va / s->page_size * 8));
+	if (got < 0)
+		return got == -ENOENT ? -ESRCH : (int)got;
+	if ((uint64_t)got < (uint64_t)want * 8)
+		return -ESRCH; /* pagemap of an exited process reads short */
+	for (uint32_t k = 0; k < want; k++) {
+		uint64_t e = b->pagemap[k], pfn = e & PM_PFN_MASK;
+
+		if (!(e & PM_PRESENT))
+			continue;
+		if (pfn && pfn == s->zero_pfn) {
+			b->zero_mapped++;
+			continue;
+		}
+		b->cand_addr[m] = va + (uint64_t)k * s->page_size;
+		b->cand_pfn[m] = pfn;
+		m++;
+	}
+	if (r->check_ksm && m) {
+		int rc = ksm_flags(s, b->cand_pfn, m, b->cand_ksm);
+		uint32_t kept = 0;
+
+		if (rc)
+			return rc;
+		/* Where frames are looked up anyway, KPF_ZERO_PAGE also catches the huge zero page. */
+		for (uint32_t k = 0; k < m; k++) {
+			if (b->cand_ksm[k] & FLAG_ZERO) {
+				b->zero_mapped++;
+				continue;
+			}
+			b->cand_addr[kept] = b->cand_addr[k];
+			b->cand_pfn[kept] = b->cand_pfn[k];
+			b->cand_ksm[kept] = b->cand_ksm[k] & FLAG_KSM;
+			kept++;
+		}
+		m = kept;
+	}
+read:
+	t1 = now_ns();
+	b->map_ns = t1 - t0;
+	while (i < m) {
+		got = read_pages(r->pid, b->cand_addr + i, m - i, b->buf + (size_t)b->n * s->page_size, s->page_size);
+		if (got < 0)
+			return (int)got;
+		for (uint32_t k = 0; k < (uint32_t)got; k++, i++, b->n++) {
+			b->addr[b->n] = b->cand_addr[i];
+			b->pfn[b->n] = b->cand_pfn[i];
+			b->ksm[b->n] = r->check_ksm ? b->cand_ksm[i] : 0;
+		}
+		if (i < m) {
+			b->volatile_pages++;
+			i++;
+		}
+	}
+	b->read_ns = now_ns() - t1;
+	return 0;
+}
+
+/* The reader thread and the hashing caller share a ring of KN_SLOTS batches. */
+struct ring {
+	struct kn_scanner *s;
+	const struct kn_region *r;
+	uint64_t start, end;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	uint32_t produced, consumed; /* batches */
+	uint32_t total;              /* batches in [start, end) */
+	int err;                     /* reader's -errno; it stops there */
+	int abort;                   /* caller's: stop reading */
+};
+
+static void *reader(void *arg)
+{
+	struct ring *q = arg;
+	struct kn_scanner *s = q->s;
+
+	for (uint32_t k = 0; k < q->total; k++) {
+		uint64_t va = q->start + (uint64_t)k * s->batch_pages * s->page_size;
+		uint32_t want = (uint32_t)((q->end - va) / s->page_size);
+		int rc;
+
+		if (want > s->batch_pages)
+			want = s->batch_pages;
+		pthread_mutex_lock(&q->lock);
+		while (q->produced - q->consumed == KN_SLOTS && !q->abort)
+			pthread_cond_wait(&q->cond, &q->lock);
+		rc = q->abort;
+		pthread_mutex_unlock(&q->lock);
+		if (rc)
+			break;
+		rc = fill_slot(s, q->r, va, want, &s->slots[k % KN_SLOTS]);
+		pthread_mutex_lock(&q->lock);
+		if (rc)
+			q->err = rc;
+		else
+			q->produced++;
+		pthread_cond_broadcast(&q->cond);
+		pthread_mutex_unlock(&q->lock);
+		if (rc)
+			break;
+	}
+	return NULL;
+}
+
+/* Hash and index one batch: runs in the caller while the reader fills the next. */
+static int consume(struct kn_scanner *s, struct kn_region *r, const struct kn_slot *b)
+{
+	uint64_t t0 = now_ns();
+
+	s->buf = b->buf;
+	s->batch_seq++;
+	r->zero_mapped += b->zero_mapped;
+	r->volatile_pages += b->volatile_pages;
+	s->map_ns += b->map_ns;
+	s->read_ns += b->read_ns;
+	s->bytes_read += (uint64_t)b->n * s->page_size;
+	static __thread uint64_t hashes[MAX_IOV];
+
+	/* Hash the batch first, then index it with the table slots prefetched a few pages ahead:
+	 * the lookups are random accesses and would otherwise wait on memory one by one. */
+	for (uint32_t i = 0; i < b->n; i++)
+		hashes[i] = kn_hash_page(b->buf + (size_t)i * s->page_size, s->page_size);
+	for (uint32_t i = 0; i < b->n; i++) {
+		const unsigned char *p = b->buf + (size_t)i * s->page_size;
+		uint64_t h = hashes[i];
+		uint32_t g;
+
+		if (i + 8 < b->n)
+			kn_index_prefetch(s, hashes[i + 8]);
+		g = kn_index_add(s, p, h, r->pid, b->addr[i], i);
+
+		if (g == KN_NONE || push_item(s, g))
+			return -ENOMEM;
+		r->present++;
+		if (s->groups[g].rep == KN_REP_ZERO)
+			r->zero++;
+		if (b->ksm[i]) {
+			r->ksm++;
+			if (push_ksm_pfn(s, b->pfn[i]))
+				return -ENOMEM;
+		}
+	}
+	s->hash_ns += now_ns() - t0;
+	return 0;
+}
+
+int kn_scanner_scan(struct kn_scanner *s, int idx, uint64_t start, uint64_t end)
+{
+	struct ring q = { .s = s, .start = start, .end = end };
+	struct kn_region *r;
+	uint64_t batch_bytes = (uint64_t)s->batch_pages * s->page_size;
+	pthread_t th;
+	int rc = 0;
+
+	if (idx < 0 || (uint32_t)idx != s->nregions - 1)
+		return -EINVAL; /* regions in order: their pages are one contiguous run of items */
+	r = &s->regions[idx];
+	if (start != r->scanned_to || end > r->end || start > end || start % s->page_size || end % s->page_size)
+		return -EINVAL;
+	rc = open_pagemap(s, r->pid);
+	if (rc)
+		return rc;
+	q.r = r;
+	q.total = (uint32_t)((end - start + batch_bytes - 1) / batch_bytes);
+	pthread_mutex_init(&q.lock, NULL);
+	pthread_cond_init(&q.cond, NULL);
+	rc = -pthread_create(&th, NULL, reader, &q);
+	if (rc)
+		goto out;
+	for (uint32_t k = 0; k < q.total; k++) {
+		pthread_mutex_lock(&q.lock);
+		while (q.produced == k && !q.err)
+			pthread_cond_wait(&q.cond, &q.lock);
+		rc = q.produced == k ? q.err : 0;
+		pthread_mutex_unlock(&q.lock);
+		if (rc)
+			break;
+		rc = consume(s, r, &s->slots[k % KN_SLOTS]);
+		pthread_mutex_lock(&q.lock);
+		q.consumed++;
+		if (rc)
+			q.abort = 1;
+		pthread_cond_broadcast(&q.cond);
+		pthread_mutex_unlock(&q.lock);
+		if (rc)
+			break;
+	}
+	pthread_join(th, NULL);
+out:
+	pthread_mutex_destroy(&q.lock);
+	pthread_cond_destroy(&q.cond);
+	if (rc == 0) {
+		r->scanned_to = end;
+		r->nitems = s->nitems - r->first_item;
+	}
+	return rc;
+}
+
+int64_t kn_copy_bandwidth(int pid, uint64_t start, uint64_t end, uint32_t batch_pages)
+{
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+	size_t chunk = (size_t)(batch_pages ? batch_pages : DEFAULT_BATCH_PAGES) * page;
+	unsigned char *buf = aligned_alloc(4096, chunk);
+	int64_t total = 0;
+
+	if (!buf)
+		return -ENOMEM;
+	for (uint64_t va = start; va < end;) {
+		size_t len = end - va < chunk ? (size_t)(end - va) : chunk;
+		struct iovec local = { buf, len };
+		struct iovec remote = { (void *)(uintptr_t)va, len };
+		ssize_t n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+
+		if (n <= 0) {
+			int e = n < 0 ? errno : EFAULT;
+
+			free(buf);
+			return -e;
+		}
+		total += n;
+		va += (uint64_t)n;
+	}
+	free(buf);
+	return total;
+}

@@ -1,0 +1,268 @@
+/*
+ * A target for the ptrace injection stress test: it checks itself.
+ *
+ *   injtarget MODE SECONDS     MODE: busy | sleep | pipe | threads | vfork
+ *
+ * Prints "ready ADDR LEN" (a private anonymous buffer to madvise), runs for
+ * SECONDS or until SIGTERM and prints one JSON line of what it saw; exits 0
+ * iff no errors.
+ *   busy:    recomputes the buffer's checksum and a register-heavy chain
+ *   sleep:   nanosleep of random lengths; a sleep that ends early is an error
+ *   pipe:    reads sequence-numbered records a child writes at random moments
+ *   threads: two busy threads, a sleeping one and a pipe reader; main in join
+ *   vfork:   the parent waits (killable, not interruptible) for a vfork child
+ * SIGRTMIN (queued, never merged) is counted, so a lost signal shows.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BUF_PAGES 512
+#define REC 64
+
+static unsigned char *buf;
+static uint64_t expected;
+static double deadline;
+static volatile sig_atomic_t stopping; /* SIGTERM: finish and report */
+static atomic_long errors, checks, sleeps, short_sleeps, records, signals_seen;
+static char first_error[160];
+static pthread_mutex_t err_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static double now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void error(const char *what, long a, long b)
+{
+	pthread_mutex_lock(&err_lock);
+	if (!errors)
+		snprintf(first_error, sizeof(first_error), "%s (%ld, %ld)", what, a, b);
+	errors++;
+	pthread_mutex_unlock(&err_lock);
+}
+
+static void on_sig(int sig)
+{
+	(void)sig;
+	signals_seen++;
+}
+
+static volatile pid_t writer_pid;
+
+static void on_term(int sig)
+{
+	(void)sig;
+	stopping = 1;
+	if (writer_pid > 0)
+		kill(writer_pid, SIGTERM); /* it stops writing; the reader then sees EOF */
+}
+
+static int running(void)
+{
+	return !stopping && now() < deadline;
+}
+
+static uint64_t checksum(void)
+{
+	const uint64_t *w = (const uint64_t *)buf;
+	uint64_t h = 1469598103934665603ull;
+
+	for (size_t i = 0; i < BUF_PAGES * 4096 / 8; i++)
+		h = (h ^ w[i]) * 1099511628211ull;
+	return h;
+}
+
+static uint64_t chain(uint64_t x)
+{
+	/* Long dependency chain kept in registers: a clobbered register shows. */
+	for (int i = 0; i < 200000; i++)
+		x = x * 6364136223846793005ull + 1442695040888963407ull;
+	return x;
+}
+
+static void *busy(void *arg)
+{
+	uint64_t want = chain(42);
+
+	(void)arg;
+	while (running()) {
+		uint64_t c = checksum();
+
+		if (c != expected)
+			error("buffer checksum changed", (long)c, (long)expected);
+		if (chain(42) != want)
+			error("register chain differs", 0, 0);
+		checks++;
+	}
+	return NULL;
+}
+
+static void *sleeper(void *arg)
+{
+	unsigned seed = (unsigned)(uintptr_t)arg;
+
+	while (running()) {
+		long ns = 500000 + rand_r(&seed) % 5000000;
+		struct timespec req = { 0, ns }, rem;
+		double t0 = now(), el;
+
+		while (nanosleep(&req, &rem) != 0) {
+			if (errno != EINTR) {
+				error("nanosleep failed", errno, ns);
+				break;
+			}
+			req = rem; /* a handled signal: sleep the rest */
+		}
+		el = now() - t0;
+		if (el * 1e9 < ns) {
+			short_sleeps++;
+			error("sleep cut short (ns asked, ns slept)", ns, (long)(el * 1e9));
+		}
+		sleeps++;
+	}
+	return NULL;
+}
+
+static void fill_record(unsigned char *r, uint64_t seq)
+{
+	for (int i = 0; i < REC; i++)
+		r[i] = (unsigned char)(seq * 31 + i * 7);
+	memcpy(r, &seq, sizeof(seq));
+}
+
+static void *pipe_reader(void *arg)
+{
+	int p[2];
+	pid_t child;
+	uint64_t seq = 0;
+
+	(void)arg;
+	if (pipe(p) != 0)
+		return error("pipe", errno, 0), NULL;
+	child = fork();
+	if (child == 0) {
+		unsigned seed = (unsigned)getpid();
+		unsigned char r[REC];
+
+		close(p[0]);
+		for (uint64_t s = 0; running(); s++) {
+			struct timespec d = { 0, rand_r(&seed) % 2000000 };
+
+			fill_record(r, s);
+			if (write(p[1], r, REC) != REC)
+				_exit(3);
+			nanosleep(&d, NULL);
+		}
+		_exit(0);
+	}
+	writer_pid = child;
+	close(p[1]);
+	for (;;) {
+		unsigned char r[REC], want[REC];
+		size_t got = 0;
+
+		while (got < REC) {
+			ssize_t n = read(p[0], r + got, REC - got);
+
+			if (n == 0)
+				goto eof;
+			if (n < 0) {
+				error("pipe read failed", errno, (long)seq);
+				if (errno != EINTR)
+					goto eof;
+				continue;
+			}
+			got += (size_t)n;
+		}
+		fill_record(want, seq);
+		if (memcmp(r, want, REC) != 0)
+			error("pipe record wrong", (long)seq, 0);
+		seq++;
+		records++;
+	}
+eof:
+	close(p[0]);
+	{
+		int st;
+
+		if (waitpid(child, &st, 0) != child || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+			error("pipe writer failed", st, 0);
+	}
+	return NULL;
+}
+
+int main(int argc, char **argv)
+{
+	const char *mode = argc > 1 ? argv[1] : "busy";
+	double secs = argc > 2 ? atof(argv[2]) : 5;
+	struct sigaction sa;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_sig;
+	sa.sa_flags = SA_RESTART;
+	sigaction(SIGRTMIN, &sa, NULL);
+	sa.sa_handler = on_term;
+	sigaction(SIGTERM, &sa, NULL);
+
+	buf = mmap(NULL, BUF_PAGES * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (buf == MAP_FAILED)
+		return 2;
+	/* Half the pages identical, so MADV_MERGEABLE has something to merge. */
+	for (size_t i = 0; i < BUF_PAGES * 4096; i++)
+		buf[i] = (i / 4096) % 2 ? (unsigned char)(i * 13 + i / 4096) : (unsigned char)(i % 251);
+	expected = checksum();
+	deadline = now() + secs;
+	printf("ready %lu %d\n", (unsigned long)(uintptr_t)buf, BUF_PAGES * 4096);
+	fflush(stdout);
+
+	if (!strcmp(mode, "busy")) {
+		busy(NULL);
+	} else if (!strcmp(mode, "sleep")) {
+		sleeper((void *)1);
+	} else if (!strcmp(mode, "pipe")) {
+		pipe_reader(NULL);
+	} else if (!strcmp(mode, "threads")) {
+		pthread_t t[4];
+
+		pthread_create(&t[0], NULL, busy, NULL);
+		pthread_create(&t[1], NULL, busy, NULL);
+		pthread_create(&t[2], NULL, sleeper, (void *)2);
+		pthread_create(&t[3], NULL, pipe_reader, NULL);
+		for (int i = 0; i < 4; i++)
+			pthread_join(t[i], NULL);
+	} else if (!strcmp(mode, "vfork")) {
+		pid_t c = vfork();
+
+		if (c == 0) {
+			struct timespec d = { (time_t)secs, 0 };
+
+			nanosleep(&d, NULL);
+			_exit(0);
+		}
+		waitpid(c, NULL, 0);
+		checks++;
+	} else {
+		return 2;
+	}
+	if (checksum() != expected)
+		error("buffer checksum changed at exit", 0, 0);
+	printf("{\"mode\": \"%s\", \"errors\": %ld, \"checks\": %ld, \"sleeps\": %ld, \"short_sleeps\": %ld, "
+	       "\"records\": %ld, \"signals\": %ld, \"first_error\": \"%s\"}\n",
+	       mode, (long)errors, (long)checks, (long)sleeps, (long)short_sleeps, (long)records,
+	       (long)signals_seen, first_error);
+	return errors ? 1 : 0;
+}

@@ -1,0 +1,128 @@
+"""The estimator's arithmetic on this process's own memory, and the pure helpers.
+
+The scanner reads any process with process_vm_readv; pointed at the test
+process itself it needs no other process and no root, and every page's
+content is chosen here, so the expected counts are worked out by hand.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+
+import pytest
+
+from ksmtrace import native, scan
+from ksmtrace.errors import UsageError
+from ksmtrace.kernel.procfs import Vma
+
+PAGE = native.PAGE
+
+
+def _region(contents: list[bytes]) -> tuple[mmap.mmap, int]:
+    m = mmap.mmap(-1, len(contents) * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for i, c in enumerate(contents):
+        m[i * PAGE : (i + 1) * PAGE] = c  # writing zeros too: a real page, not the zero page
+    return m, ctypes.addressof(ctypes.c_char.from_buffer(m))
+
+
+def _page(tag: int) -> bytes:
+    return bytes([tag]) * 16 + bytes(range(256)) * (PAGE // 256 - 1) + bytes(240)
+
+
+@pytest.mark.parametrize(("use_zero_pages", "saved"), [(False, 7 + 3 + 2 + 1), (True, 7 + 3 + 3 + 1)])
+def test_estimate_arithmetic_on_own_memory(use_zero_pages: bool, saved: int) -> None:
+    a, b, c, zero = _page(1), _page(2), _page(3), bytes(PAGE)
+    assert len(a) == PAGE and a != b
+    # region 1: 10 x A, 3 x B, 3 zero, 4 unique; region 2: 2 x B, 1 x C, 4 unique; C once more in region 1
+    r1 = [a] * 10 + [b] * 3 + [zero] * 3 + [os.urandom(PAGE) for _ in range(4)] + [c]
+    r2 = [b] * 2 + [c] + [os.urandom(PAGE) for _ in range(4)]
+    m1, addr1 = _region(r1)
+    m2, addr2 = _region(r2)
+    try:
+        sc = native.Scanner(max_page_sharing=4, use_zero_pages=use_zero_pages)
+        for addr, n in ((addr1, len(r1)), (addr2, len(r2))):
+            idx = sc.add_region(os.getpid(), addr, addr + n * PAGE, check_ksm=False)
+            sc.scan(idx, addr, addr + n * PAGE)
+        regions, procs, total = sc.finish(2)
+    finally:
+        m1.close()
+        m2.close()
+    # A: 10 -> ceil(10/4)=3 kept, 7 saved; B: 5 -> 2 kept, 3 saved; C: 2 -> 1 saved;
+    # zero: 3 -> 1 kept (2 saved) or all 3 saved with use_zero_pages.
+    assert total["saved"] == saved
+    assert total["present"] == len(r1) + len(r2)
+    assert total["zero"] == 3
+    assert total["distinct"] == 4 + 8  # A, B, C, zero + 8 unique
+    assert total["dup_groups"] == 4
+    assert total["hash_collisions"] == 0
+    one, two = regions
+    assert one["dup_region"] == 10 + 3 + 3  # A, B and zero pages have a twin in region 1
+    assert one["dup_process"] == 1  # C's twin is in region 2
+    assert two["dup_region"] == 2 and two["dup_process"] == 1 and two["dup_cross"] == 0
+    # Alone, region 2 only merges its two B pages (mps 4: one kept).
+    assert two["saved_alone"] == 1
+    assert one["saved_share"] + two["saved_share"] == pytest.approx(saved)
+    assert procs[os.getpid()]["saved_alone"] == saved
+    assert total["saved_within"] == saved  # one process: nothing needs merging across
+
+
+def test_avx2_and_portable_hashes_agree() -> None:
+    data = os.urandom(PAGE * 8) + bytes(PAGE)
+    fast = native.hash_pages(data)
+    slow = [native.lib.kn_hash_page_portable(data[i * PAGE :], PAGE) for i in range(9)]
+    assert fast == slow
+
+
+def test_scan_rejects_out_of_order_and_unaligned() -> None:
+    sc = native.Scanner(256, False)
+    with pytest.raises(OSError):
+        sc.add_region(os.getpid(), 1, PAGE * 2, check_ksm=False)
+    m, addr = _region([bytes(PAGE)] * 2)
+    try:
+        idx = sc.add_region(os.getpid(), addr, addr + 2 * PAGE, check_ksm=False)
+        with pytest.raises(OSError):
+            sc.scan(idx, addr + PAGE, addr + 2 * PAGE)  # must start where the last chunk ended
+        sc.scan(idx, addr, addr + PAGE)
+        sc.scan(idx, addr + PAGE, addr + 2 * PAGE)
+    finally:
+        m.close()
+
+
+def _vma(perms: str = "rw-p", inode: int = 0, path: str = "", flags: str = "rd wr mr mw me ac") -> Vma:
+    return Vma(0x1000, 0x3000, perms, 0, inode, path, frozenset(flags.split()))
+
+
+def test_skip_reasons() -> None:
+    assert scan.skip_reason(_vma()) is None
+    assert scan.skip_reason(_vma(path="[heap]")) is None
+    assert "shared" in (scan.skip_reason(_vma(perms="rw-s", flags="rd wr sh")) or "")
+    assert "file-backed" in (scan.skip_reason(_vma(inode=42, path="/usr/lib/libc.so.6")) or "")
+    assert "hugetlb" in (scan.skip_reason(_vma(flags="rd wr ht")) or "")
+    assert "special" in (scan.skip_reason(_vma(path="[vvar]")) or "")
+
+
+def test_parse_range() -> None:
+    assert scan.parse_range("7f0000000000-7f0000002000") == (0x7F0000000000, 0x7F0000002000)
+    assert scan.parse_range("0x1000-0x3000") == (0x1000, 0x3000)
+    for bad in ("1000", "3000-1000", "zz-1000", "1001-3000"):
+        with pytest.raises(UsageError):
+            scan.parse_range(bad)
+
+
+def test_untouched_and_zero_page_mappings_cost_nothing() -> None:
+    m = mmap.mmap(-1, 64 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    try:
+        assert sum(m[i * PAGE] for i in range(0, 32)) == 0  # read faults: the shared zero page
+        m[40 * PAGE] = 1  # one real page
+        sc = native.Scanner(256, False)
+        idx = sc.add_region(os.getpid(), addr, addr + 64 * PAGE, check_ksm=False)
+        sc.scan(idx, addr, addr + 64 * PAGE)
+        (r,), _, total = sc.finish(1)
+    finally:
+        m.close()
+    assert r["zero_mapped"] == 32
+    assert r["present"] == 1 and total["present"] == 1
+    assert total["saved"] == 0
