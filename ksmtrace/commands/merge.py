@@ -12,7 +12,7 @@ import argparse
 from dataclasses import replace
 from typing import Any
 
-from ksmtrace import remote, scan
+from ksmtrace import native, remote, scan
 from ksmtrace.errors import KsmtraceError, ProcessGone, UsageError
 from ksmtrace.kernel import checks, ksm_sysfs
 from ksmtrace.kernel.procfs import ProcFS, Vma
@@ -140,18 +140,8 @@ def auto_ranges(
     return [r for r in merged if r.saved_share >= min_pages]
 
 
-_SUMMED = (
-    "present",
-    "zero",
-    "zero_mapped",
-    "ksm",
-    "volatile_pages",
-    "dup_region",
-    "dup_process",
-    "dup_cross",
-    "saved_alone",
-    "saved_share",
-)
+# Every per-region counter of the scanner adds up when windows are joined.
+_SUMMED = native.REGION_FIELDS
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """Live KSM state of pages, from /proc/PID/pagemap and /proc/kpageflags.
 
-``ksm_stat`` and smaps ``KSM:`` are refreshed only when ksmd rescans a page,
-so after copy-on-write broke a merge they still count it. pagemap gives each
+``ksm_stat`` is refreshed only when ksmd rescans a page, so after
+copy-on-write broke a merge it still counts it (smaps ``KSM:`` is computed
+when read, but per VMA and only on 6.5+). pagemap gives each
 virtual page's frame and kpageflags says whether that frame is a KSM page
 (KPF_KSM): that is the state right now. Both need root (frames are hidden
 from others).
@@ -37,27 +38,31 @@ class RangePages:
     zero_page: int = 0  # mapped to the shared zero page (never written, or merged with use_zero_pages)
 
 
-def _frames(pid: int, start: int, end: int, proc: Path, page: int) -> list[int]:
-    """Frame numbers of the present pages in [start, end)."""
-    frames: list[int] = []
+def present_pages(
+    pid: int, start: int, end: int, proc: Path = Path("/proc"), page: int | None = None
+) -> list[tuple[int, int]]:
+    """(virtual address, frame) of every present page of [start, end)."""
+    page = page or os.sysconf("SC_PAGE_SIZE")
+    out: list[tuple[int, int]] = []
     with proc_errors(pid):
         fd = os.open(proc / str(pid) / "pagemap", os.O_RDONLY)
     try:
-        first, last = start // page, (end + page - 1) // page
-        idx = first
+        idx, last = start // page, (end + page - 1) // page
         while idx < last:
             n = min(_CHUNK_PAGES, last - idx)
             with proc_errors(pid):
                 raw = os.pread(fd, n * 8, idx * 8)
             entries = array("Q")
             entries.frombytes(raw[: len(raw) // 8 * 8])
-            frames.extend(e & PAGEMAP_PFN_MASK for e in entries if e & PAGEMAP_PRESENT)
+            out.extend(
+                ((idx + i) * page, e & PAGEMAP_PFN_MASK) for i, e in enumerate(entries) if e & PAGEMAP_PRESENT
+            )
             if len(entries) < n:
                 break
             idx += n
     finally:
         os.close(fd)
-    return frames
+    return out
 
 
 def frame_flags(frames: list[int], proc: Path = Path("/proc")) -> dict[int, int]:
@@ -92,7 +97,7 @@ def range_pages(
     pid: int, start: int, end: int, proc: Path = Path("/proc"), page: int | None = None
 ) -> RangePages:
     page = page or os.sysconf("SC_PAGE_SIZE")
-    frames = _frames(pid, start, end, proc, page)
+    frames = [pfn for _, pfn in present_pages(pid, start, end, proc, page)]
     # Without CAP_SYS_ADMIN pagemap reports pfn 0 for every page.
     flags = frame_flags([f for f in frames if f], proc)
     ksm = [f for f in frames if flags.get(f, 0) & KPF_KSM]
@@ -107,25 +112,7 @@ def range_pages(
 
 def ksm_pages(pid: int, start: int, end: int, proc: Path = Path("/proc")) -> list[tuple[int, int]]:
     """(virtual address, frame) of every page of [start, end) mapped to a KSM page now."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    with proc_errors(pid):
-        fd = os.open(proc / str(pid) / "pagemap", os.O_RDONLY)
-    present: list[tuple[int, int]] = []
-    try:
-        idx, last = start // page, (end + page - 1) // page
-        while idx < last:
-            n = min(_CHUNK_PAGES, last - idx)
-            with proc_errors(pid):
-                raw = os.pread(fd, n * 8, idx * 8)
-            entries = array("Q")
-            entries.frombytes(raw[: len(raw) // 8 * 8])
-            for i, e in enumerate(entries):
-                if e & PAGEMAP_PRESENT and e & PAGEMAP_PFN_MASK:
-                    present.append(((idx + i) * page, e & PAGEMAP_PFN_MASK))
-            if len(entries) < n:
-                break
-            idx += n
-    finally:
-        os.close(fd)
+    # Without CAP_SYS_ADMIN pagemap reports pfn 0 for every page.
+    present = [(va, pfn) for va, pfn in present_pages(pid, start, end, proc) if pfn]
     flags = frame_flags([pfn for _, pfn in present], proc)
     return [(va, pfn) for va, pfn in present if flags.get(pfn, 0) & KPF_KSM]
