@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# Run ksmtrace's test suite inside a Debian 12 VM (Linux 6.1) on this machine,
+# offline, through the same Vagrantfile users run on their workstations.
+#
+#   make vm-test              (or: sudo vagrant/run-vm-tests.sh)
+#
+# What it does, and undoes on exit:
+#   1. installs the host's tools from Debian if missing (vagrant,
+#      vagrant-libvirt, libvirt, QEMU, debootstrap, dnsmasq-base);
+#   2. builds the box (vagrant/build-box.sh) and a wheelhouse of the Python
+#      packages pyproject.toml names, both cached under $KSMTRACE_VM_CACHE;
+#   3. creates a network namespace, and in it starts virtlogd and libvirtd by
+#      hand (no systemd needed) with a private /run: libvirt's network, its
+#      dnsmasq and the guest's private addresses exist only in there;
+#   4. vagrant up (QEMU software emulation: KSMTRACE_VM_DRIVER=qemu), then the
+#      Vagrantfile's "install" provisioner (scripts/install.sh, as in CI) and
+#      its "tests" provisioner (the suite, CI=true);
+#   5. copies the guest's JUnit XML, serial console and timings to
+#      $KSMTRACE_VM_RESULTS (default build/vm), destroys the VM, stops the
+#      daemons and removes the namespace.
+# Exit status: that of the guest's test run (0 = all passed), or 1 if the VM
+# could not be brought up.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+export KSMTRACE_VM_CACHE="${KSMTRACE_VM_CACHE:-/var/cache/ksmtrace-vm}"
+export KSMTRACE_VM_RESULTS="${KSMTRACE_VM_RESULTS:-$ROOT/build/vm}"
+CACHE="$KSMTRACE_VM_CACHE"
+RESULTS="$KSMTRACE_VM_RESULTS"
+log() { printf 'vm-test: %s\n' "$*" >&2; }
+
+HOST_PACKAGES=(
+  vagrant vagrant-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
+  qemu-system-x86 qemu-utils debootstrap dnsmasq-base iptables rsync e2fsprogs
+)
+
+timing() {  # name seconds: appended to timings.json at the end
+  TIMINGS+=("\"$1\": $2")
+  log "$1: $2 s"
+}
+
+inner() {
+  # In the run's own network namespace and (from ip netns exec) mount
+  # namespace: a tmpfs over /run keeps libvirt's sockets and pid files private.
+  ip link set lo up
+  mount -t tmpfs -o mode=755 tmpfs /run
+  mkdir -p /run/lock
+  export VAGRANT_HOME="$CACHE/vagrant.d"
+  mkdir -p "$VAGRANT_HOME"
+  # QEMU runs as libvirt-qemu and reads the box's kernel from VAGRANT_HOME.
+  chmod 755 "$CACHE" "$VAGRANT_HOME"
+
+  local lv_pid="" vl_pid=""
+  stop_inner() {
+    set +e
+    log "stopping: VM, libvirt networks, libvirtd, virtlogd"
+    (cd "$HERE" && timeout 300 vagrant destroy -f >>"$RESULTS/vagrant.log" 2>&1)
+    for dom in $(virsh -q list --all --name 2>/dev/null | grep '^ksmtrace-'); do
+      virsh -q destroy "$dom" >/dev/null 2>&1
+      virsh -q undefine "$dom" --remove-all-storage >/dev/null 2>&1
+    done
+    # Their dnsmasq would outlive libvirtd otherwise.
+    for net in $(virsh -q net-list --name 2>/dev/null); do
+      virsh -q net-destroy "$net" >/dev/null 2>&1
+    done
+    [[ -n "$lv_pid" ]] && kill "$lv_pid" 2>/dev/null
+    [[ -n "$vl_pid" ]] && kill "$vl_pid" 2>/dev/null
+    sleep 1
+  }
+  trap stop_inner EXIT
+
+  virtlogd -d
+  vl_pid="$(cat /run/virtlogd.pid)"
+  libvirtd -d
+  for _ in $(seq 100); do [[ -S /run/libvirt/libvirt-sock ]] && break; sleep 0.1; done
+  lv_pid="$(cat /run/libvirtd.pid)"
+  log "libvirtd $lv_pid, virtlogd $vl_pid in network namespace $NS"
+
+  # A run killed earlier may have left its domain defined: start clean.
+  for dom in $(virsh -q list --all --name | grep '^ksmtrace-' || true); do
+    virsh -q destroy "$dom" >/dev/null 2>&1 || true
+    virsh -q undefine "$dom" --remove-all-storage >/dev/null 2>&1 || true
+  done
+  rm -rf "$HERE/.vagrant"
+
+  if ! vagrant box list 2>/dev/null | grep -q "^$BOX_NAME "; then
+    log "vagrant box add $BOX_NAME"
+    vagrant box add --name "$BOX_NAME" "$BOX_FILE" >>"$RESULTS/vagrant.log"
+  fi
+
+  export KSMTRACE_BOX="$BOX_NAME" KSMTRACE_VM_DRIVER=qemu
+  export KSMTRACE_WHEELHOUSE="$WHEELHOUSE" KSMTRACE_VM_CONSOLE_LOG="$RESULTS/console.log"
+  cd "$HERE"
+  local t rc
+  t=$SECONDS
+  if ! vagrant up --provider=libvirt --no-provision >>"$RESULTS/vagrant.log" 2>&1; then
+    log "vagrant up failed; last lines of $RESULTS/vagrant.log and the console:"
+    tail -n 25 "$RESULTS/vagrant.log" >&2
+    tail -n 25 "$RESULTS/console.log" >&2 2>/dev/null || true
+    return 1
+  fi
+  timing vagrant_up_s $((SECONDS - t))
+  vagrant ssh -c 'uname -r' 2>/dev/null | tr -d '\r' >"$RESULTS/guest-kernel"
+  log "guest kernel: $(cat "$RESULTS/guest-kernel")"
+
+  t=$SECONDS
+  if ! vagrant provision --provision-with install >>"$RESULTS/vagrant.log" 2>&1; then
+    log "provisioning with scripts/install.sh failed:"
+    tail -n 25 "$RESULTS/vagrant.log" >&2
+    return 1
+  fi
+  timing guest_install_s $((SECONDS - t))
+
+  t=$SECONDS
+  rc=0
+  vagrant provision --provision-with tests >"$RESULTS/guest-pytest.log" 2>&1 || rc=$?
+  timing guest_tests_s $((SECONDS - t))
+  vagrant ssh -c 'sudo cat /var/tmp/ksmtrace-junit.xml' >"$RESULTS/junit.xml" 2>/dev/null || true
+  log "guest test run exit status $rc; its output: $RESULTS/guest-pytest.log"
+  return "$rc"
+}
+
+if [[ "${1:-}" == "--inner" ]]; then
+  TIMINGS=()
+  rc=0
+  inner || rc=$?
+  printf '%s\n' "${TIMINGS[@]}" >"$RESULTS/timings.inner"
+  exit "$rc"
+fi
+
+[[ $EUID -eq 0 ]] || { log "needs root (libvirtd, network namespace)"; exit 1; }
+mkdir -p "$CACHE" "$RESULTS"
+rm -f "$RESULTS"/{junit.xml,console.log,vagrant.log,guest-pytest.log,timings.json,timings.inner}
+
+missing=()
+for p in "${HOST_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing host packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# One VM run per machine at a time (they share libvirt's state and the cache).
+exec 9>"$CACHE/run.lock"
+flock 9
+
+TIMINGS=()
+t=$SECONDS
+BOX_FILE="$("$HERE/build-box.sh")"
+timing box_build_s $((SECONDS - t))
+BOX_NAME="ksmtrace/$(basename "$BOX_FILE" .box)"
+
+# The guest has no PyPI: hand it wheels of everything pyproject.toml names.
+t=$SECONDS
+PY="${KSMTRACE_HOST_PYTHON:-$ROOT/.venv/bin/python}"
+[[ -x "$PY" ]] || PY=/usr/bin/python3
+wkey="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-12)"
+WHEELHOUSE="$CACHE/wheelhouse-$wkey"
+if [[ ! -d "$WHEELHOUSE" ]]; then
+  log "downloading wheels into $WHEELHOUSE"
+  mapfile -t reqs < <("$PY" - "$ROOT/pyproject.toml" <<'EOF'
+import sys, tomllib
+d = tomllib.load(open(sys.argv[1], "rb"))
+reqs = ["pip"] + d["build-system"]["requires"] + d["project"]["dependencies"]
+for extra in d["project"].get("optional-dependencies", {}).values():
+    reqs += extra
+print("\n".join(reqs))
+EOF
+  )
+  "$PY" -m pip download -q -d "$WHEELHOUSE.tmp" "${reqs[@]}"
+  mv "$WHEELHOUSE.tmp" "$WHEELHOUSE"
+fi
+timing wheelhouse_s $((SECONDS - t))
+
+NS="ksmtrace-vm-$$"
+stop_outer() {
+  set +e
+  # Anything still running in the namespace was started by this run.
+  for pid in $(ip netns pids "$NS" 2>/dev/null); do kill "$pid" 2>/dev/null; done
+  sleep 1
+  for pid in $(ip netns pids "$NS" 2>/dev/null); do kill -9 "$pid" 2>/dev/null; done
+  ip netns del "$NS" 2>/dev/null
+}
+trap stop_outer EXIT
+ip netns add "$NS"
+export NS BOX_FILE BOX_NAME WHEELHOUSE
+rc=0
+ip netns exec "$NS" "$HERE/run-vm-tests.sh" --inner || rc=$?
+
+{
+  printf '{'
+  printf '%s, ' "${TIMINGS[@]}"
+  [[ -f "$RESULTS/timings.inner" ]] && tr '\n' ',' <"$RESULTS/timings.inner" | sed 's/,/, /g'
+  printf '"exit_status": %d}\n' "$rc"
+} >"$RESULTS/timings.json"
+rm -f "$RESULTS/timings.inner"
+log "timings: $(cat "$RESULTS/timings.json")"
+exit "$rc"
