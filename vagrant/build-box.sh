@@ -124,5 +124,7 @@ echo "$kver" >"$out/kernel-release"
 
 tar -C "$out" -cf "$BOX.tmp" metadata.json Vagrantfile box.img vmlinuz initrd.img kernel-release
 mv "$BOX.tmp" "$BOX"
+# Boxes of other package lists are stale: the cache keeps one.
+find "$CACHE" -maxdepth 1 -name "ksmtrace-$SUITE-*.box" ! -name "$(basename "$BOX")" -delete
 log "built $BOX ($(du -h "$BOX" | cut -f1), kernel $kver) in $((SECONDS - t0)) s"
 echo "$BOX"

@@ -84,15 +84,27 @@ inner() {
   done
   rm -rf "$HERE/.vagrant"
 
+  # Older boxes (another package list) and their copies in libvirt's pool go.
+  local old vol t
+  for old in $(vagrant box list 2>/dev/null | awk '$1 ~ /^ksmtrace\// {print $1}' | sort -u); do
+    [[ "$old" == "$BOX_NAME" ]] && continue
+    log "removing stale box $old"
+    vagrant box remove --force --all "$old" >>"$RESULTS/vagrant.log" 2>&1 || true
+    for vol in $(virsh -q vol-list default 2>/dev/null | awk '{print $1}' \
+        | grep "^${old//\//-VAGRANTSLASH-}_vagrant_box_image" || true); do
+      virsh -q vol-delete --pool default "$vol" >/dev/null 2>&1 || true
+    done
+  done
   if ! vagrant box list 2>/dev/null | grep -q "^$BOX_NAME "; then
-    log "vagrant box add $BOX_NAME"
+    t=$SECONDS
     vagrant box add --name "$BOX_NAME" "$BOX_FILE" >>"$RESULTS/vagrant.log"
+    timing box_add_s $((SECONDS - t))
   fi
 
   export KSMTRACE_BOX="$BOX_NAME" KSMTRACE_VM_DRIVER=qemu
   export KSMTRACE_WHEELHOUSE="$WHEELHOUSE" KSMTRACE_VM_CONSOLE_LOG="$RESULTS/console.log"
   cd "$HERE"
-  local t rc
+  local rc
   t=$SECONDS
   if ! vagrant up --provider=libvirt --no-provision >>"$RESULTS/vagrant.log" 2>&1; then
     log "vagrant up failed; last lines of $RESULTS/vagrant.log and the console:"
@@ -117,6 +129,7 @@ inner() {
   vagrant provision --provision-with tests >"$RESULTS/guest-pytest.log" 2>&1 || rc=$?
   timing guest_tests_s $((SECONDS - t))
   vagrant ssh -c 'sudo cat /var/tmp/ksmtrace-junit.xml' >"$RESULTS/junit.xml" 2>/dev/null || true
+  vagrant ssh -c 'sudo /vagrant/.venv/bin/ksmtrace status -j' >"$RESULTS/guest-status.json" 2>/dev/null || true
   log "guest test run exit status $rc; its output: $RESULTS/guest-pytest.log"
   return "$rc"
 }
@@ -131,7 +144,7 @@ fi
 
 [[ $EUID -eq 0 ]] || { log "needs root (libvirtd, network namespace)"; exit 1; }
 mkdir -p "$CACHE" "$RESULTS"
-rm -f "$RESULTS"/{junit.xml,console.log,vagrant.log,guest-pytest.log,timings.json,timings.inner}
+rm -f "$RESULTS"/{junit.xml,console.log,vagrant.log,guest-*,timings.json,timings.inner}
 
 missing=()
 for p in "${HOST_PACKAGES[@]}"; do
@@ -171,7 +184,8 @@ for extra in d["project"].get("optional-dependencies", {}).values():
 print("\n".join(reqs))
 EOF
   )
-  "$PY" -m pip download -q -d "$WHEELHOUSE.tmp" "${reqs[@]}"
+  "$PY" -m pip download -q -d "$WHEELHOUSE.tmp" "${reqs[@]}" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  compgen -G "$WHEELHOUSE.tmp/cffi-*" >/dev/null || { log "pip download failed"; exit 1; }
   mv "$WHEELHOUSE.tmp" "$WHEELHOUSE"
 fi
 timing wheelhouse_s $((SECONDS - t))
