@@ -21,6 +21,8 @@ MIRROR="${KSMTRACE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SUITE=bookworm
 DISK_GIB=8
 log() { printf 'build-box: %s\n' "$*" >&2; }
+# stdout carries the box path alone; what the tools print goes to stderr.
+exec 3>&1 1>&2
 
 # What a Vagrant guest needs beyond install.sh's list: a kernel and initrd,
 # an init, a network, ssh, sudo and rsync (the synced folder).
@@ -35,7 +37,7 @@ key="$({ printf '%s\n' "$SUITE" "${BOX_PACKAGES[@]}" "${DEB_PACKAGES[@]}" | sort
 BOX="$CACHE/ksmtrace-$SUITE-$key.box"
 if [[ -f "$BOX" ]]; then
   log "cached: $BOX"
-  echo "$BOX"
+  echo "$BOX" >&3
   exit 0
 fi
 [[ $EUID -eq 0 ]] || { log "needs root (debootstrap)"; exit 1; }
@@ -54,6 +56,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT
 
 t0=$SECONDS
 include="$(printf '%s,' "${BOX_PACKAGES[@]}" "${DEB_PACKAGES[@]}")"
@@ -127,4 +130,4 @@ mv "$BOX.tmp" "$BOX"
 # Boxes of other package lists are stale: the cache keeps one.
 find "$CACHE" -maxdepth 1 -name "ksmtrace-$SUITE-*.box" ! -name "$(basename "$BOX")" -delete
 log "built $BOX ($(du -h "$BOX" | cut -f1), kernel $kver) in $((SECONDS - t0)) s"
-echo "$BOX"
+echo "$BOX" >&3

@@ -35,8 +35,8 @@ HOST_PACKAGES=(
   qemu-system-x86 qemu-utils debootstrap dnsmasq-base iptables rsync e2fsprogs
 )
 
-timing() {  # name seconds: appended to timings.json at the end
-  TIMINGS+=("\"$1\": $2")
+timing() {  # name seconds: collected into timings.json at the end
+  printf '"%s": %s\n' "$1" "$2" >>"$RESULTS/timings.part"
   log "$1: $2 s"
 }
 
@@ -51,7 +51,7 @@ inner() {
   # QEMU runs as libvirt-qemu and reads the box's kernel from VAGRANT_HOME.
   chmod 755 "$CACHE" "$VAGRANT_HOME"
 
-  local lv_pid="" vl_pid=""
+  lv_pid="" vl_pid=""
   stop_inner() {
     set +e
     log "stopping: VM, libvirt networks, libvirtd, virtlogd"
@@ -69,6 +69,7 @@ inner() {
     sleep 1
   }
   trap stop_inner EXIT
+  trap 'exit 143' TERM INT
 
   virtlogd -d
   vl_pid="$(cat /run/virtlogd.pid)"
@@ -135,16 +136,13 @@ inner() {
 }
 
 if [[ "${1:-}" == "--inner" ]]; then
-  TIMINGS=()
-  rc=0
-  inner || rc=$?
-  printf '%s\n' "${TIMINGS[@]}" >"$RESULTS/timings.inner"
-  exit "$rc"
+  inner
+  exit 0
 fi
 
 [[ $EUID -eq 0 ]] || { log "needs root (libvirtd, network namespace)"; exit 1; }
 mkdir -p "$CACHE" "$RESULTS"
-rm -f "$RESULTS"/{junit.xml,console.log,vagrant.log,guest-*,timings.json,timings.inner}
+rm -f "$RESULTS"/{junit.xml,console.log,vagrant.log,guest-*,timings.json,timings.part}
 
 missing=()
 for p in "${HOST_PACKAGES[@]}"; do
@@ -161,7 +159,6 @@ fi
 exec 9>"$CACHE/run.lock"
 flock 9
 
-TIMINGS=()
 t=$SECONDS
 BOX_FILE="$("$HERE/build-box.sh")"
 timing box_build_s $((SECONDS - t))
@@ -200,6 +197,7 @@ stop_outer() {
   ip netns del "$NS" 2>/dev/null
 }
 trap stop_outer EXIT
+trap 'exit 143' TERM INT
 ip netns add "$NS"
 export NS BOX_FILE BOX_NAME WHEELHOUSE
 rc=0
@@ -207,10 +205,9 @@ ip netns exec "$NS" "$HERE/run-vm-tests.sh" --inner || rc=$?
 
 {
   printf '{'
-  printf '%s, ' "${TIMINGS[@]}"
-  [[ -f "$RESULTS/timings.inner" ]] && tr '\n' ',' <"$RESULTS/timings.inner" | sed 's/,/, /g'
+  [[ -f "$RESULTS/timings.part" ]] && tr '\n' ',' <"$RESULTS/timings.part" | sed 's/,/, /g'
   printf '"exit_status": %d}\n' "$rc"
 } >"$RESULTS/timings.json"
-rm -f "$RESULTS/timings.inner"
+rm -f "$RESULTS/timings.part"
 log "timings: $(cat "$RESULTS/timings.json")"
 exit "$rc"

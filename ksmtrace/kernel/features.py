@@ -95,7 +95,7 @@ FEATURES: dict[str, Feature] = {
             _prctl_memory_merge,
         ),
         Feature("ksm_tracepoints", "the ksm:* tracepoints", "6.4", _ksm_tracepoints),
-        Feature("general_profit", "/sys/kernel/mm/ksm/general_profit", "6.1", _sysfs("general_profit")),
+        Feature("general_profit", "/sys/kernel/mm/ksm/general_profit", "6.4", _sysfs("general_profit")),
         Feature("ksm_merge_any_stat", "ksm_merge_any in ksm_stat", "6.4", _ksm_stat_field("ksm_merge_any")),
         Feature("smaps_ksm", "the KSM: line of /proc/PID/smaps", "6.6", _smaps_ksm),
         Feature("smart_scan", "/sys/kernel/mm/ksm/smart_scan", "6.7", _sysfs("smart_scan")),

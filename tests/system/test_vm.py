@@ -65,15 +65,20 @@ def _cases(junit: Path) -> list[tuple[str, str, str]]:
 
 def test_suite_passes_inside_debian12_vm(request: pytest.FixtureRequest) -> None:
     env = {**os.environ, "KSMTRACE_VM_RESULTS": str(RESULTS)}
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [str(ROOT / "vagrant" / "run-vm-tests.sh")],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=TIMEOUT,
         env=env,
-        check=False,
     )
-    steps = [line for line in proc.stderr.splitlines() if line.startswith(("vm-test:", "build-box:"))]
+    try:
+        _, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets the script's traps destroy the VM and stop libvirtd.
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=300)
+    steps = [line for line in stderr.splitlines() if line.startswith(("vm-test:", "build-box:"))]
     lines = ["==== ksmtrace test suite inside the Debian 12 VM (vagrant/run-vm-tests.sh) ====", *steps]
     guest_log = RESULTS / "guest-pytest.log"
     junit = RESULTS / "junit.xml"
@@ -95,7 +100,7 @@ def test_suite_passes_inside_debian12_vm(request: pytest.FixtureRequest) -> None
         lines.append(f"  timings: {timings.read_text().strip()}")
     _write(request, lines)
 
-    assert proc.returncode == 0, f"run-vm-tests.sh exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"run-vm-tests.sh exited {proc.returncode}:\n{stderr[-3000:]}"
     kernel = (RESULTS / "guest-kernel").read_text().strip()
     assert kernel.startswith("6.1."), f"guest kernel is {kernel}, expected Debian 12's 6.1"
     assert cases, "the guest produced no JUnit results"
