@@ -35,6 +35,11 @@ HOST_PACKAGES=(
   qemu-system-x86 qemu-utils debootstrap dnsmasq-base iptables rsync e2fsprogs
 )
 
+stamp() {  # prefix each line with the time: where a slow step spends it
+  local line
+  while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done
+}
+
 timing() {  # name seconds: collected into timings.json at the end
   printf '"%s": %s\n' "$1" "$2" >>"$RESULTS/timings.part"
   log "$1: $2 s"
@@ -107,7 +112,7 @@ inner() {
   cd "$HERE"
   local rc
   t=$SECONDS
-  if ! vagrant up --provider=libvirt --no-provision >>"$RESULTS/vagrant.log" 2>&1; then
+  if ! vagrant up --provider=libvirt --no-provision 2>&1 | stamp >>"$RESULTS/vagrant.log"; then
     log "vagrant up failed; last lines of $RESULTS/vagrant.log and the console:"
     tail -n 25 "$RESULTS/vagrant.log" >&2
     tail -n 25 "$RESULTS/console.log" >&2 2>/dev/null || true
@@ -118,7 +123,7 @@ inner() {
   log "guest kernel: $(cat "$RESULTS/guest-kernel")"
 
   t=$SECONDS
-  if ! vagrant provision --provision-with install >>"$RESULTS/vagrant.log" 2>&1; then
+  if ! vagrant provision --provision-with install 2>&1 | stamp >>"$RESULTS/vagrant.log"; then
     log "provisioning with scripts/install.sh failed:"
     tail -n 25 "$RESULTS/vagrant.log" >&2
     return 1
