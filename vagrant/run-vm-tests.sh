@@ -51,6 +51,15 @@ inner() {
   ip link set lo up
   mount -t tmpfs -o mode=755 tmpfs /run
   mkdir -p /run/lock
+  # libvirt probes QEMU with KVM (root can open /dev/kvm) but then checks it as
+  # the QEMU user, who cannot: it sees the probe as stale and re-probes on every
+  # lookup, about a minute per domain definition. A /dev/kvm node that user can
+  # open, in this mount namespace only, keeps the probe valid. The domain still
+  # runs under TCG (KSMTRACE_VM_DRIVER=qemu).
+  if [[ -c /dev/kvm ]]; then
+    mknod -m 666 /run/kvm c "$((0x$(stat -c %t /dev/kvm)))" "$((0x$(stat -c %T /dev/kvm)))"
+    mount --bind /run/kvm /dev/kvm
+  fi
   export VAGRANT_HOME="$CACHE/vagrant.d"
   mkdir -p "$VAGRANT_HOME"
   # QEMU runs as libvirt-qemu and reads the box's kernel from VAGRANT_HOME.

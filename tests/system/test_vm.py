@@ -80,6 +80,12 @@ def test_suite_passes_inside_debian12_vm(request: pytest.FixtureRequest) -> None
         _, stderr = proc.communicate(timeout=300)
     steps = [line for line in stderr.splitlines() if line.startswith(("vm-test:", "build-box:"))]
     lines = ["==== ksmtrace test suite inside the Debian 12 VM (vagrant/run-vm-tests.sh) ====", *steps]
+    console = RESULTS / "console.log"
+    if console.exists():
+        booted = [
+            ln.strip() for ln in console.read_text(errors="replace").splitlines() if "Linux version" in ln
+        ]
+        lines += [f"  guest console: {ln[:150]}" for ln in booted[:1]]
     guest_log = RESULTS / "guest-pytest.log"
     junit = RESULTS / "junit.xml"
     cases: list[tuple[str, str, str]] = []
