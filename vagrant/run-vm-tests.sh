@@ -202,11 +202,20 @@ fi
 timing wheelhouse_s $((SECONDS - t))
 
 NS="ksmtrace-vm-$$"
+INNER=""
 stop_outer() {
   set +e
+  if [[ -n "$INNER" ]] && kill -0 "$INNER" 2>/dev/null; then
+    # Interrupted: end the inner run's current command (vagrant); its traps
+    # then destroy the VM while libvirtd is still there to do it.
+    log "interrupted: stopping the VM run in $NS"
+    pkill -TERM -P "$INNER"
+    kill -TERM "$INNER"
+    for _ in $(seq 300); do kill -0 "$INNER" 2>/dev/null || break; sleep 1; done
+  fi
   # Anything still running in the namespace was started by this run.
   for pid in $(ip netns pids "$NS" 2>/dev/null); do kill "$pid" 2>/dev/null; done
-  sleep 1
+  for _ in $(seq 10); do [[ -z "$(ip netns pids "$NS" 2>/dev/null)" ]] && break; sleep 1; done
   for pid in $(ip netns pids "$NS" 2>/dev/null); do kill -9 "$pid" 2>/dev/null; done
   ip netns del "$NS" 2>/dev/null
 }
@@ -215,7 +224,12 @@ trap 'exit 143' TERM INT
 ip netns add "$NS"
 export NS BOX_FILE BOX_NAME WHEELHOUSE
 rc=0
-ip netns exec "$NS" "$HERE/run-vm-tests.sh" --inner || rc=$?
+# In the background: a signal to this script is then handled at once, not
+# after the whole VM run.
+ip netns exec "$NS" "$HERE/run-vm-tests.sh" --inner &
+INNER=$!
+wait "$INNER" || rc=$?
+INNER=""
 
 {
   printf '{'
