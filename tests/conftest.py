@@ -43,8 +43,6 @@ LOCK = (
 )
 FIXTURES = Path(__file__).parent / "fixtures"
 _LACKS = pytest.StashKey[list]()
-
-
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -81,13 +79,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = [i for i in items if not i.get_closest_marker("vm")]
 
 
-class KernelLacks(pytest.skip.Exception):  # type: ignore[misc,name-defined]
+class KernelLacks(pytest.skip.Exception):
     """A skip because the running kernel lacks a feature: not a failure under --strict-system."""
 
 
 def require_kernel_feature(*names: str) -> None:
     for name in names:
         if not features.available(name):
+            # _use_item_location: the -ra summary points at the test, as for skip marks.
             raise KernelLacks(features.lacks(name), _use_item_location=True)
 
 
