@@ -3,6 +3,12 @@
 # virtualenv at .venv (Python packages, ksmtrace itself with its native part).
 # Used by the README, .ci/run and vagrant/: one script, so they cannot drift.
 # Idempotent; a second run with nothing to do takes about a second.
+#
+#   --print-deb-packages   print the Debian packages (one a line) and exit:
+#                          vagrant/build-box.sh bakes them into its offline box
+#   KSMTRACE_WHEELHOUSE=DIR install Python packages only from DIR (pip
+#                          --no-index --find-links): for machines without PyPI,
+#                          such as the offline VM of vagrant/run-vm-tests.sh
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,6 +22,9 @@ DEB_PACKAGES=(
   python3 python3-venv python3-dev gcc libc6-dev libxxhash-dev
   linux-perf procps util-linux
 )
+if [[ "${1:-}" == "--print-deb-packages" ]]; then
+  printf '%s\n' "${DEB_PACKAGES[@]}"; exit 0
+fi
 
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
@@ -54,8 +63,14 @@ STAMP="$VENV/.ksmtrace-stamp"
 digest="$(cd "$ROOT" && cat pyproject.toml setup.py native/*.c native/*.h native/*.py | sha256sum | cut -d' ' -f1)"
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$digest" ]] || ! "$VENV/bin/python" -c 'import ksmtrace._native' 2>/dev/null; then
   log "installing ksmtrace and its Python dependencies into $VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+  PIP=("$VENV/bin/python" -m pip install -q)
+  if [[ -n "${KSMTRACE_WHEELHOUSE:-}" ]]; then
+    # Offline: build dependencies (setuptools, wheel, cffi) come from here too.
+    log "using only the wheelhouse $KSMTRACE_WHEELHOUSE"
+    PIP+=(--no-index --find-links "$KSMTRACE_WHEELHOUSE")
+  fi
+  "${PIP[@]}" --upgrade pip >/dev/null
+  "${PIP[@]}" -e "$ROOT[test]"
   echo "$digest" > "$STAMP"
 fi
 "$VENV/bin/python" -c 'import bcc, ksmtrace._native' || { log "import check failed"; exit 1; }

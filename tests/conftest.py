@@ -6,10 +6,27 @@
 * ``ksm`` fixture: takes a machine-wide lock (system tests of several
   checkouts never overlap on the global /sys/kernel/mm/ksm), snapshots every
   knob, unmerges everything, and restores the snapshot afterwards.
+* Kernel features: a test that needs something older kernels lack (Debian
+  12's 6.1 lacks PR_SET_MEMORY_MERGE, the ksm tracepoints, smart_scan, the
+  advisor...) says so, and is skipped only where the kernel really lacks it,
+  as probed by ksmtrace.kernel.features (never by comparing versions). Such a
+  skip is legitimate even under --strict-system / CI=true::
+
+      @pytest.mark.requires_kernel_feature("ksm_tracepoints")
+      def test_x(): ...
+
+      def test_y(kernel_feature):
+          kernel_feature("prctl_memory_merge")   # skips here if missing
+
+  Names are the keys of ksmtrace.kernel.features.FEATURES; an unknown name is
+  an error, not a skip.
+* ``@pytest.mark.vm`` (tests/system/test_vm.py) boots a Debian 12 VM and runs
+  the suite inside it: it runs with --vm or CI=true, and is deselected otherwise.
 """
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import os
 import time
@@ -18,34 +35,82 @@ from pathlib import Path
 
 import pytest
 
-from ksmtrace.kernel import ksm_sysfs, pagemap
+from ksmtrace.kernel import features, ksm_sysfs, pagemap
 from ksmtrace.workload import Workload
 
 LOCK = (
     Path("/run/lock/ksmtrace-tests.lock") if Path("/run/lock").is_dir() else Path("/tmp/ksmtrace-tests.lock")
 )
 FIXTURES = Path(__file__).parent / "fixtures"
+_LACKS = pytest.StashKey[list]()
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--strict-system",
         action="store_true",
-        default=os.environ.get("CI", "").lower() in ("1", "true", "yes"),
+        default=IN_CI,
         help="fail (not skip) system tests that cannot run; default on when CI=true",
     )
+    parser.addoption(
+        "--vm",
+        action=argparse.BooleanOptionalAction,
+        default=IN_CI,
+        help="run the tests marked vm (the suite inside a Debian 12 VM); default on when CI=true",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "requires_kernel_feature(*names): skip, even in CI, where the kernel lacks one of "
+        "these features (ksmtrace.kernel.features)",
+    )
+    config.addinivalue_line("markers", "vm: boots a VM (slow); runs with --vm or CI=true")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--vm"):
+        return
+    vm = [i for i in items if i.get_closest_marker("vm")]
+    if vm:
+        config.hook.pytest_deselected(items=vm)
+        items[:] = [i for i in items if not i.get_closest_marker("vm")]
+
+
+class KernelLacks(pytest.skip.Exception):
+    """A skip because the running kernel lacks a feature: not a failure under --strict-system."""
+
+
+def require_kernel_feature(*names: str) -> None:
+    for name in names:
+        if not features.available(name):
+            # _use_item_location: the -ra summary points at the test, as for skip marks.
+            raise KernelLacks(features.lacks(name), _use_item_location=True)
+
+
+@pytest.fixture
+def kernel_feature() -> Callable[..., None]:
+    """``kernel_feature("name", ...)`` inside a test: skip it here if the kernel lacks one."""
+    return require_kernel_feature
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("system") and os.geteuid() != 0:
         pytest.skip("system test: needs root")
+    for mark in item.iter_markers("requires_kernel_feature"):
+        require_kernel_feature(*mark.args)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and item.get_closest_marker("system") and item.config.getoption("--strict-system"):
+    if report.skipped and call.excinfo is not None and call.excinfo.errisinstance(KernelLacks):
+        lacking = item.config.stash.setdefault(_LACKS, [])
+        lacking.append((item.nodeid, str(call.excinfo.value)))
+    elif report.skipped and item.get_closest_marker("system") and item.config.getoption("--strict-system"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"system test skipped under --strict-system (CI): {reason}"
@@ -56,6 +121,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     ran = getattr(config, "_ksmtrace_system_ran", 0)
     terminalreporter.write_line(f"ksmtrace: {ran} system tests ran against the real kernel")
+    lacking = config.stash.get(_LACKS, [])
+    if lacking:
+        terminalreporter.write_line(
+            f"ksmtrace: {len(lacking)} tests skipped because this kernel lacks what they test:"
+        )
+        for nodeid, why in lacking:
+            terminalreporter.write_line(f"  {nodeid}: {why}")
 
 
 class KsmControl:

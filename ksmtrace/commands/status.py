@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ksmtrace import inventory
-from ksmtrace.kernel import ksm_sysfs, vmstat
+from ksmtrace.kernel import features, ksm_sysfs, vmstat
 from ksmtrace.kernel.procfs import ProcFS
 from ksmtrace.views.fmt import emit_json, human_bytes, table
 
@@ -47,6 +47,7 @@ def collect(proc: ProcFS | None = None) -> dict[str, Any]:
         "vmstat": vmstat.ksm_vmstat(),
         "processes": [p.as_dict() for p in inv.processes],
         "skipped": {"exited": inv.exited, "denied": inv.denied},
+        "features": features.report(),
     }
 
 
@@ -70,6 +71,9 @@ def render(data: dict[str, Any], exact: bool = False) -> None:
     print()
     rows = [(k, v) for k, v in knobs.items()]
     table(("KNOB", "VALUE"), rows, right=(False, True))
+    missing = [f"{f['what']} ({f['since']}+)" for f in data["features"].values() if not f["available"]]
+    if missing:
+        print(f"\nUnavailable on this kernel: {'; '.join(missing)}")
     print()
     crow = []
     for k, v in counters.items():

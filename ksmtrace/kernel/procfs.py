@@ -9,7 +9,7 @@ mapped by :func:`ksmtrace.errors.proc_errors`: a pid that exits mid-read is a
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ksmtrace.errors import AccessDenied, ProcessGone, proc_errors, wrap_proc_errors
@@ -235,7 +235,13 @@ class ProcFS:
             if not self.exists(pid):
                 raise ProcessGone(pid)
             return None
-        return parse_ksm_stat(path.read_text())
+        stat = parse_ksm_stat(path.read_text())
+        if "ksm_merging_pages" not in stat.raw:
+            # 6.1-6.5: ksm_stat has only ksm_rmap_items; the count is in its own file (5.19+).
+            legacy = self.root / str(pid) / "ksm_merging_pages"
+            if legacy.exists():
+                stat = replace(stat, merging_pages=int(legacy.read_text().split()[0]))
+        return stat
 
     def find_by_comm(self, comm: str) -> list[int]:
         out = []

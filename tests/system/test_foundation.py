@@ -109,6 +109,7 @@ def test_bcc_compiles_a_tracepoint_program_with_discovered_headers() -> None:
 
 
 @pytest.mark.ksm
+@pytest.mark.requires_kernel_feature("prctl_memory_merge", "ksm_merge_any_stat")
 def test_run_launcher_opts_in_whole_process(ksm) -> None:
     out = subprocess.run(
         [

@@ -94,3 +94,17 @@ def test_sysfs_missing_is_clear(tmp_path: Path) -> None:
 def test_vmstat_ksm_entries() -> None:
     v = vmstat.ksm_vmstat(HOST1 / "proc")
     assert set(v) == {"cow_ksm", "ksm_swpin_copy"}
+
+
+def test_ksm_stat_of_a_6_1_kernel_takes_merging_pages_from_its_own_file(tmp_path: Path) -> None:
+    # Linux 6.1 (Debian 12): ksm_stat has only ksm_rmap_items, ksm_merging_pages is a file.
+    pid = tmp_path / "4242"
+    pid.mkdir()
+    (pid / "ksm_stat").write_text("ksm_rmap_items 2050\n")
+    (pid / "ksm_merging_pages").write_text("2048\n")
+    stat = ProcFS(tmp_path).ksm_stat(4242)
+    assert stat is not None
+    assert (stat.rmap_items, stat.merging_pages, stat.merge_any) == (2050, 2048, False)
+    (pid / "ksm_stat").write_text("ksm_rmap_items 2050\nksm_merging_pages 7\nksm_merge_any: yes\n")
+    newer = ProcFS(tmp_path).ksm_stat(4242)
+    assert newer is not None and (newer.merging_pages, newer.merge_any) == (7, True)

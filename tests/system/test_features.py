@@ -1,0 +1,56 @@
+"""ksmtrace says which KSM features the running kernel lacks, and is right about it.
+
+Runs on every kernel: on 6.18 everything is there; on Debian 12's 6.1 (the VM
+of tests/system/test_vm.py) the 6.4+ features must be reported unavailable.
+Each report is checked against the kernel doing (or refusing) the thing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ksmtrace.kernel import checks
+
+pytestmark = pytest.mark.system
+KSMTRACE = [sys.executable, "-m", "ksmtrace"]
+
+
+def _status() -> dict:
+    out = subprocess.run([*KSMTRACE, "status", "-j"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["features"]
+
+
+def test_status_reports_features_as_the_kernel_behaves() -> None:
+    feats = _status()
+    assert feats["ksm"]["available"]
+    # PR_SET_MEMORY_MERGE: the launcher works exactly when status says it is there.
+    run = subprocess.run([*KSMTRACE, "run", "--", "true"], capture_output=True, text=True, timeout=60)
+    if feats["prctl_memory_merge"]["available"]:
+        assert run.returncode == 0, run.stderr
+    else:
+        assert run.returncode != 0 and "needs Linux 6.4+" in run.stderr
+        assert "Traceback" not in run.stderr
+    tracefs = checks.ensure_tracefs()
+    assert feats["ksm_tracepoints"]["available"] == (tracefs / "events" / "ksm").is_dir()
+    ksm = Path("/sys/kernel/mm/ksm")
+    assert feats["smart_scan"]["available"] == (ksm / "smart_scan").exists()
+    assert feats["ksm_advisor"]["available"] == (ksm / "advisor_mode").exists()
+
+
+def test_status_table_names_what_is_missing() -> None:
+    feats = _status()
+    out = subprocess.run([*KSMTRACE, "status"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    missing = [f for f in feats.values() if not f["available"]]
+    if missing:
+        assert "Unavailable on this kernel:" in out.stdout
+        for f in missing:
+            assert f"{f['what']} ({f['since']}+)" in out.stdout
+    else:
+        assert "Unavailable" not in out.stdout

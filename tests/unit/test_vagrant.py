@@ -1,0 +1,32 @@
+"""vagrant/Vagrantfile stays valid for users (``vagrant validate``), in every mode."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+VAGRANT_DIR = Path(__file__).resolve().parents[2] / "vagrant"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"KSMTRACE_VM_DRIVER": "qemu", "KSMTRACE_WHEELHOUSE": "/tmp", "KSMTRACE_VM_CONSOLE_LOG": "/tmp/c"}],
+    ids=["workstation", "offline-tcg"],
+)
+def test_vagrantfile_validates(env: dict[str, str]) -> None:
+    if shutil.which("vagrant") is None:
+        pytest.skip("vagrant is not installed (vagrant/run-vm-tests.sh installs it)")
+    out = subprocess.run(
+        ["vagrant", "validate"],
+        cwd=VAGRANT_DIR,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0 and "validated successfully" in out.stdout, out.stdout + out.stderr
