@@ -25,8 +25,10 @@
 #define MADV_UNMERGEABLE 13
 #define PR_SET_MEMORY_MERGE 67
 #define PR_GET_MEMORY_MERGE 68
-/* include/uapi/linux/magic.h: pidfs superblock (6.9+). */
+/* include/uapi/linux/magic.h: pidfs superblock (6.9+); before 6.9 a pidfd
+ * is an anonymous inode file named "[pidfd]" (anon_inode_getfile). */
 #define PID_FS_MAGIC 0x50494446
+#define ANON_INODE_FS_MAGIC 0x09041934
 #define IOV_MAX_READ 8
 /* What a tracepoint program returns decides whether the kernel still writes
  * the event to perf buffers and counters of the same tracepoint: 0 would
@@ -103,7 +105,8 @@ static __always_inline bool caller_wanted(void)
 }
 
 /* The pid a pidfd of the calling task refers to, or 0 when it cannot be told
- * exactly: the fd is out of range or not a pidfs file (PID_FS_MAGIC). */
+ * exactly: the fd is out of range or not a pidfd (a pidfs file, or before
+ * 6.9 an anonymous inode file named "[pidfd]"). */
 static __always_inline u32 pidfd_target(int fd)
 {
 #ifdef OFF_TASK_FILES
@@ -136,14 +139,28 @@ static __always_inline u32 pidfd_target(int fd)
 	if (!sb)
 		return 0;
 	bpf_probe_read_kernel(&magic, sizeof(magic), sb + OFF_SB_MAGIC);
-	if (magic != PID_FS_MAGIC)
+	if (magic == PID_FS_MAGIC) {
+		/* pidfs keeps the struct pid in the inode (file_inode(file)->i_private) */
+		bpf_probe_read_kernel(&pid, sizeof(pid), inode + OFF_INODE_PRIVATE);
+	} else if (magic == ANON_INODE_FS_MAGIC) {
+		/* Linux < 6.9: all anon files share one inode; the dentry name
+		 * tells a pidfd, whose file->private_data is the struct pid. */
+		const char want[8] = "[pidfd]";
+		char name[8] = {}, *dentry = 0, *np = 0;
+		bpf_probe_read_kernel(&dentry, sizeof(dentry), file + OFF_FILE_DENTRY);
+		if (!dentry)
+			return 0;
+		bpf_probe_read_kernel(&np, sizeof(np), dentry + OFF_DENTRY_NAME);
+		if (!np || bpf_probe_read_kernel(name, sizeof(name), np))
+			return 0;
+#pragma unroll
+		for (int i = 0; i < sizeof(name); i++)
+			if (name[i] != want[i])
+				return 0;
+		bpf_probe_read_kernel(&pid, sizeof(pid), file + OFF_FILE_PRIVATE);
+	} else {
 		return 0;
-#ifdef PIDFD_PID_IN_INODE
-	/* pidfs keeps the struct pid in the inode (file_inode(file)->i_private) */
-	bpf_probe_read_kernel(&pid, sizeof(pid), inode + OFF_INODE_PRIVATE);
-#else
-	bpf_probe_read_kernel(&pid, sizeof(pid), file + OFF_FILE_PRIVATE);
-#endif
+	}
 	if (!pid)
 		return 0;
 	bpf_probe_read_kernel(&nr, sizeof(nr), pid + OFF_PID_NUMBERS + OFF_UPID_NR);

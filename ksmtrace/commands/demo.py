@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from ksmtrace.errors import KsmtraceError, TracingUnavailable
-from ksmtrace.kernel import checks, ksm_sysfs, pagemap, vmstat
+from ksmtrace.kernel import checks, features, ksm_sysfs, pagemap, vmstat
 from ksmtrace.views.fmt import emit_json, human_bytes
 from ksmtrace.workload import PAGE, Workload, WorkloadError
 
@@ -63,18 +63,28 @@ class _Probes:
 
         self.optins = self.faults = self.ksmd = None
         self.missing: list[str] = []
-        for name, make in (
-            ("optins", lambda: optins.OptinProbe(pids=[pid])),
-            ("faults", lambda: faults.FaultProbe(pid=pid) if faults.available() else None),
-            ("ksmd", lambda: ksmd.KsmdProbe(pid=pid) if ksmd.available() else None),
+        self.why: dict[str, str] = {}
+        for name, make, lacking in (
+            ("optins", lambda: optins.OptinProbe(pids=[pid]), None),
+            (
+                "faults",
+                lambda: faults.FaultProbe(pid=pid) if faults.available() else None,
+                "the exceptions:page_fault_user tracepoint",
+            ),
+            ("ksmd", lambda: ksmd.KsmdProbe(pid=pid) if ksmd.available() else None, "ksm_tracepoints"),
         ):
             try:
                 probe = make()
             except TracingUnavailable as exc:
                 probe = None
-                say(f"probe    {name}: unavailable ({exc})")
+                self.why[name] = str(exc)
+            else:
+                if probe is None:
+                    lacks = features.lacks(lacking) if lacking in features.FEATURES else f"no {lacking}"
+                    self.why[name] = f"{lacks}; that step is shown from /proc"
             if probe is None:
                 self.missing.append(name)
+                say(f"probe    {name}: unavailable ({self.why[name]})")
             setattr(self, name, probe)
 
     def close(self) -> None:
@@ -108,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
                 say("probes   loading opt-in, fault and ksmd probes for this pid...")
                 probes = _Probes(wl.pid, say)
             summary.update(pid=wl.pid, pages=pages, probes_missing=probes.missing if probes else None)
+            if probes and probes.why:
+                summary["probes_unavailable"] = probes.why
 
             res = wl.call("madvise", name="demo", advice="mergeable")
             summary["madvise_ret"] = res["ret"]

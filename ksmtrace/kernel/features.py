@@ -25,6 +25,9 @@ from ksmtrace.kernel import checks
 from ksmtrace.kernel.ksm_sysfs import KSM_SYSFS
 
 PR_GET_MEMORY_MERGE = 68
+MADV_MERGEABLE = 12
+SYS_PIDFD_OPEN = 434  # x86_64
+SYS_PROCESS_MADVISE = 440
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,23 @@ def _prctl_memory_merge() -> bool:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     ret = libc.prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0)
     return ret >= 0 or ctypes.get_errno() != errno.EINVAL
+
+
+def _process_madvise_self() -> bool:
+    # process_madvise() took only COLD/PAGEOUT/WILLNEED (and COLLAPSE) until
+    # 6.13 let a process give itself any advice; before, MADV_MERGEABLE is
+    # EINVAL even on one's own pidfd. An empty vector changes nothing.
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    pidfd = libc.syscall(SYS_PIDFD_OPEN, os.getpid(), 0)
+    if pidfd < 0:
+        return False
+    try:
+        vec = (ctypes.c_uint64 * 2)()
+        ret = libc.syscall(SYS_PROCESS_MADVISE, pidfd, vec, 0, MADV_MERGEABLE, 0)
+        return ret >= 0
+    finally:
+        os.close(pidfd)
 
 
 def _ksm_tracepoints() -> bool:
@@ -95,6 +115,12 @@ FEATURES: dict[str, Feature] = {
             _prctl_memory_merge,
         ),
         Feature("ksm_tracepoints", "the ksm:* tracepoints", "6.4", _ksm_tracepoints),
+        Feature(
+            "process_madvise_self",
+            "MADV_MERGEABLE through process_madvise() on one's own pidfd",
+            "6.13",
+            _process_madvise_self,
+        ),
         Feature("general_profit", "/sys/kernel/mm/ksm/general_profit", "6.4", _sysfs("general_profit")),
         Feature("ksm_merge_any_stat", "ksm_merge_any in ksm_stat", "6.4", _ksm_stat_field("ksm_merge_any")),
         Feature("smaps_ksm", "the KSM: line of /proc/PID/smaps", "6.6", _smaps_ksm),

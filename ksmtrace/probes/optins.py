@@ -253,9 +253,10 @@ def pidfd_offsets(btf: btf_mod.Btf | None = None) -> dict[str, int]:
     """BTF offsets for the pidfd -> pid walk of process_madvise.
 
     pidfs (6.9+) keeps the struct pid in the inode (``inode->i_private``);
-    verified on 6.18. Before 6.9 a pidfd is an anon inode (not PID_FS_MAGIC),
-    so the program reports target pid 0 (unknown) there rather than guess.
-    Empty when BTF lacks a member: target pids are then reported as 0.
+    verified on 6.18. Before 6.9 a pidfd is an anonymous inode file named
+    "[pidfd]" holding the struct pid in ``file->private_data`` (verified on
+    Debian 12's 6.1). Empty when BTF lacks a member: target pids are then
+    reported as 0 (unknown) rather than guessed.
     """
     btf = btf or btf_mod.load()
     want = {
@@ -267,15 +268,16 @@ def pidfd_offsets(btf: btf_mod.Btf | None = None) -> dict[str, int]:
         "OFF_INODE_SB": ("inode", "i_sb"),
         "OFF_SB_MAGIC": ("super_block", "s_magic"),
         "OFF_INODE_PRIVATE": ("inode", "i_private"),
+        "OFF_FILE_PRIVATE": ("file", "private_data"),
+        "OFF_FILE_DENTRY": ("file", "f_path.dentry"),
+        "OFF_DENTRY_NAME": ("dentry", "d_name.name"),
         "OFF_PID_NUMBERS": ("pid", "numbers"),
         "OFF_UPID_NR": ("upid", "nr"),
     }
     try:
-        out = {name: btf.offset(s, m) for name, (s, m) in want.items()}
+        return {name: btf.offset(s, m) for name, (s, m) in want.items()}
     except KeyError:
         return {}
-    out["PIDFD_PID_IN_INODE"] = 1
-    return out
 
 
 def build_defines(

@@ -226,7 +226,9 @@ def test_pages_merged_before_tracing_started(ksm, workload) -> None:  # type: ig
     ksm.wait_merged(w.pid, r["addr"], r["len"], 300)
     ksm.set(run=0)
     with FaultProbe() as fp:
-        assert fp.preloaded >= 300
+        # With merge events (6.4+) the pages merged so far are preloaded into
+        # the merged set; without them every fault is checked by struct page.
+        assert fp.preloaded >= 300 if fp.merge_events else fp.preloaded == 0
         s0, cow0 = _pair(fp)
         w.call("write", name="r", first=0, count=300, step=7)
         s1, cow1 = _pair(fp)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from ksmtrace import inventory
-from ksmtrace.kernel import bcc_env, checks
+from ksmtrace.kernel import bcc_env, checks, features
 
 pytestmark = pytest.mark.system
 KSMTRACE = [sys.executable, "-m", "ksmtrace"]
@@ -52,14 +52,20 @@ def test_demo_shows_optin_merge_and_cow(ksm) -> None:
     out = ksmtrace("demo", "-j", "--size", "16", "--writes", "0.5")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    assert data["probes_missing"] == []
+    # Every probe loads; before 6.4 there are no ksm:* tracepoints for the
+    # ksmd probe, and the demo says so and shows merges from /proc alone.
+    has_ksm_tp = features.available("ksm_tracepoints")
+    assert data["probes_missing"] == ([] if has_ksm_tp else ["ksmd"])
     assert data["madvise_ret"] == 0
     # The opt-in, as the syscall tracepoints saw it: exactly one event.
     (ev,) = data["optin_events"]
     assert ev["pid"] == data["pid"] and ev["syscall"] == "madvise" and ev["ret"] == 0
     assert ev["op_name"] == "MADV_MERGEABLE"
     assert data["merged_pages"] == data["pages"] == 4096
-    assert data["ksmd_merges"] >= 4096
+    if has_ksm_tp:
+        assert data["ksmd_merges"] >= 4096
+    else:
+        assert "ksmd_merges" not in data
     assert data["written"] == 2048
     # Exact per-process count from the fault probe; cow_ksm is machine-wide, and
     # a KSM user outside the test lock (a VM on the host) can only add to it.

@@ -23,6 +23,7 @@ import pytest
 from ksmtrace import inventory, optin_report
 from ksmtrace.errors import ProcessGone
 from ksmtrace.inventory import Origin
+from ksmtrace.kernel import features
 from ksmtrace.kernel.procfs import ProcFS
 from ksmtrace.probes.optins import OptinProbe, cgroup2_mount, resolve_cgroup
 from ksmtrace.workload import PAGE
@@ -138,17 +139,20 @@ def test_snoop_reports_each_optin_once_with_its_fields(workload) -> None:
     expected.append(
         _call("madvise", 12, start=gone["addr"], length=gone["len"], ret=-errno.ENOMEM, error="ENOMEM")
     )
-    assert wl.call("prctl", mode="on")["ret"] == 0
-    expected.append(_call("prctl", 67, arg=1, ret=0))
-    assert wl.call("prctl", mode="get")["ret"] == 1
-    expected.append(_call("prctl", 68, ret=1))
-    assert wl.call("prctl", mode="off")["ret"] == 0
-    expected.append(_call("prctl", 67, arg=0, ret=0))
-    assert wl.call("prctl", mode="get")["ret"] == 0
-    expected.append(_call("prctl", 68, ret=0))
+    # Before 6.4 the kernel refuses PR_[SG]ET_MEMORY_MERGE (EINVAL), and before
+    # 6.13 KSM advice through process_madvise even on one's own pidfd: snoop
+    # must then report those refusals, each with its arguments.
+    einval = {"ret": -errno.EINVAL, "error": "EINVAL"}
+    has_prctl = features.available("prctl_memory_merge")
+    for mode, op, arg, ok_ret in (("on", 67, 1, 0), ("get", 68, 0, 1), ("off", 67, 0, 0), ("get", 68, 0, 0)):
+        r = wl.call("prctl", mode=mode)
+        assert r["ret"] == ok_ret if has_prctl else r["errno"] == errno.EINVAL
+        expected.append(_call("prctl", op, arg=arg, **({"ret": ok_ret} if has_prctl else einval)))
     r = wl.call("pmadvise", name="a")
+    got = {"ret": n} if features.available("process_madvise_self") else einval
+    assert r["ret"] == n if "error" not in got else r["errno"] == errno.EINVAL
     expected.append(
-        _call("process_madvise", 12, start=a, length=n, ret=n, pidfd=r["pidfd"], target_pid=wl.pid, vlen=1)
+        _call("process_madvise", 12, start=a, length=n, pidfd=r["pidfd"], target_pid=wl.pid, vlen=1, **got)
     )
     child = wl.call("fork")["child"]
     # A fork is not a call: the child inherits the registered mm (arg bit 1),
@@ -180,6 +184,7 @@ def test_snoop_reports_each_optin_once_with_its_fields(workload) -> None:
     assert wrong_comm.events() == []
 
 
+@pytest.mark.requires_kernel_feature("prctl_memory_merge")
 def test_prctl_then_exec_is_reported_once_each(workload) -> None:
     snoop = Snoop("--no-inventory")
     wl = workload(prctl_before_exec=True, comm="optin-exec")
@@ -348,26 +353,19 @@ def test_opted_in_before_start_shows_in_optins_and_snoop(ksm, workload) -> None:
     reg = pre.call("alloc", name="a", pages=256, kind="dup")
     assert pre.call("madvise", name="a")["ret"] == 0
     child = pre.call("fork")["child"]
-    selfp = workload(comm="optin-self")
-    selfp.call("prctl", mode="on")
-    ex = workload(prctl_before_exec=True, comm="optin-ex")
+    # Whole-process opt-ins exist from 6.4 on: elsewhere only the madvise ones.
+    has_prctl = features.available("prctl_memory_merge")
+    selfp = ex = None
+    if has_prctl:
+        selfp = workload(comm="optin-self")
+        selfp.call("prctl", mode="on")
+        ex = workload(prctl_before_exec=True, comm="optin-ex")
     ksm.start()
     ksm.wait_merged(pre.pid, reg["addr"], reg["len"], 256)
 
+    whole = ["-p", str(selfp.pid), "-n", "optin-ex"] if selfp else []
     out = subprocess.run(
-        [
-            *KSMTRACE,
-            "optins",
-            "-j",
-            "-p",
-            str(pre.pid),
-            "-p",
-            str(child),
-            "-p",
-            str(selfp.pid),
-            "-n",
-            "optin-ex",
-        ],
+        [*KSMTRACE, "optins", "-j", "-p", str(pre.pid), "-p", str(child), *whole],
         capture_output=True,
         text=True,
         timeout=120,
@@ -375,7 +373,7 @@ def test_opted_in_before_start_shows_in_optins_and_snoop(ksm, workload) -> None:
     )
     assert out.returncode == 0, out.stderr
     procs = {p["pid"]: p for p in json.loads(out.stdout)["processes"]}
-    assert set(procs) == {pre.pid, child, selfp.pid, ex.pid}
+    assert set(procs) == {pre.pid, child} | ({selfp.pid, ex.pid} if selfp and ex else set())
     (region,) = [r for r in procs[pre.pid]["regions"] if r["start"] == reg["addr"]]
     assert region["length"] == reg["len"] and region["name"] == "[anon]" and region["how"] == "madvise"
     # Live, from kpageflags: every page of the region is a KSM page now. The
@@ -387,8 +385,9 @@ def test_opted_in_before_start_shows_in_optins_and_snoop(ksm, workload) -> None:
     assert procs[child]["how"] == f"fork:{pre.pid}" and procs[child]["inherited_from"] == pre.pid
     (creg,) = [r for r in procs[child]["regions"] if r["start"] == reg["addr"]]
     assert creg["how"] == "fork" and creg["inherited_from"] == pre.pid
-    assert procs[selfp.pid]["how"] == "prctl" and procs[selfp.pid]["merge_any"]
-    assert procs[ex.pid]["how"] == "exec" and procs[ex.pid]["merge_any"]
+    if selfp and ex:
+        assert procs[selfp.pid]["how"] == "prctl" and procs[selfp.pid]["merge_any"]
+        assert procs[ex.pid]["how"] == "exec" and procs[ex.pid]["merge_any"]
 
     table = subprocess.run(
         [*KSMTRACE, "optins", "-p", str(pre.pid)], capture_output=True, text=True, cwd=ROOT
@@ -443,7 +442,11 @@ def test_process_exiting_mid_inventory_is_skipped_and_counted(workload) -> None:
     reg = wl.call("alloc", name="a", pages=8)
     wl.call("madvise", name="a")
     live = workload(comm="optin-live")
-    live.call("prctl", mode="on")
+    if features.available("prctl_memory_merge"):
+        live.call("prctl", mode="on")
+    else:  # Linux < 6.4: opted in by region
+        live.call("alloc", name="a", pages=8)
+        assert live.call("madvise", name="a")["ret"] == 0
     (p,) = inventory.take(pids=[wl.pid]).processes
     pid = wl.pid
     wl.close()
