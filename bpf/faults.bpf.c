@@ -293,7 +293,20 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 	return 0;
 }
 
-#ifndef NO_KSM_TP
+#ifdef NO_KSM_TP
+/* Linux < 6.4: no ksm_enter, and madvise(MADV_MERGEABLE) is the only way in
+ * (prctl came with 6.4): after a successful madvise look at the mm again, or
+ * a process that faulted before opting in stays "not mergeable". Returns 1:
+ * perf keeps seeing the event. */
+TRACEPOINT_PROBE(syscalls, sys_exit_madvise)
+{
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct proc_faults *c = args->ret ? 0 : procs.lookup(&tgid);
+	if (c && c->state == PS_NOT_MERGEABLE)
+		c->state = PS_UNKNOWN;
+	return 1;
+}
+#else
 /* TP_PROTO(void *mm): runs in the process that opts in. */
 RAW_TRACEPOINT_PROBE(ksm_enter)
 {

@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ksmtrace.kernel import btf, checks
+from ksmtrace.errors import TracingUnavailable
+from ksmtrace.kernel import btf, checks, features
 from ksmtrace.probes import loader
 
 MAX_PROCS = 8192
@@ -63,6 +64,8 @@ class KsmdProbe:
         self, pid: int | None = None, max_procs: int = MAX_PROCS, max_pages: int = MAX_PAGES
     ) -> None:
         checks.ensure_tracefs()
+        if not available():
+            raise TracingUnavailable(features.lacks("ksm_tracepoints"))
         b = btf.load()
         defines: dict[str, int | str] = {
             "MM_OWNER_OFF": b.offset("mm_struct", "owner"),

@@ -14,8 +14,12 @@ VAGRANT_DIR = Path(__file__).resolve().parents[2] / "vagrant"
 
 @pytest.mark.parametrize(
     "env",
-    [{}, {"KSMTRACE_VM_DRIVER": "qemu", "KSMTRACE_WHEELHOUSE": "/tmp", "KSMTRACE_VM_CONSOLE_LOG": "/tmp/c"}],
-    ids=["workstation", "offline-tcg"],
+    [
+        {},
+        {"KSMTRACE_VM_DRIVER": "qemu", "KSMTRACE_WHEELHOUSE": "/tmp", "KSMTRACE_VM_CONSOLE_LOG": "/tmp/c"},
+        {"KSMTRACE_VM_SHAREPAGES": "1"},
+    ],
+    ids=["workstation", "offline-tcg", "sharepages"],
 )
 def test_vagrantfile_validates(env: dict[str, str]) -> None:
     if shutil.which("vagrant") is None:
