@@ -29,6 +29,7 @@ PR_SET_MEMORY_MERGE = 67
 PR_GET_MEMORY_MERGE = 68
 MADV_MERGEABLE = 12
 MADV_UNMERGEABLE = 13
+MADV_NOHUGEPAGE = 15
 SYS_PIDFD_OPEN = 434
 SYS_PROCESS_MADVISE = 440
 
@@ -133,6 +134,11 @@ class Server:
         untouched: int = 0,
     ) -> dict[str, Any]:
         r = Region(int(pages))
+        if int(untouched):
+            # With THP "always" (Debian's default) a write near the tail would
+            # fault in a huge page and back the untouched pages with zero-filled
+            # memory, not the shared zero page a later read is meant to map.
+            _libc.madvise(ctypes.c_void_p(r.addr), r.pages * PAGE, MADV_NOHUGEPAGE)
         ids = plan_content(kind, int(pages), int(seed), float(fraction), int(run), int(pool))
         r.fill(ids, kind, int(untouched))
         self.regions[name] = r
@@ -322,7 +328,9 @@ def main(argv: list[str]) -> None:
     if "--prctl-exec" in argv:
         # Opt the whole process in, then exec: the flag must survive execve.
         if _libc.prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) != 0:
-            print(json.dumps({"ok": False, "error": f"prctl errno {ctypes.get_errno()}"}), flush=True)
+            e = ctypes.get_errno()
+            why = " (PR_SET_MEMORY_MERGE needs Linux 6.4+)" if e == errno.EINVAL else ""
+            print(json.dumps({"ok": False, "error": f"prctl errno {e}{why}"}), flush=True)
             sys.exit(1)
         rest = [a for a in argv if a != "--prctl-exec"]
         os.execv(sys.executable, [sys.executable, "-m", "ksmtrace.workload", *rest])

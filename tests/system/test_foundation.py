@@ -56,6 +56,8 @@ def test_demo_shows_optin_merge_and_cow(ksm) -> None:
     # ksmd probe, and the demo says so and shows merges from /proc alone.
     has_ksm_tp = features.available("ksm_tracepoints")
     assert data["probes_missing"] == ([] if has_ksm_tp else ["ksmd"])
+    if not has_ksm_tp:
+        assert "lacks the ksm:* tracepoints" in data["probes_unavailable"]["ksmd"]
     assert data["madvise_ret"] == 0
     # The opt-in, as the syscall tracepoints saw it: exactly one event.
     (ev,) = data["optin_events"]
