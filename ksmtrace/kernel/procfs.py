@@ -239,8 +239,10 @@ class ProcFS:
         if "ksm_merging_pages" not in stat.raw:
             # 6.1-6.5: ksm_stat has only ksm_rmap_items; the count is in its own file (5.19+).
             legacy = self.root / str(pid) / "ksm_merging_pages"
-            if legacy.exists():
-                stat = replace(stat, merging_pages=int(legacy.read_text().split()[0]))
+            # Both files read empty for a task without an mm (exiting, kernel thread).
+            words = legacy.read_text().split() if legacy.exists() else []
+            if words:
+                stat = replace(stat, merging_pages=int(words[0]))
         return stat
 
     def find_by_comm(self, comm: str) -> list[int]:

@@ -108,3 +108,12 @@ def test_ksm_stat_of_a_6_1_kernel_takes_merging_pages_from_its_own_file(tmp_path
     (pid / "ksm_stat").write_text("ksm_rmap_items 2050\nksm_merging_pages 7\nksm_merge_any: yes\n")
     newer = ProcFS(tmp_path).ksm_stat(4242)
     assert newer is not None and (newer.merging_pages, newer.merge_any) == (7, True)
+
+
+def test_ksm_stat_of_a_task_without_mm_reads_empty(tmp_path: Path) -> None:
+    d = tmp_path / "7"
+    d.mkdir()
+    (d / "ksm_stat").write_text("")
+    (d / "ksm_merging_pages").write_text("")
+    st = ProcFS(tmp_path).ksm_stat(7)
+    assert st is not None and st.merging_pages == 0
