@@ -239,7 +239,7 @@ class ProcFS:
         if "ksm_merging_pages" not in stat.raw:
             # 6.1-6.5: ksm_stat has only ksm_rmap_items; the count is in its own file (5.19+).
             legacy = self.root / str(pid) / "ksm_merging_pages"
-            # Both read empty for a task without an mm (exiting, or a kernel thread).
+            # Both files read empty for a task without an mm (exiting, kernel thread).
             words = legacy.read_text().split() if legacy.exists() else []
             if words:
                 stat = replace(stat, merging_pages=int(words[0]))
