@@ -68,6 +68,7 @@ struct job {
 	int timeout_ms;
 	struct kn_inject_result *res;
 	int rc;
+	int thread_tid;
 	struct held held; /* its storage is freed by the thread on every path */
 };
 
@@ -315,12 +316,25 @@ static void *inject_thread(void *arg)
 {
 	struct job *j = arg;
 
+	j->thread_tid = (int)syscall(SYS_gettid);
 	j->rc = inject(j);
 	/* Paths that gave up (timeout, target died) may still hold signals: queue them again
 	 * (a tracee that never stopped is detached when this thread exits, and then gets them). */
 	release_held(j->tid, &j->held);
 	free(j->held.extra_sig);
 	return NULL;
+}
+
+/* pthread_join() returns once the thread has left its memory (exit_mm), before
+ * exit_ptrace() detaches a tracee it never stopped; seen under QEMU emulation.
+ * Wait (1 s at most) until the thread is reaped, its /proc entry then gone. */
+static void wait_reaped(int thread_tid)
+{
+	char path[64];
+
+	snprintf(path, sizeof(path), "/proc/self/task/%d", thread_tid);
+	for (int i = 0; i < 2000 && access(path, F_OK) == 0; i++)
+		usleep(500);
 }
 
 int kn_inject_madvise(int tid, uint64_t addr, uint64_t len, int advice, int timeout_ms,
@@ -339,10 +353,24 @@ int kn_inject_madvise(int tid, uint64_t addr, uint64_t len, int advice, int time
 	if (err)
 		return -err;
 	pthread_join(th, NULL);
+	if (j.rc < 0 && j.thread_tid > 0)
+		wait_reaped(j.thread_tid); /* a failed injection may have left it attached */
 	return j.rc;
 }
 
 #else /* !__x86_64__ */
+
+/* pthread_join() returns once the thread has left its memory (exit_mm), before
+ * exit_ptrace() detaches a tracee it never stopped; seen under QEMU emulation.
+ * Wait (1 s at most) until the thread is reaped, its /proc entry then gone. */
+static void wait_reaped(int thread_tid)
+{
+	char path[64];
+
+	snprintf(path, sizeof(path), "/proc/self/task/%d", thread_tid);
+	for (int i = 0; i < 2000 && access(path, F_OK) == 0; i++)
+		usleep(500);
+}
 
 int kn_inject_madvise(int tid, uint64_t addr, uint64_t len, int advice, int timeout_ms,
 		      struct kn_inject_result *res)
