@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -48,10 +49,24 @@ def build(tmp: Path) -> Path:
     return exe
 
 
-def loop(exe: Path, *args: str) -> float:
+CPU = max(os.sched_getaffinity(0))
+
+
+def _pin() -> None:
     # One CPU: no migrations in the middle of a loop on this shared machine.
-    out = subprocess.run(["taskset", "-c", "1", str(exe), *args], capture_output=True, text=True, check=True)
+    os.sched_setaffinity(0, {CPU})
+
+
+def loop(exe: Path, *args: str) -> float:
+    out = subprocess.run([str(exe), *args], capture_output=True, text=True, check=True, preexec_fn=_pin)
     return float(out.stdout)
+
+
+def quartiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -127,26 +142,34 @@ def main() -> int:
         finally:
             ksm_sysfs.write("run", 2)
             saved.restore()
-    print(f"\nprobe overhead on page faults ({a.rounds} paired runs per loop, ns per fault)")
+    jit = Path("/proc/sys/net/core/bpf_jit_enable").read_text().strip()
+    print(
+        f"\nprobe overhead on page faults ({a.rounds} paired runs per loop, ns per fault,"
+        f" CPU {CPU}, bpf_jit_enable={jit}, bpf_stats off except for PROG)"
+    )
     print(
         f"{'LOOP':<12} {'NONE(ns)':>9} {'ALL(ns)':>9} {'RATIO':>7} {'SLOWDOWN':>9}"
-        f" {'PAIRED':>8} {'PROG(ns)':>9} {'NET(ns)':>8} {'NET%':>6}"
+        f" {'PAIRED':>8} {'IQR':>15} {'PROG(ns)':>9} {'NET(ns)':>8} {'NET%':>6}"
     )
     base = prog_ns.get("fresh") or 0.0
     for name, d in res.items():
         off, on = statistics.median(d["none"]), statistics.median(d["all"])
-        paired = statistics.median(b / a_ - 1 for a_, b in zip(d["none"], d["all"]))
+        ratios = [b / a_ - 1 for a_, b in zip(d["none"], d["all"])]
+        paired = statistics.median(ratios)
+        lo, hi = quartiles(ratios)
+        iqr = f"{100 * lo:+.1f}..{100 * hi:+.1f}%"
         prog = prog_ns.get(name) or 0.0
         net = max(prog - base, 0.0)
         print(
             f"{name:<12} {off:9.1f} {on:9.1f} {on / off:7.3f} {100 * (on / off - 1):+8.1f}%"
-            f" {100 * paired:+7.1f}% {prog:9.1f} {net:8.1f} {100 * net / off:5.1f}%"
+            f" {100 * paired:+7.1f}% {iqr:>15} {prog:9.1f} {net:8.1f} {100 * net / off:5.1f}%"
         )
     print(
         "NONE/ALL: median wall-clock ns per fault without/with every probe attached; PAIRED:\n"
-        "median slowdown of back-to-back pairs; PROG: the fault-path BPF program's own run\n"
-        "time per fault (kernel bpf_stats, which adds two clock reads per run); NET: PROG\n"
-        "minus the fresh loop's PROG (a mask test and return: the bpf_stats cost), as % of NONE."
+        "median slowdown of back-to-back pairs, IQR its quartiles; PROG: the fault-path BPF\n"
+        "program's own run time per fault (kernel bpf_stats, which adds two clock reads per\n"
+        "run); NET: PROG minus the fresh loop's PROG (a mask test and return: the bpf_stats\n"
+        "cost), as % of NONE."
     )
     print("goal: <= +5% for fresh and copy-on-write loops")
     return 0
