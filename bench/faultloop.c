@@ -3,8 +3,9 @@
  *   faultloop fresh   PAGES REPS        first-touch writes (zero-fill faults)
  *   faultloop forkcow PAGES REPS [mg]   writes after fork (COW copies); mg: the
  *                                      process is mergeable (no page merged)
- *   faultloop ksmcow  PAGES REPS        writes to KSM-merged pages (ksmd must run;
- *                                      stopped while the writes are timed)
+ *   faultloop ksmcow  PAGES REPS        writes to KSM-merged pages (starts ksmd for
+ *                                      the merge, stops it before the timed writes
+ *                                      and leaves it stopped)
  */
 #define _GNU_SOURCE
 #include <signal.h>
@@ -101,6 +102,7 @@ int main(int argc, char **argv)
 			waitpid(c, NULL, 0);
 		} else if (!strcmp(mode, "ksmcow")) {
 			touch(p, pages, 1);
+			ksm_run("1");
 			madvise(p, pages * page, MADV_MERGEABLE);
 			double deadline = now_ns() + 30e9;
 			while (merging_pages() < pages && now_ns() < deadline)
@@ -111,7 +113,6 @@ int main(int argc, char **argv)
 			}
 			ksm_run("0"); /* ksmd must not rescan while we time the writes */
 			total += touch(p, pages, 2);
-			ksm_run("1");
 		} else {
 			return 2;
 		}
