@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ksmtrace.kernel import ksm_sysfs  # noqa: E402
+from ksmtrace.kernel import bcc_env, ksm_sysfs  # noqa: E402
 from ksmtrace.probes import loader  # noqa: E402
 from ksmtrace.probes.faults import FaultProbe  # noqa: E402
 from ksmtrace.probes.ksmd import KsmdProbe, available  # noqa: E402
@@ -98,6 +98,23 @@ def program_ns(exe: Path, args: tuple[str, ...]) -> float | None:
     return (ns1 - ns0) / (cnt1 - cnt0) if cnt1 > cnt0 else None
 
 
+class _Empty:
+    """A program that returns at once, on the tracepoint ksmtrace uses: what
+    any BPF program there costs (the floor under ksmtrace's own)."""
+
+    def __init__(self) -> None:
+        bcc, headers = bcc_env.prepare()
+        self.bpf = bcc.BPF(text=b"RAW_TRACEPOINT_PROBE(page_fault_user) { return 0; }", cflags=headers.cflags)
+        loader.detach_all(self.bpf)  # attached only for its own runs
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+def empty_probe() -> _Empty:
+    return _Empty()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -110,7 +127,8 @@ def main() -> int:
         "fork-cow-mg": ("forkcow", str(pages), str(reps), "mg"),
         "ksm-cow": ("ksmcow", str(pages // 2), str(max(reps // 2, 1))),
     }
-    res: dict[str, dict[str, list[float]]] = {c: {"none": [], "all": []} for c in cases}
+    settings = ("none", "all", "empty")
+    res: dict[str, dict[str, list[float]]] = {c: {k: [] for k in settings} for c in cases}
     prog_ns: dict[str, float | None] = {}
     with tempfile.TemporaryDirectory() as td, LOCK.open("a") as lock:
         exe = build(Path(td))
@@ -128,21 +146,26 @@ def main() -> int:
             # Each run with probes is paired with one without, right before or
             # after it, so drift on a shared machine hits both halves alike.
             probes = [FaultProbe()] + ([KsmdProbe()] if available() else [])
+            floor = empty_probe()
+            everything = [*probes, floor]
             try:
                 for r in range(a.rounds):
+                    # Rotate the order of the three settings from round to round.
+                    order = settings[r % 3 :] + settings[: r % 3]
                     for name, args in cases.items():
-                        for setting in ("none", "all") if r % 2 == 0 else ("all", "none"):
-                            detached = [loader.detach_all(p.bpf) for p in probes] if setting == "none" else []
+                        for setting in order if r % 2 == 0 else order[::-1]:
+                            keep = {"none": [], "all": probes, "empty": [floor]}[setting]
+                            detached = [(p, loader.detach_all(p.bpf)) for p in everything if p not in keep]
                             try:
                                 res[name][setting].append(loop(exe, *args))
                             finally:
-                                for p, d in zip(probes, detached):
+                                for p, d in detached:
                                     loader.reattach(p.bpf, d)
                     print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
                 for name, args in cases.items():
                     prog_ns[name] = program_ns(exe, args)
             finally:
-                for p in probes:
+                for p in everything:
                     p.close()
         finally:
             ksm_sysfs.write("run", 2)
@@ -169,12 +192,23 @@ def main() -> int:
             f"{name:<12} {off:9.1f} {on:9.1f} {on / off:7.3f} {100 * (on / off - 1):+8.1f}%"
             f" {100 * paired:+7.1f}% {iqr:>15} {prog:9.1f} {net:8.1f} {100 * net / off:5.1f}%"
         )
+    print("\nfloor: an empty program on the same tracepoint (exceptions:page_fault_user)")
+    print(f"{'LOOP':<12} {'EMPTY(ns)':>9} {'PAIRED':>8} {'IQR':>15}  {'ALL-EMPTY':>9}")
+    for name, d in res.items():
+        ratios = [b / a_ - 1 for a_, b in zip(d["none"], d["empty"])]
+        lo, hi = quartiles(ratios)
+        rest = statistics.median(b / a_ - 1 for a_, b in zip(d["empty"], d["all"]))
+        print(
+            f"{name:<12} {statistics.median(d['empty']):9.1f} {100 * statistics.median(ratios):+7.1f}%"
+            f" {f'{100 * lo:+.1f}..{100 * hi:+.1f}%':>15}  {100 * rest:+8.1f}%"
+        )
     print(
         "NONE/ALL: median wall-clock ns per fault without/with every probe attached; PAIRED:\n"
         "median slowdown of back-to-back pairs, IQR its quartiles; PROG: the fault-path BPF\n"
         "program's own run time per fault (kernel bpf_stats, which adds two clock reads per\n"
         "run); NET: PROG minus the fresh loop's PROG (a mask test and return: the bpf_stats\n"
-        "cost), as % of NONE."
+        "cost), as % of NONE. EMPTY: an empty program attached instead; ALL-EMPTY: median\n"
+        "slowdown of ALL against EMPTY in the same round (ksmtrace's share above the floor)."
     )
     print("goal: <= +5% for fresh and copy-on-write loops")
     return 0
