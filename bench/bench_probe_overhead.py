@@ -105,14 +105,9 @@ class _Empty:
     def __init__(self) -> None:
         bcc, headers = bcc_env.prepare()
         self.bpf = bcc.BPF(text=b"RAW_TRACEPOINT_PROBE(page_fault_user) { return 0; }", cflags=headers.cflags)
-        loader.detach_all(self.bpf)  # attached only for its own runs
 
     def close(self) -> None:
         self.bpf.cleanup()
-
-
-def empty_probe() -> _Empty:
-    return _Empty()
 
 
 def main() -> int:
@@ -146,8 +141,10 @@ def main() -> int:
             # Each run with probes is paired with one without, right before or
             # after it, so drift on a shared machine hits both halves alike.
             probes = [FaultProbe()] + ([KsmdProbe()] if available() else [])
-            floor = empty_probe()
+            floor = _Empty()
             everything = [*probes, floor]
+            # Start with nothing attached; each run attaches its setting's probes.
+            attach = {p: loader.detach_all(p.bpf) for p in everything}
             try:
                 for r in range(a.rounds):
                     # Rotate the order of the three settings from round to round.
@@ -155,13 +152,16 @@ def main() -> int:
                     for name, args in cases.items():
                         for setting in order if r % 2 == 0 else order[::-1]:
                             keep = {"none": [], "all": probes, "empty": [floor]}[setting]
-                            detached = [(p, loader.detach_all(p.bpf)) for p in everything if p not in keep]
+                            for p in keep:
+                                loader.reattach(p.bpf, attach[p])
                             try:
                                 res[name][setting].append(loop(exe, *args))
                             finally:
-                                for p, d in detached:
-                                    loader.reattach(p.bpf, d)
+                                for p in keep:
+                                    loader.detach_all(p.bpf)
                     print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
+                for p in probes:
+                    loader.reattach(p.bpf, attach[p])
                 for name, args in cases.items():
                     prog_ns[name] = program_ns(exe, args)
             finally:
@@ -203,12 +203,13 @@ def main() -> int:
             f" {f'{100 * lo:+.1f}..{100 * hi:+.1f}%':>15}  {100 * rest:+8.1f}%"
         )
     print(
-        "NONE/ALL: median wall-clock ns per fault without/with every probe attached; PAIRED:\n"
-        "median slowdown of back-to-back pairs, IQR its quartiles; PROG: the fault-path BPF\n"
-        "program's own run time per fault (kernel bpf_stats, which adds two clock reads per\n"
-        "run); NET: PROG minus the fresh loop's PROG (a mask test and return: the bpf_stats\n"
-        "cost), as % of NONE. EMPTY: an empty program attached instead; ALL-EMPTY: median\n"
-        "slowdown of ALL against EMPTY in the same round (ksmtrace's share above the floor)."
+        "NONE/ALL: median ns per fault (CPU time of the loop's thread) without/with every\n"
+        "probe attached; PAIRED: median slowdown of back-to-back pairs, IQR its quartiles;\n"
+        "PROG: the fault-path BPF program's own run time per fault (kernel bpf_stats, which\n"
+        "adds two clock reads per run); NET: PROG minus the fresh loop's PROG (a mask test\n"
+        "and return: the bpf_stats cost), as % of NONE. EMPTY: an empty program attached\n"
+        "instead; ALL-EMPTY: median slowdown of ALL against EMPTY in the same round\n"
+        "(ksmtrace's share above the floor)."
     )
     print("goal: <= +5% for fresh and copy-on-write loops")
     return 0
