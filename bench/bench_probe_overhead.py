@@ -59,8 +59,13 @@ def _pin() -> None:
 
 
 def loop(exe: Path, *args: str) -> float:
-    out = subprocess.run([str(exe), *args], capture_output=True, text=True, check=True, preexec_fn=_pin)
-    return float(out.stdout)
+    for attempt in range(3):
+        out = subprocess.run([str(exe), *args], capture_output=True, text=True, preexec_fn=_pin)
+        if out.returncode == 0:
+            return float(out.stdout)
+        # ksm-cow needs ksmd to merge its pages in time; a busy machine can delay it.
+        print(f"faultloop {' '.join(args)}: {out.stderr.strip()} (attempt {attempt + 1})", file=sys.stderr)
+    raise SystemExit(f"faultloop {' '.join(args)} failed 3 times")
 
 
 def quartiles(xs: list[float]) -> tuple[float, float]:
