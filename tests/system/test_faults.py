@@ -286,3 +286,22 @@ def test_ksmd_command_without_ksm_tracepoints(monkeypatch, capsys) -> None:  # t
     recs = [json.loads(line) for line in out.out.splitlines()]
     assert len(recs) == 2
     assert recs[0]["merges_per_s"] is None and recs[0]["rounds"] >= 0
+
+
+def test_merged_set_full_falls_back_to_checking_every_fault(ksm, workload) -> None:  # type: ignore[no-untyped-def]
+    """The merged-page set holds 2 MiB chunks; with room for one, the merges of
+    a 3 MiB region overflow it: the drop is counted, the process is checked
+    fault by fault instead, and the count stays exact."""
+    w = workload()
+    r = w.call("alloc", name="r", pages=768, kind="dup", seed=9)
+    w.call("madvise", name="r")
+    with FaultProbe(max_merged=1) as fp:
+        ksm.start()
+        ksm.wait_merged(w.pid, r["addr"], r["len"], 768)
+        ksm.set(run=0)
+        s0, cow0 = _pair(fp)
+        w.call("write", name="r", first=1, count=768, step=3)
+        s1, cow1 = _pair(fp)
+    assert s1.stats["merged_drops"] > 0
+    assert _traced(s0, s1, {w.pid}) == len(range(1, 768, 3))
+    assert _traced(s0, s1) == cow1 - cow0
