@@ -66,15 +66,6 @@ static void fill_unique(char *p, long pages)
 		*(long *)(p + i * page) = i + 1;
 }
 
-/* Groups of 64 identical pages: each merges into one KSM page. (With every
- * page identical, KSM chains KSM pages of max_page_sharing sharers each, and
- * the last few dozen of 8192 pages were seen to take more than 30 s.) */
-static void fill_groups(char *p, long pages)
-{
-	for (long i = 0; i < pages; i++)
-		*(long *)(p + i * page + 64) = i / 64 + 1;
-}
-
 static void ksm_run(const char *v)
 {
 	FILE *f = fopen("/sys/kernel/mm/ksm/run", "w");
@@ -124,7 +115,7 @@ int main(int argc, char **argv)
 			kill(c, SIGKILL);
 			waitpid(c, NULL, 0);
 		} else if (!strcmp(mode, "ksmcow")) {
-			fill_groups(p, pages);
+			touch(p, pages, 1);
 			ksm_run("1");
 			madvise(p, pages * page, MADV_MERGEABLE);
 			double deadline = now_ns() + 30e9, moved = now_ns();
