@@ -69,7 +69,7 @@ def main() -> int:
         "fresh": ("fresh", str(pages), str(reps)),
         "fork-cow": ("forkcow", str(pages), str(reps)),
         "fork-cow-mg": ("forkcow", str(pages), str(reps), "mg"),
-        "ksm-cow": ("ksmcow", str(pages // 2), str(reps // 2)),
+        "ksm-cow": ("ksmcow", str(pages // 4), str(reps // 2)),
     }
     settings = ("none", "ref", "this")
     res: dict[str, dict[str, list[float]]] = {c: {s: [] for s in settings} for c in cases}

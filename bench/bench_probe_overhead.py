@@ -125,7 +125,7 @@ def main() -> int:
         "fresh": ("fresh", str(pages), str(reps)),
         "fork-cow": ("forkcow", str(pages), str(reps)),
         "fork-cow-mg": ("forkcow", str(pages), str(reps), "mg"),
-        "ksm-cow": ("ksmcow", str(pages // 2), str(max(reps // 2, 1))),
+        "ksm-cow": ("ksmcow", str(pages // 4), str(max(reps // 2, 1))),
     }
     settings = ("none", "all", "empty")
     res: dict[str, dict[str, list[float]]] = {c: {k: [] for k in settings} for c in cases}
