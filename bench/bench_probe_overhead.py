@@ -14,7 +14,8 @@ and prints ns per fault, the ratio and the slowdown:
   ksm-cow    writes to KSM-merged pages: every fault is a KSM COW (walk and
              counters)
 
-Takes the KSM test lock (ksm-cow needs ksmd) and restores KSM settings.
+Takes the KSM test lock (ksm-cow needs ksmd, the others run with ksmd
+stopped) and restores KSM settings.
 Usage: .venv/bin/python bench/bench_probe_overhead.py [--rounds N] [--quick]
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ksmtrace.kernel import ksm_sysfs  # noqa: E402
+from ksmtrace.kernel import bcc_env, ksm_sysfs  # noqa: E402
 from ksmtrace.probes import loader  # noqa: E402
 from ksmtrace.probes.faults import FaultProbe  # noqa: E402
 from ksmtrace.probes.ksmd import KsmdProbe, available  # noqa: E402
@@ -48,10 +50,29 @@ def build(tmp: Path) -> Path:
     return exe
 
 
-def loop(exe: Path, *args: str) -> float:
+CPU = max(os.sched_getaffinity(0))
+
+
+def _pin() -> None:
     # One CPU: no migrations in the middle of a loop on this shared machine.
-    out = subprocess.run(["taskset", "-c", "1", str(exe), *args], capture_output=True, text=True, check=True)
-    return float(out.stdout)
+    os.sched_setaffinity(0, {CPU})
+
+
+def loop(exe: Path, *args: str) -> float:
+    for attempt in range(3):
+        out = subprocess.run([str(exe), *args], capture_output=True, text=True, preexec_fn=_pin)
+        if out.returncode == 0:
+            return float(out.stdout)
+        # ksm-cow needs ksmd to merge its pages in time; a busy machine can delay it.
+        print(f"faultloop {' '.join(args)}: {out.stderr.strip()} (attempt {attempt + 1})", file=sys.stderr)
+    raise SystemExit(f"faultloop {' '.join(args)} failed 3 times")
+
+
+def quartiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -82,6 +103,18 @@ def program_ns(exe: Path, args: tuple[str, ...]) -> float | None:
     return (ns1 - ns0) / (cnt1 - cnt0) if cnt1 > cnt0 else None
 
 
+class _Empty:
+    """A program that returns at once, on the tracepoint ksmtrace uses: what
+    any BPF program there costs (the floor under ksmtrace's own)."""
+
+    def __init__(self) -> None:
+        bcc, headers = bcc_env.prepare()
+        self.bpf = bcc.BPF(text=b"RAW_TRACEPOINT_PROBE(page_fault_user) { return 0; }", cflags=headers.cflags)
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -92,9 +125,10 @@ def main() -> int:
         "fresh": ("fresh", str(pages), str(reps)),
         "fork-cow": ("forkcow", str(pages), str(reps)),
         "fork-cow-mg": ("forkcow", str(pages), str(reps), "mg"),
-        "ksm-cow": ("ksmcow", str(pages // 4), "2"),
+        "ksm-cow": ("ksmcow", str(pages // 4), str(max(reps // 2, 1))),
     }
-    res: dict[str, dict[str, list[float]]] = {c: {"none": [], "all": []} for c in cases}
+    settings = ("none", "all", "empty")
+    res: dict[str, dict[str, list[float]]] = {c: {k: [] for k in settings} for c in cases}
     prog_ns: dict[str, float | None] = {}
     with tempfile.TemporaryDirectory() as td, LOCK.open("a") as lock:
         exe = build(Path(td))
@@ -103,50 +137,84 @@ def main() -> int:
         try:
             ksm_sysfs.write("pages_to_scan", 5000)
             ksm_sysfs.write("sleep_millisecs", 10)
-            ksm_sysfs.write("run", 1)
+            # ksmd stays stopped except while the ksm-cow loop waits for its
+            # merges (faultloop starts and stops it): a scanning ksmd competes
+            # with the loops for the CPU and for their page tables, and the
+            # ksmd probes change how long it runs, which is not the fault path.
+            ksm_sysfs.write("run", 0)
             # Load once; between runs only attach/detach (compiling takes seconds).
             # Each run with probes is paired with one without, right before or
             # after it, so drift on a shared machine hits both halves alike.
             probes = [FaultProbe()] + ([KsmdProbe()] if available() else [])
+            floor = _Empty()
+            everything = [*probes, floor]
+            # Start with nothing attached; each run attaches its setting's probes.
+            attach = {p: loader.detach_all(p.bpf) for p in everything}
             try:
                 for r in range(a.rounds):
+                    # Rotate the order of the three settings from round to round.
+                    order = settings[r % 3 :] + settings[: r % 3]
                     for name, args in cases.items():
-                        for setting in ("none", "all") if r % 2 == 0 else ("all", "none"):
-                            detached = [loader.detach_all(p.bpf) for p in probes] if setting == "none" else []
+                        for setting in order if r % 2 == 0 else order[::-1]:
+                            keep = {"none": [], "all": probes, "empty": [floor]}[setting]
+                            for p in keep:
+                                loader.reattach(p.bpf, attach[p])
                             try:
                                 res[name][setting].append(loop(exe, *args))
                             finally:
-                                for p, d in zip(probes, detached):
-                                    loader.reattach(p.bpf, d)
+                                for p in keep:
+                                    loader.detach_all(p.bpf)
                     print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
+                for p in probes:
+                    loader.reattach(p.bpf, attach[p])
                 for name, args in cases.items():
                     prog_ns[name] = program_ns(exe, args)
             finally:
-                for p in probes:
+                for p in everything:
                     p.close()
         finally:
             ksm_sysfs.write("run", 2)
             saved.restore()
-    print(f"\nprobe overhead on page faults ({a.rounds} paired runs per loop, ns per fault)")
+    jit = Path("/proc/sys/net/core/bpf_jit_enable").read_text().strip()
+    print(
+        f"\nprobe overhead on page faults ({a.rounds} paired runs per loop, ns per fault,"
+        f" CPU {CPU}, bpf_jit_enable={jit}, bpf_stats off except for PROG)"
+    )
     print(
         f"{'LOOP':<12} {'NONE(ns)':>9} {'ALL(ns)':>9} {'RATIO':>7} {'SLOWDOWN':>9}"
-        f" {'PAIRED':>8} {'PROG(ns)':>9} {'NET(ns)':>8} {'NET%':>6}"
+        f" {'PAIRED':>8} {'IQR':>15} {'PROG(ns)':>9} {'NET(ns)':>8} {'NET%':>6}"
     )
     base = prog_ns.get("fresh") or 0.0
     for name, d in res.items():
         off, on = statistics.median(d["none"]), statistics.median(d["all"])
-        paired = statistics.median(b / a_ - 1 for a_, b in zip(d["none"], d["all"]))
+        ratios = [b / a_ - 1 for a_, b in zip(d["none"], d["all"])]
+        paired = statistics.median(ratios)
+        lo, hi = quartiles(ratios)
+        iqr = f"{100 * lo:+.1f}..{100 * hi:+.1f}%"
         prog = prog_ns.get(name) or 0.0
         net = max(prog - base, 0.0)
         print(
             f"{name:<12} {off:9.1f} {on:9.1f} {on / off:7.3f} {100 * (on / off - 1):+8.1f}%"
-            f" {100 * paired:+7.1f}% {prog:9.1f} {net:8.1f} {100 * net / off:5.1f}%"
+            f" {100 * paired:+7.1f}% {iqr:>15} {prog:9.1f} {net:8.1f} {100 * net / off:5.1f}%"
+        )
+    print("\nfloor: an empty program on the same tracepoint (exceptions:page_fault_user)")
+    print(f"{'LOOP':<12} {'EMPTY(ns)':>9} {'PAIRED':>8} {'IQR':>15}  {'ALL-EMPTY':>9}")
+    for name, d in res.items():
+        ratios = [b / a_ - 1 for a_, b in zip(d["none"], d["empty"])]
+        lo, hi = quartiles(ratios)
+        rest = statistics.median(b / a_ - 1 for a_, b in zip(d["empty"], d["all"]))
+        print(
+            f"{name:<12} {statistics.median(d['empty']):9.1f} {100 * statistics.median(ratios):+7.1f}%"
+            f" {f'{100 * lo:+.1f}..{100 * hi:+.1f}%':>15}  {100 * rest:+8.1f}%"
         )
     print(
-        "NONE/ALL: median wall-clock ns per fault without/with every probe attached; PAIRED:\n"
-        "median slowdown of back-to-back pairs; PROG: the fault-path BPF program's own run\n"
-        "time per fault (kernel bpf_stats, which adds two clock reads per run); NET: PROG\n"
-        "minus the fresh loop's PROG (a mask test and return: the bpf_stats cost), as % of NONE."
+        "NONE/ALL: median ns per fault (CPU time of the loop's thread) without/with every\n"
+        "probe attached; PAIRED: median slowdown of back-to-back pairs, IQR its quartiles;\n"
+        "PROG: the fault-path BPF program's own run time per fault (kernel bpf_stats, which\n"
+        "adds two clock reads per run); NET: PROG minus the fresh loop's PROG (a mask test\n"
+        "and return: the bpf_stats cost), as % of NONE. EMPTY: an empty program attached\n"
+        "instead; ALL-EMPTY: median slowdown of ALL against EMPTY in the same round\n"
+        "(ksmtrace's share above the floor)."
     )
     print("goal: <= +5% for fresh and copy-on-write loops")
     return 0

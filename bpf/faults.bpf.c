@@ -13,15 +13,20 @@
  *   opting-in process), by fork of a marked process, by user space at start.
  * - A set of merged (tgid, page) pairs, filled in ksmd's context by
  *   ksm:ksm_merge_with_ksm_page (mm -> tgid through mm->owner, page from
- *   rmap_item->address) and by user space at start (pagemap + kpageflags).
- *   A write-protect fault that misses it is not a KSM COW and costs no read.
- * - A hit is verified by walking the page tables (4-5 reads) and comparing
- *   the PTE's frame with the KSM frame of the merge: entries go stale on paths
- *   without a tracepoint (break_ksm() of MADV_UNMERGEABLE, munmap,
- *   MADV_DONTNEED, a failed pair merge's break_cow()), and a stale hit must
- *   not count. The entry is consumed either way (frame set to 0): a KSM COW
- *   ends the merge, and of two threads faulting on one page only the first
- *   counts, as in cow_ksm. A later merge of that page sets a frame again.
+ *   rmap_item->address) and by user space at start (pagemap + kpageflags),
+ *   kept as one bit per page in 2 MiB chunks. A write-protect fault that
+ *   misses it is not a KSM COW and costs no read; a process with no merged
+ *   page skips the lookup. (It was a hash of one entry per page with 1M
+ *   slots: a 16 MiB bucket array whose cold cache lines and TLB misses cost
+ *   more than the rest of the program; see bench/bench_probe_overhead.py.)
+ * - A hit is verified: walk the page tables (4-5 reads of entries that the
+ *   fault handler reads right after) and read the mapping word of the PTE's
+ *   struct page (which do_wp_page reads too). Bits go stale on paths without
+ *   a tracepoint (break_ksm() of MADV_UNMERGEABLE, munmap, MADV_DONTNEED, a
+ *   failed pair merge's break_cow()), and a stale bit must not count. The
+ *   bit is cleared atomically either way: a KSM COW ends the merge, and of
+ *   two threads faulting on one page only the first counts, as in cow_ksm.
+ *   A later merge of that page sets it again.
  * - Processes whose pages are not all in the set (children forked from a
  *   mergeable process, a full set) have walk_all set: every write-protect
  *   fault is checked against struct page (exact, slower).
@@ -36,7 +41,7 @@
  * bpf/kaddr.bpf.c): TASK_MM_OFF TASK_TGID_OFF MM_FLAGS_OFF MM_PGD_OFF
  * MM_OWNER_OFF PAGE_MAPPING_OFF STRUCT_PAGE_SIZE RMAP_ITEM_ADDRESS_OFF
  * DIRECT_MAP_BASE VMEMMAP_BASE PGTABLE_L5 PID_MAX MAX_PROCS MAX_REGIONS
- * MAX_MERGED [FILTER_TGID] [NO_KSM_TP: before 6.4, no ksm:* tracepoints]
+ * MAX_MERGED (2 MiB chunks) [FILTER_TGID] [NO_KSM_TP: before 6.4, no ksm:* tracepoints]
  */
 #include <uapi/linux/ptrace.h>
 #include "faults.h"
@@ -57,7 +62,7 @@ BPF_ARRAY(zeroes, struct proc_faults, 1);
 BPF_PERCPU_ARRAY(stats, u64, FS_NSTATS);
 BPF_ARRAY(maybe_mergeable, u64, (PID_MAX + 63) / 64);
 /* Allocated as merges come: a host may have millions of merged pages. */
-BPF_F_TABLE("hash", struct merged_key, u64, merged, MAX_MERGED, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct merged_key, struct merged_chunk, merged, MAX_MERGED, BPF_F_NO_PREALLOC);
 
 static __always_inline void stat_inc(int idx)
 {
@@ -196,38 +201,37 @@ static __always_inline int on_fault(u64 addr, u64 error_code, int kernel_mode)
 	if (c->state == PS_UNKNOWN && !settle(c))
 		return 0;
 
-	int ksm = 0;
-	struct merged_key key = {.tgid = tgid, .page = addr >> 12};
-	u64 *kpfn = merged.lookup(&key);
-	u64 want = 0;
+	int ksm = 0, hit = 0, check = c->walk_all;
 #ifdef NO_KSM_TP
-	c->walk_all = 1;	/* no merge events: the set stays empty */
+	check = 1;	/* no merge events: the set stays empty */
 #endif
-	/* Take the frame out atomically instead of deleting the entry: a delete
-	 * from this allocate-on-demand hash frees memory (~2 us per fault here),
-	 * and of two threads faulting on one page only the first gets it. */
-	if (kpfn && *kpfn)
-		want = __sync_lock_test_and_set(kpfn, 0);
-	if (want || c->walk_all) {
+	if (!check && c->has_merged) {
+		struct merged_key key = {.tgid = tgid, .chunk = addr >> CHUNK_SHIFT};
+		struct merged_chunk *m = merged.lookup(&key);
+		if (m) {
+			u64 *w = &m->bits[(addr >> 18) & (CHUNK_WORDS - 1)];
+			u64 bit = 1ULL << ((addr >> 12) & 63);
+			/* Only the thread that clears the bit checks the page. */
+			if (*w & bit)
+				hit = !!(__sync_fetch_and_and(w, ~bit) & bit);
+		}
+	}
+	if (check || hit) {
 		u64 pte = 0;
 		if (pte_of(c->pgd, addr, &pte) < 0) {
 			stat_inc(FS_WALK_FAIL);
 		} else if (pte) {
-			u64 pfn = (pte & PTE_PFN_MASK) >> 12;
-			/* Same frame as merged into: still that KSM page. Otherwise
-			 * (or with no entry) ask the frame itself. */
-			ksm = pfn == want ? 1 : frame_is_ksm(pfn);
+			ksm = frame_is_ksm((pte & PTE_PFN_MASK) >> 12);
 			if (ksm < 0) {
 				stat_inc(FS_WALK_FAIL);
 				ksm = 0;
 			}
 		}
-		if (want && !ksm)
+		if (hit && !ksm)
 			stat_inc(FS_STALE);
 	}
 	if (ksm && kernel_mode)
 		stat_inc(FS_KERNEL_MODE);
-	add(&c->total, ksm);
 
 	struct region_table *t = regions.lookup(&tgid);
 	if (!t) {
@@ -318,15 +322,6 @@ RAW_TRACEPOINT_PROBE(ksm_enter)
 	return 0;
 }
 
-/* The first half of a pair merge (kpage NULL), in case the second fails and
- * ksmd breaks it again (break_cow). ksmd is one thread. */
-struct pending_pair {
-	struct merged_key key;
-	u64 pfn;
-	u64 valid;
-};
-BPF_ARRAY(pending, struct pending_pair, 1);
-
 static __always_inline u32 mm_tgid(u64 mm)
 {
 	u64 owner = 0;
@@ -338,19 +333,14 @@ static __always_inline u32 mm_tgid(u64 mm)
 	return tgid;
 }
 
-/* TP_PROTO(void *ksm_page, unsigned long pfn, void *rmap_item, void *mm, int err) */
+/* TP_PROTO(void *ksm_page, unsigned long pfn, void *rmap_item, void *mm, int err)
+ * A failed second half of a pair merge (break_cow of the first) leaves a
+ * stale bit: the check at the fault rejects it. */
 RAW_TRACEPOINT_PROBE(ksm_merge_with_ksm_page)
 {
-	u64 ksm_page = ctx->args[0], pfn = ctx->args[1], rmap_item = ctx->args[2];
-	int err = (int)ctx->args[4], idx = 0;
-	struct pending_pair *p = pending.lookup(&idx);
+	u64 rmap_item = ctx->args[2];
 
-	if (p && p->valid && ksm_page) {
-		if (err && pfn == p->pfn)
-			merged.delete(&p->key);
-		p->valid = 0;
-	}
-	if (err)
+	if ((int)ctx->args[4])
 		return 0;
 	u32 tgid = mm_tgid(ctx->args[3]);
 	u64 address = 0;
@@ -361,19 +351,20 @@ RAW_TRACEPOINT_PROBE(ksm_merge_with_ksm_page)
 	if (tgid != FILTER_TGID)
 		return 0;
 #endif
-	struct merged_key key = {.tgid = tgid, .page = address >> 12};
-	if (merged.update(&key, &pfn)) {
-		stat_inc(FS_MERGED_DROPS);
-		struct proc_faults *c = proc_entry(tgid);
-		if (c)
-			c->walk_all = 1;
-	}
 	mark(tgid);
-	if (!ksm_page && p) {
-		p->key = key;
-		p->pfn = pfn;
-		p->valid = 1;
+	struct proc_faults *c = proc_entry(tgid);
+	if (!c)
+		return 0;
+	struct merged_key key = {.tgid = tgid, .chunk = address >> CHUNK_SHIFT};
+	struct merged_chunk zero = {};
+	struct merged_chunk *m = merged.lookup_or_try_init(&key, &zero);
+	if (!m) {
+		stat_inc(FS_MERGED_DROPS);
+		c->walk_all = 1;
+		return 0;
 	}
+	__sync_fetch_and_or(&m->bits[(address >> 18) & (CHUNK_WORDS - 1)], 1ULL << ((address >> 12) & 63));
+	c->has_merged = 1;
 	return 0;
 }
 #endif

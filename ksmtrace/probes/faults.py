@@ -21,7 +21,8 @@ from ksmtrace.probes import kaddr, loader
 
 MAX_PROCS = 8192
 MAX_REGIONS = 32  # per process; must match bpf/faults.h
-MAX_MERGED = 1 << 20  # merged pages tracked (allocated as used, ~100 bytes each)
+MAX_MERGED = 1 << 14  # 2 MiB chunks with merged pages (allocated as used, ~150 bytes each)
+CHUNK_SHIFT = 21  # bpf/faults.h
 _STATS = (
     "no_table",
     "proc_drops",
@@ -111,31 +112,45 @@ class FaultProbe:
         merged = self.bpf["merged"]
         n = 0
         for pid in pids:
+            chunks: dict[int, list[int]] = {}
             try:
-                vmas = [v for v in ProcFS().smaps(pid) if v.mergeable]
-                for v in vmas:
-                    for va, pfn in pagemap.ksm_pages(pid, v.start, v.end):
-                        k = merged.Key()
-                        k.tgid, k.page = pid, va >> 12
-                        merged[k] = merged.Leaf(pfn)
+                for v in ProcFS().smaps(pid):
+                    if not v.mergeable:
+                        continue
+                    for va, _pfn in pagemap.ksm_pages(pid, v.start, v.end):
+                        words = chunks.setdefault(va >> CHUNK_SHIFT, [0] * 8)
+                        words[(va >> 18) & 7] |= 1 << ((va >> 12) & 63)
                         n += 1
             except (ProcessGone, AccessDenied):
                 continue
+            try:
+                for chunk, words in chunks.items():
+                    k = merged.Key()
+                    k.tgid, k.chunk = pid, chunk
+                    leaf = merged.Leaf()
+                    for i, w in enumerate(words):
+                        leaf.bits[i] = w
+                    merged[k] = leaf
+                if chunks:
+                    self._set_flag(pid, "has_merged")
             except Exception:  # BCC: the set is full (E2BIG)
                 self.walk_all(pid)
         return n
 
-    def walk_all(self, tgid: int) -> None:
-        """This process's KSM pages are not all in the merged set: check every
-        write-protect fault of it against struct page instead (exact, slower)."""
+    def _set_flag(self, tgid: int, name: str) -> None:
         procs = self.bpf["procs"]
         k = procs.Key(tgid)
         try:
             leaf = procs[k]
         except KeyError:
             leaf = procs.Leaf()
-        leaf.walk_all = 1
+        setattr(leaf, name, 1)
         procs[k] = leaf
+
+    def walk_all(self, tgid: int) -> None:
+        """This process's KSM pages are not all in the merged set: check every
+        write-protect fault of it against struct page instead (exact, slower)."""
+        self._set_flag(tgid, "walk_all")
 
     def mark(self, tgids: Iterable[int]) -> None:
         """Tell the fault path these processes may be mergeable."""
@@ -177,13 +192,14 @@ class FaultProbe:
         for k, v in self.bpf["procs"].items():
             tgid = int(k.value)
             table = self.tables.get(tgid, [])
+            other = FaultCounts(int(v.other.wp), int(v.other.ksm_cow))
+            slots = [FaultCounts(int(r.wp), int(r.ksm_cow)) for r in v.region]
             procs[tgid] = ProcFaults(
-                total=FaultCounts(int(v.total.wp), int(v.total.ksm_cow)),
-                other=FaultCounts(int(v.other.wp), int(v.other.ksm_cow)),
-                regions={
-                    rng: FaultCounts(int(v.region[i].wp), int(v.region[i].ksm_cow))
-                    for i, rng in enumerate(table)
-                },
+                total=FaultCounts(
+                    other.wp + sum(r.wp for r in slots), other.ksm_cow + sum(r.ksm_cow for r in slots)
+                ),
+                other=other,
+                regions={rng: slots[i] for i, rng in enumerate(table)},
             )
         st = self.bpf["stats"]
         stats = {name: int(sum(st[st.Key(i)])) for i, name in enumerate(_STATS)}

@@ -314,3 +314,46 @@ def test_ksmd_command_without_ksm_tracepoints(monkeypatch, capsys) -> None:  # t
     recs = [json.loads(line) for line in out.out.splitlines()]
     assert len(recs) == 2
     assert recs[0]["merges_per_s"] is None and recs[0]["rounds"] >= 0
+
+
+def test_merged_set_full_falls_back_to_checking_every_fault(ksm, workload) -> None:  # type: ignore[no-untyped-def]
+    """The merged-page set holds 2 MiB chunks; with room for one, the merges of
+    a 3 MiB region overflow it: the drop is counted, the process is checked
+    fault by fault instead, and the count stays exact."""
+    w = workload()
+    r = w.call("alloc", name="r", pages=768, kind="dup", seed=9)
+    w.call("madvise", name="r")
+    with FaultProbe(max_merged=1) as fp:
+        ksm.start()
+        ksm.wait_merged(w.pid, r["addr"], r["len"], 768)
+        ksm.set(run=0)
+        s0, cow0 = _pair(fp)
+        w.call("write", name="r", first=1, count=768, step=3)
+        s1, cow1 = _pair(fp)
+    assert s1.stats["merged_drops"] > 0
+    assert _traced(s0, s1, {w.pid}) == len(range(1, 768, 3))
+    assert _traced(s0, s1) == cow1 - cow0
+
+
+def test_stale_merged_bits_do_not_count(ksm, workload) -> None:  # type: ignore[no-untyped-def]
+    """MADV_UNMERGEABLE undoes merges without a fault or an event per page: the
+    merged-page bits go stale. Fork copy-on-write on those pages then hits the
+    bits; the check of the page itself rejects them, and nothing counts."""
+    w = workload()
+    r = w.call("alloc", name="r", pages=200, kind="dup", seed=12)
+    w.call("madvise", name="r")
+    with FaultProbe() as fp:
+        ksm.start()
+        ksm.wait_merged(w.pid, r["addr"], r["len"], 200)
+        ksm.set(run=0)
+        w.call("madvise", name="r", advice="unmergeable")
+        assert pagemap.range_pages(w.pid, r["addr"], r["addr"] + r["len"]).ksm == 0
+        w.call("fork")
+        s0, cow0 = _pair(fp)
+        w.call("write", name="r", first=0, count=200, step=3)
+        s1, cow1 = _pair(fp)
+    w.call("kill_children")
+    assert s1.stats["stale_merged"] - s0.stats["stale_merged"] == len(range(0, 200, 3))
+    assert s1.procs[w.pid].total.wp - s0.procs[w.pid].total.wp >= len(range(0, 200, 3))
+    assert _traced(s0, s1, {w.pid}) == 0
+    assert _traced(s0, s1) == cow1 - cow0
