@@ -21,7 +21,7 @@ VAGRANT_DIR = Path(__file__).resolve().parents[2] / "vagrant"
     ],
     ids=["workstation", "offline-tcg", "sharepages"],
 )
-def test_vagrantfile_validates(env: dict[str, str]) -> None:
+def test_vagrantfile_validates(env: dict[str, str], tmp_path: Path) -> None:
     if shutil.which("vagrant") is None:
         pytest.skip("vagrant is not installed (vagrant/run-vm-tests.sh installs it)")
     out = subprocess.run(
@@ -29,7 +29,9 @@ def test_vagrantfile_validates(env: dict[str, str]) -> None:
         cwd=VAGRANT_DIR,
         capture_output=True,
         text=True,
-        env={**os.environ, **env},
+        # A machine of a running vagrant/run-vm-tests.sh lives in vagrant/.vagrant,
+        # its libvirtd in that run's namespace: validate without looking at it.
+        env={**os.environ, **env, "VAGRANT_DOTFILE_PATH": str(tmp_path / ".vagrant")},
         timeout=120,
         check=False,
     )
