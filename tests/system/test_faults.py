@@ -330,7 +330,9 @@ def test_merged_set_full_falls_back_to_checking_every_fault(ksm, workload) -> No
         s0, cow0 = _pair(fp)
         w.call("write", name="r", first=1, count=768, step=3)
         s1, cow1 = _pair(fp)
-    assert s1.stats["merged_drops"] > 0
+    # The set is filled by ksm:* merge events (6.4+); without them there is
+    # nothing to overflow and every fault is checked anyway.
+    assert s1.stats["merged_drops"] > 0 if fp.merge_events else s1.stats["merged_drops"] == 0
     assert _traced(s0, s1, {w.pid}) == len(range(1, 768, 3))
     assert _traced(s0, s1) == cow1 - cow0
 
@@ -353,7 +355,9 @@ def test_stale_merged_bits_do_not_count(ksm, workload) -> None:  # type: ignore[
         w.call("write", name="r", first=0, count=200, step=3)
         s1, cow1 = _pair(fp)
     w.call("kill_children")
-    assert s1.stats["stale_merged"] - s0.stats["stale_merged"] == len(range(0, 200, 3))
+    stale = s1.stats["stale_merged"] - s0.stats["stale_merged"]
+    # No merge events before 6.4: no bits to go stale, every fault checks its page.
+    assert stale == (len(range(0, 200, 3)) if fp.merge_events else 0)
     assert s1.procs[w.pid].total.wp - s0.procs[w.pid].total.wp >= len(range(0, 200, 3))
     assert _traced(s0, s1, {w.pid}) == 0
     assert _traced(s0, s1) == cow1 - cow0
