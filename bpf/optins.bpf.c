@@ -72,6 +72,16 @@ static __always_inline void stat_add(int slot)
 		__sync_fetch_and_add(v, 1);
 }
 
+/* Keep a call's arguments, keyed by thread, until its sys_exit joins them. */
+static __always_inline void stash(struct inflight *in)
+{
+	u32 tid = bpf_get_current_pid_tgid();
+
+	in->ts_ns = bpf_ktime_get_ns();
+	if (inflight.update(&tid, in))
+		stat_add(STAT_INFLIGHT_FULL);
+}
+
 static __always_inline bool caller_wanted(void)
 {
 #ifdef FILTER_PIDS
@@ -187,10 +197,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_madvise)
 	in.length = args->len_in;
 	in.op = advice;
 	in.pidfd = -1;
-	u32 tid = bpf_get_current_pid_tgid();
-	in.ts_ns = bpf_ktime_get_ns();
-	if (inflight.update(&tid, &in))
-		stat_add(STAT_INFLIGHT_FULL);
+	stash(&in);
 	return KEEP;
 }
 
@@ -206,10 +213,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_prctl)
 	in.op = option;
 	in.arg = args->arg2;
 	in.pidfd = -1;
-	u32 tid = bpf_get_current_pid_tgid();
-	in.ts_ns = bpf_ktime_get_ns();
-	if (inflight.update(&tid, &in))
-		stat_add(STAT_INFLIGHT_FULL);
+	stash(&in);
 	return KEEP;
 }
 
@@ -241,10 +245,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_process_madvise)
 			in.start = v.base;
 		in.length += v.len;
 	}
-	u32 tid = bpf_get_current_pid_tgid();
-	in.ts_ns = bpf_ktime_get_ns();
-	if (inflight.update(&tid, &in))
-		stat_add(STAT_INFLIGHT_FULL);
+	stash(&in);
 	return KEEP;
 }
 
