@@ -65,12 +65,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=8)
     a = ap.parse_args()
     pages, reps = 16384, 6
-    cases = {
-        "fresh": ("fresh", str(pages), str(reps)),
-        "fork-cow": ("forkcow", str(pages), str(reps)),
-        "fork-cow-mg": ("forkcow", str(pages), str(reps), "mg"),
-        "ksm-cow": ("ksmcow", str(pages // 4), str(reps // 2)),
-    }
+    cases = bench.loop_cases(pages, reps)
     settings = ("none", "ref", "this")
     res: dict[str, dict[str, list[float]]] = {c: {s: [] for s in settings} for c in cases}
     prog: dict[tuple[str, str], float | None] = {}

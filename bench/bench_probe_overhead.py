@@ -115,18 +115,23 @@ class _Empty:
         self.bpf.cleanup()
 
 
+def loop_cases(pages: int, reps: int) -> dict[str, tuple[str, ...]]:
+    """The loops every fault-overhead bench runs: name -> faultloop arguments."""
+    return {
+        "fresh": ("fresh", str(pages), str(reps)),
+        "fork-cow": ("forkcow", str(pages), str(reps)),
+        "fork-cow-mg": ("forkcow", str(pages), str(reps), "mg"),
+        "ksm-cow": ("ksmcow", str(pages // 4), str(max(reps // 2, 1))),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="smaller loops (a smoke run)")
     a = ap.parse_args()
     pages, reps = (4096, 2) if a.quick else (16384, 6)
-    cases = {
-        "fresh": ("fresh", str(pages), str(reps)),
-        "fork-cow": ("forkcow", str(pages), str(reps)),
-        "fork-cow-mg": ("forkcow", str(pages), str(reps), "mg"),
-        "ksm-cow": ("ksmcow", str(pages // 4), str(max(reps // 2, 1))),
-    }
+    cases = loop_cases(pages, reps)
     settings = ("none", "all", "empty")
     res: dict[str, dict[str, list[float]]] = {c: {k: [] for k in settings} for c in cases}
     prog_ns: dict[str, float | None] = {}

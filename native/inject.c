@@ -360,18 +360,6 @@ int kn_inject_madvise(int tid, uint64_t addr, uint64_t len, int advice, int time
 
 #else /* !__x86_64__ */
 
-/* pthread_join() returns once the thread has left its memory (exit_mm), before
- * exit_ptrace() detaches a tracee it never stopped; seen under QEMU emulation.
- * Wait (1 s at most) until the thread is reaped, its /proc entry then gone. */
-static void wait_reaped(int thread_tid)
-{
-	char path[64];
-
-	snprintf(path, sizeof(path), "/proc/self/task/%d", thread_tid);
-	for (int i = 0; i < 2000 && access(path, F_OK) == 0; i++)
-		usleep(500);
-}
-
 int kn_inject_madvise(int tid, uint64_t addr, uint64_t len, int advice, int timeout_ms,
 		      struct kn_inject_result *res)
 {
