@@ -6,19 +6,21 @@
  * PTE it hits maps a KSM page at that moment: do_wp_page() then counts
  * cow_ksm and copies (a KSM folio is never reused, wp_can_reuse_anon_folio()).
  *
- * Design, driven by cost (kernel reads by helper cost ~125 ns each on the
- * machines this was measured on, a fault 0.8-2 us):
- * - A bitmap of possibly-mergeable tgids: every other process pays a mask
- *   test and one inlined array lookup. Filled by ksm:ksm_enter (runs in the
- *   opting-in process), by fork of a marked process, by user space at start.
+ * Design, driven by cost (a fault is 0.8-2 us; an empty BPF program on this
+ * tracepoint alone costs ~4% of one; bench/bench_probe_overhead.py):
+ * - Processes are found through arrays only: `slot_of[tgid]` (0: not
+ *   tracked; every other process pays this one inlined load) names a slot of
+ *   `procs`. A hash lookup here cost ~8% of a COW fault, an array ~1%. Slots
+ *   come from the queue `free_slots` (filled and refilled by user space,
+ *   which frees the slots of exited processes); they are taken by
+ *   ksm:ksm_enter (runs in the opting-in process), by fork of a tracked
+ *   process, by merges, and by user space at start.
  * - A set of merged (tgid, page) pairs, filled in ksmd's context by
  *   ksm:ksm_merge_with_ksm_page (mm -> tgid through mm->owner, page from
  *   rmap_item->address) and by user space at start (pagemap + kpageflags),
- *   kept as one bit per page in 2 MiB chunks. A write-protect fault that
- *   misses it is not a KSM COW and costs no read; a process with no merged
- *   page skips the lookup. (It was a hash of one entry per page with 1M
- *   slots: a 16 MiB bucket array whose cold cache lines and TLB misses cost
- *   more than the rest of the program; see bench/bench_probe_overhead.py.)
+ *   kept as one bit per page in 2 MiB chunks (faults.h). A write-protect
+ *   fault that misses it is not a KSM COW and costs no read; a process with
+ *   no merged page skips the lookup.
  * - A hit is verified: walk the page tables (4-5 reads of entries that the
  *   fault handler reads right after) and read the mapping word of the PTE's
  *   struct page (which do_wp_page reads too). Bits go stale on paths without
@@ -28,12 +30,11 @@
  *   two threads faulting on one page only the first counts, as in cow_ksm.
  *   A later merge of that page sets it again.
  * - Processes whose pages are not all in the set (children forked from a
- *   mergeable process, a full set) have walk_all set: every write-protect
- *   fault is checked against struct page (exact, slower).
- * - Regions: user space pushes each process's mergeable ranges (smaps) into
- *   `regions`; a linear scan of those few ranges attributes each fault;
- *   outside them counts as "other". (A per-page counter hash was exact
- *   without a table but cost a cold insert per fault: +45% on fork COW.)
+ *   mergeable process, a full bucket) have walk_all set: every
+ *   write-protect fault is checked against struct page (exact, slower).
+ * - Regions: user space writes each process's mergeable ranges (smaps) into
+ *   its slot; a linear scan of those few ranges attributes each fault and
+ *   bumps the counters beside the bounds; outside them counts as "other".
  *
  * Raw tracepoints on the fault path: a plain tracepoint costs ~4x more.
  *
@@ -41,12 +42,14 @@
  * bpf/kaddr.bpf.c): TASK_MM_OFF TASK_TGID_OFF MM_FLAGS_OFF MM_PGD_OFF
  * MM_OWNER_OFF PAGE_MAPPING_OFF STRUCT_PAGE_SIZE RMAP_ITEM_ADDRESS_OFF
  * DIRECT_MAP_BASE VMEMMAP_BASE PGTABLE_L5 PID_MAX MAX_PROCS MAX_REGIONS
- * MAX_MERGED (2 MiB chunks) [FILTER_TGID] [NO_KSM_TP: before 6.4, no ksm:* tracepoints]
+ * MERGED_BUCKET_BITS MERGED_WAYS [FILTER_TGID]
+ * [NO_KSM_TP: before 6.4, no ksm:* tracepoints]
  */
 #include <uapi/linux/ptrace.h>
 #include "faults.h"
 
 #define MMF_VM_MERGEABLE_BIT 16		/* include/linux/mm_types.h, 2.6.32 .. 6.18 */
+#define MADV_MERGEABLE 12
 #define X86_PF_PROT 1
 #define X86_PF_WRITE 2
 #define PTE_PRESENT 1ULL
@@ -55,14 +58,15 @@
 #define FOLIO_MAPPING_FLAGS 3UL
 #define FOLIO_MAPPING_KSM 3UL		/* ANON | ANON_KSM */
 #define USER_ADDR_MAX 0x00ffffffffffffffULL
+#define MERGED_ENTRIES ((1 << MERGED_BUCKET_BITS) * MERGED_WAYS)
 
-BPF_HASH(procs, u32, struct proc_faults, MAX_PROCS);
-BPF_HASH(regions, u32, struct region_table, MAX_PROCS);
-BPF_ARRAY(zeroes, struct proc_faults, 1);
+/* u64, not u32: array elements are 8 bytes apart either way. */
+BPF_F_TABLE("array", u32, u64, slot_of, PID_MAX, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", u32, struct proc_slot, procs, MAX_PROCS, BPF_F_MMAPABLE);
+BPF_QUEUE(free_slots, u32, MAX_PROCS);
+BPF_F_TABLE("array", u32, u64, merged_tags, MERGED_ENTRIES, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", u32, struct merged_chunk, merged_bits, MERGED_ENTRIES, BPF_F_MMAPABLE);
 BPF_PERCPU_ARRAY(stats, u64, FS_NSTATS);
-BPF_ARRAY(maybe_mergeable, u64, (PID_MAX + 63) / 64);
-/* Allocated as merges come: a host may have millions of merged pages. */
-BPF_F_TABLE("hash", struct merged_key, struct merged_chunk, merged, MAX_MERGED, BPF_F_NO_PREALLOC);
 
 static __always_inline void stat_inc(int idx)
 {
@@ -71,39 +75,71 @@ static __always_inline void stat_inc(int idx)
 		(*v)++;
 }
 
-static __always_inline void mark(u32 tgid)
+static __always_inline struct proc_slot *proc_of(u32 tgid)
 {
-	u32 word = tgid / 64;
-	u64 *bits = maybe_mergeable.lookup(&word);
-	if (bits)
-		__sync_fetch_and_or(bits, 1ULL << (tgid % 64));
-}
-
-static __always_inline int marked(u32 tgid)
-{
-#ifdef NO_KSM_TP
-	return 1;	/* no ksm_enter to keep the bitmap current */
-#endif
-	u32 word = tgid / 64;
-	u64 *bits = maybe_mergeable.lookup(&word);
-	/* Beyond the bitmap (pid_max raised since start): look closer. */
-	return !bits || (*bits & (1ULL << (tgid % 64)));
-}
-
-static __always_inline struct proc_faults *proc_entry(u32 tgid)
-{
-	struct proc_faults *c = procs.lookup(&tgid);
-	if (c)
-		return c;
-	int idx = 0;
-	/* The value is larger than the BPF stack: initialise it from a map. */
-	struct proc_faults *zero = zeroes.lookup(&idx);
-	if (!zero)
+	u64 *s = slot_of.lookup(&tgid);
+	if (!s || !*s)
 		return 0;
-	c = procs.lookup_or_try_init(&tgid, zero);
-	if (!c)
+	u32 idx = *s;
+	return procs.lookup(&idx);
+}
+
+/* The slot of tgid, taken from the free queue if it has none. Another CPU
+ * may take one for the same tgid at the same moment (two threads opting in):
+ * the compare-and-swap on slot_of picks one, the loser gives its slot back. */
+static __always_inline struct proc_slot *proc_track(u32 tgid)
+{
+	u64 *s = slot_of.lookup(&tgid);
+	if (!s) {
+		stat_inc(FS_PROC_DROPS);	/* pid beyond the table (pid_max raised) */
+		return 0;
+	}
+	u32 cur = *s;
+	if (cur)
+		return procs.lookup(&cur);
+	u32 fresh = 0;
+	if (free_slots.pop(&fresh) || !fresh || fresh >= MAX_PROCS) {
 		stat_inc(FS_PROC_DROPS);
-	return c;
+		return 0;
+	}
+	struct proc_slot *p = procs.lookup(&fresh);
+	if (!p)
+		return 0;
+	/* User space zeroed the slot before queueing it. */
+	p->tgid = tgid;
+	cur = __sync_val_compare_and_swap(s, 0, (u64)fresh);
+	if (!cur)
+		return p;
+	p->tgid = 0;
+	free_slots.push(&fresh, 0);
+	return procs.lookup(&cur);
+}
+
+static __always_inline u64 merged_tag(u32 tgid, u64 addr)
+{
+	return ((u64)tgid << TAG_CHUNK_BITS) | (addr >> CHUNK_SHIFT);
+}
+
+static __always_inline u32 merged_bucket(u64 tag)
+{
+#if MERGED_BUCKET_BITS == 0
+	return 0;
+#endif
+	return (u32)((tag * 0x9E3779B97F4A7C15ULL) >> (64 - MERGED_BUCKET_BITS)) * MERGED_WAYS;
+}
+
+/* Index of tag's chunk in merged_bits, or -1. */
+static __always_inline int merged_find(u64 tag)
+{
+	u32 base = merged_bucket(tag);
+#pragma unroll
+	for (int i = 0; i < MERGED_WAYS; i++) {
+		u32 idx = base + i;
+		u64 *t = merged_tags.lookup(&idx);
+		if (t && *t == tag)
+			return idx;
+	}
+	return -1;
 }
 
 static __always_inline int read_entry(u64 table_va, u64 index, u64 *out)
@@ -160,7 +196,7 @@ static __always_inline void add(struct fault_counts *c, int ksm)
 }
 
 /* Read (once per exec) whether current's mm is mergeable, and its pgd. */
-static __always_inline int settle(struct proc_faults *c)
+static __always_inline int settle(struct proc_slot *c)
 {
 	u64 mm = 0, flags = 0, pgd = 0;
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
@@ -191,12 +227,8 @@ static __always_inline int on_fault(u64 addr, u64 error_code, int kernel_mode)
 	if (tgid != FILTER_TGID)
 		return 0;
 #endif
-	if (!marked(tgid))
-		return 0;
-	struct proc_faults *c = proc_entry(tgid);
-	if (!c)
-		return 0;
-	if (c->state == PS_NOT_MERGEABLE)
+	struct proc_slot *c = proc_of(tgid);
+	if (!c || c->state == PS_NOT_MERGEABLE)
 		return 0;
 	if (c->state == PS_UNKNOWN && !settle(c))
 		return 0;
@@ -206,8 +238,9 @@ static __always_inline int on_fault(u64 addr, u64 error_code, int kernel_mode)
 	check = 1;	/* no merge events: the set stays empty */
 #endif
 	if (!check && c->has_merged) {
-		struct merged_key key = {.tgid = tgid, .chunk = addr >> CHUNK_SHIFT};
-		struct merged_chunk *m = merged.lookup(&key);
+		int idx = merged_find(merged_tag(tgid, addr));
+		u32 key = idx;
+		struct merged_chunk *m = idx < 0 ? 0 : merged_bits.lookup(&key);
 		if (m) {
 			u64 *w = &m->bits[(addr >> 18) & (CHUNK_WORDS - 1)];
 			u64 bit = 1ULL << ((addr >> 12) & 63);
@@ -233,18 +266,18 @@ static __always_inline int on_fault(u64 addr, u64 error_code, int kernel_mode)
 	if (ksm && kernel_mode)
 		stat_inc(FS_KERNEL_MODE);
 
-	struct region_table *t = regions.lookup(&tgid);
-	if (!t) {
+	if (!c->region[0].start) {
 		stat_inc(FS_NO_TABLE);
 		add(&c->other, ksm);
 		return 0;
 	}
 #pragma unroll
 	for (int i = 0; i < MAX_REGIONS; i++) {
-		if (!t->start[i])
+		struct region_counts *r = &c->region[i];
+		if (!r->start)
 			break;
-		if (addr >= t->start[i] && addr < t->end[i]) {
-			add(&c->region[i], ksm);
+		if (addr >= r->start && addr < r->end) {
+			add(&r->n, ksm);
 			return 0;
 		}
 	}
@@ -271,14 +304,13 @@ RAW_TRACEPOINT_PROBE(page_fault_kernel)
 RAW_TRACEPOINT_PROBE(sched_process_fork)
 {
 	u32 tgid = bpf_get_current_pid_tgid() >> 32, child = 0, parent_tgid = 0;
-	if (!marked(tgid))
+	if (!proc_of(tgid))
 		return 0;
 	bpf_probe_read_kernel(&child, sizeof(child), (void *)(ctx->args[1] + TASK_TGID_OFF));
 	bpf_probe_read_kernel(&parent_tgid, sizeof(parent_tgid), (void *)(ctx->args[0] + TASK_TGID_OFF));
 	if (!child || child == parent_tgid)
 		return 0;	/* a new thread: same process */
-	mark(child);
-	struct proc_faults *c = proc_entry(child);
+	struct proc_slot *c = proc_track(child);
 	if (c)
 		c->walk_all = 1;
 	return 0;
@@ -288,8 +320,7 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
  * a new mm (and pgd); MMF_VM_MERGE_ANY may carry over, so look again. */
 RAW_TRACEPOINT_PROBE(sched_process_exec)
 {
-	u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	struct proc_faults *c = procs.lookup(&tgid);
+	struct proc_slot *c = proc_of(bpf_get_current_pid_tgid() >> 32);
 	if (c) {
 		c->state = PS_UNKNOWN;
 		c->pgd = 0;
@@ -299,13 +330,14 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 
 #ifdef NO_KSM_TP
 /* Linux < 6.4: no ksm_enter, and madvise(MADV_MERGEABLE) is the only way in
- * (prctl came with 6.4): after a successful madvise look at the mm again, or
- * a process that faulted before opting in stays "not mergeable". Returns 1:
- * perf keeps seeing the event. */
-TRACEPOINT_PROBE(syscalls, sys_exit_madvise)
+ * (prctl came with 6.4): track the caller from its request on; if the call
+ * fails, the first fault finds the mm not mergeable. Returns 1: perf keeps
+ * seeing the event. */
+TRACEPOINT_PROBE(syscalls, sys_enter_madvise)
 {
-	u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	struct proc_faults *c = args->ret ? 0 : procs.lookup(&tgid);
+	if (args->behavior != MADV_MERGEABLE)
+		return 1;
+	struct proc_slot *c = proc_track(bpf_get_current_pid_tgid() >> 32);
 	if (c && c->state == PS_NOT_MERGEABLE)
 		c->state = PS_UNKNOWN;
 	return 1;
@@ -314,9 +346,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_madvise)
 /* TP_PROTO(void *mm): runs in the process that opts in. */
 RAW_TRACEPOINT_PROBE(ksm_enter)
 {
-	u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	mark(tgid);
-	struct proc_faults *c = procs.lookup(&tgid);
+	struct proc_slot *c = proc_track(bpf_get_current_pid_tgid() >> 32);
 	if (c && c->state == PS_NOT_MERGEABLE)
 		c->state = PS_UNKNOWN;
 	return 0;
@@ -331,6 +361,35 @@ static __always_inline u32 mm_tgid(u64 mm)
 		return 0;
 	bpf_probe_read_kernel(&tgid, sizeof(tgid), (void *)(owner + TASK_TGID_OFF));
 	return tgid;
+}
+
+/* The chunk of tag, claimed from a free way of its bucket if new; -1: full. */
+static __always_inline int merged_claim(u64 tag)
+{
+	u32 base = merged_bucket(tag);
+	int free_idx = -1;
+#pragma unroll
+	for (int i = 0; i < MERGED_WAYS; i++) {
+		u32 idx = base + i;
+		u64 *t = merged_tags.lookup(&idx);
+		if (!t)
+			continue;
+		if (*t == tag)
+			return idx;
+		if (!*t && free_idx < 0)
+			free_idx = idx;
+	}
+	if (free_idx < 0)
+		return -1;
+	u32 key = free_idx;
+	u64 *t = merged_tags.lookup(&key);
+	/* ksmd is one thread, but user space preloads at start: claim atomically. */
+	if (!t)
+		return -1;
+	u64 old = __sync_val_compare_and_swap(t, 0, tag);
+	if (!old || old == tag)
+		return free_idx;
+	return merged_find(tag);
 }
 
 /* TP_PROTO(void *ksm_page, unsigned long pfn, void *rmap_item, void *mm, int err)
@@ -351,13 +410,12 @@ RAW_TRACEPOINT_PROBE(ksm_merge_with_ksm_page)
 	if (tgid != FILTER_TGID)
 		return 0;
 #endif
-	mark(tgid);
-	struct proc_faults *c = proc_entry(tgid);
+	struct proc_slot *c = proc_track(tgid);
 	if (!c)
 		return 0;
-	struct merged_key key = {.tgid = tgid, .chunk = address >> CHUNK_SHIFT};
-	struct merged_chunk zero = {};
-	struct merged_chunk *m = merged.lookup_or_try_init(&key, &zero);
+	int idx = merged_claim(merged_tag(tgid, address));
+	u32 key = idx;
+	struct merged_chunk *m = idx < 0 ? 0 : merged_bits.lookup(&key);
 	if (!m) {
 		stat_inc(FS_MERGED_DROPS);
 		c->walk_all = 1;

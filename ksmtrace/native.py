@@ -6,6 +6,7 @@ exceptions here and nowhere else.
 
 from __future__ import annotations
 
+from typing import Any
 import os
 
 from ksmtrace.errors import KsmtraceError
@@ -137,3 +138,27 @@ def inject_madvise(tid: int, addr: int, length: int, advice: int, timeout_ms: in
     res = ffi.new("struct kn_inject_result *")
     check(lib.kn_inject_madvise(tid, addr, length, advice, timeout_ms, res), f"inject into {tid}")
     return {f: int(getattr(res, f)) for f in INJECT_FIELDS}
+
+
+# ---- memory shared with BPF programs --------------------------------------
+
+
+class SharedWords:
+    """Atomic 64-bit updates of a writable buffer that BPF programs update too
+    (a BPF_F_MMAPABLE map mapped by ksmtrace/probes/faults.py)."""
+
+    def __init__(self, buf: Any) -> None:
+        self._base = ffi.from_buffer(buf, require_writable=True)
+
+    def atomic_or(self, offset: int, bits: int) -> int:
+        return int(lib.kn_atomic_or64(self._base, offset, bits))
+
+    def atomic_and(self, offset: int, mask: int) -> int:
+        return int(lib.kn_atomic_and64(self._base, offset, mask))
+
+    def cmpxchg(self, offset: int, expected: int, desired: int) -> int:
+        """Store ``desired`` if the word holds ``expected``; returns what it held."""
+        return int(lib.kn_cmpxchg64(self._base, offset, expected, desired))
+
+    def release(self) -> None:
+        ffi.release(self._base)

@@ -95,6 +95,11 @@ struct kn_inject_result {
  * -ENOSYS not x86_64, -EDEADLK the caller itself, -ENOENT no syscall instruction. */
 int kn_inject_madvise(int tid, uint64_t addr, uint64_t len, int advice, int timeout_ms,
 		      struct kn_inject_result *res);
+/* Atomics on BPF_F_MMAPABLE maps shared with BPF programs (shared.c);
+ * offset in bytes, 8-byte aligned. cmpxchg returns the value it saw. */
+uint64_t kn_atomic_or64(void *base, size_t offset, uint64_t bits);
+uint64_t kn_atomic_and64(void *base, size_t offset, uint64_t mask);
+uint64_t kn_cmpxchg64(void *base, size_t offset, uint64_t expected, uint64_t desired);
 /* CDEF-END */
 
 #endif

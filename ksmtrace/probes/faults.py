@@ -8,21 +8,28 @@ into rates.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ksmtrace import native
 from ksmtrace.errors import AccessDenied, ProcessGone
 from ksmtrace.kernel import checks, pagemap
 from ksmtrace.kernel.procfs import ProcFS
 from ksmtrace.probes import kaddr, loader
 
-MAX_PROCS = 8192
+MAX_PROCS = 8192  # process slots (1088 bytes each; slot 0 means "none")
 MAX_REGIONS = 32  # per process; must match bpf/faults.h
-MAX_MERGED = 1 << 14  # 2 MiB chunks with merged pages (allocated as used, ~150 bytes each)
+MAX_MERGED = 1 << 16  # 2 MiB chunks with merged pages (72 bytes each): 128 GiB of address space
+MERGED_WAYS = 8  # chunks per bucket of the merged set (bpf/faults.h)
 CHUNK_SHIFT = 21  # bpf/faults.h
+TAG_CHUNK_BITS = 36  # bpf/faults.h
+SLOT_SIZE = 64 + 32 * MAX_REGIONS  # struct proc_slot
 _STATS = (
     "no_table",
     "proc_drops",
@@ -31,6 +38,18 @@ _STATS = (
     "merged_drops",
     "stale_merged",
 )
+# struct proc_slot header (bpf/faults.h): tgid, state, pgd, walk_all,
+# has_merged, other.wp, other.ksm_cow; then per region start, end, wp, ksm_cow.
+_HEADER = struct.Struct("<IIQIIQQ")
+_REGION = struct.Struct("<QQQQ")
+_OFF_WALK_ALL, _OFF_HAS_MERGED = 16, 20
+_GOLDEN = 0x9E3779B97F4A7C15  # the multiplier of merged_bucket() in bpf/faults.bpf.c
+
+
+def _map_shared(table: Any, value_size: int, entries: int) -> mmap.mmap:
+    """Map a BPF_F_MMAPABLE array: element i at i * round_up(value_size, 8)."""
+    size = -(-((value_size + 7) // 8 * 8 * entries) // mmap.PAGESIZE) * mmap.PAGESIZE
+    return mmap.mmap(table.map_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 @dataclass(frozen=True)
@@ -66,8 +85,17 @@ def already_mergeable(proc: ProcFS | None = None) -> list[int]:
             st = proc.ksm_stat(pid)
         except (ProcessGone, AccessDenied):
             continue
-        if st is not None and (st.mergeable or st.merge_any or st.rmap_items):
+        if st is None:
+            continue
+        if st.mergeable or st.merge_any or st.rmap_items:
             out.append(pid)
+        elif "ksm_mergeable" not in st.raw:
+            # Before 6.6 ksm_stat cannot say "opted in, not scanned yet": smaps can.
+            try:
+                if any(v.mergeable for v in proc.smaps(pid)):
+                    out.append(pid)
+            except (ProcessGone, AccessDenied):
+                continue
     return out
 
 
@@ -81,11 +109,17 @@ class FaultProbe:
     ) -> None:
         lay = kaddr.layout()
         self.pid_max = _pid_max()
+        self.max_procs = max(2, max_procs)
+        entries = 1 << max(0, max_merged - 1).bit_length()  # a power of two
+        self.ways = min(MERGED_WAYS, entries)
+        self.bucket_bits = (entries // self.ways).bit_length() - 1
+        self.merged_entries = entries
         defines: dict[str, int | str] = {
             **lay.defines(),
-            "MAX_PROCS": max_procs,
+            "MAX_PROCS": self.max_procs,
             "MAX_REGIONS": MAX_REGIONS,
-            "MAX_MERGED": max_merged,
+            "MERGED_BUCKET_BITS": self.bucket_bits,
+            "MERGED_WAYS": self.ways,
             "PID_MAX": self.pid_max,
         }
         self.tables: dict[int, list[tuple[int, int]]] = {}
@@ -97,19 +131,89 @@ class FaultProbe:
         if not self.merge_events:
             defines["NO_KSM_TP"] = 1
         self.bpf: Any = loader.load("faults.bpf.c", defines)
-        # After attaching (BCC attached on load), so no opt-in or merge falls
-        # in between: processes that opted in earlier, and their KSM pages.
-        self.preloaded = 0
-        if self.merge_events:
-            pids = already_mergeable()
-            if pid is not None:
-                pids = [p for p in pids if p == pid]
-            self.mark(pids)
-            self.preloaded = self.preload_merged(pids)
+        # BCC attached on load; detach until the free-slot queue is filled, or
+        # the first opt-ins would find no slot.
+        attached = loader.detach_all(self.bpf)
+        self._slot_of = _map_shared(self.bpf["slot_of"], 8, self.pid_max)
+        self._procs = _map_shared(self.bpf["procs"], SLOT_SIZE, self.max_procs)
+        self._tags = _map_shared(self.bpf["merged_tags"], 8, entries)
+        self._bits = _map_shared(self.bpf["merged_bits"], 64, entries)
+        self._slot_words = native.SharedWords(self._slot_of)
+        self._tag_words = native.SharedWords(self._tags)
+        self._bit_words = native.SharedWords(self._bits)
+        free = self.bpf["free_slots"]
+        for s in range(1, self.max_procs):
+            free.push(ctypes.c_uint32(s))
+        loader.reattach(self.bpf, attached)
+        # After attaching, so no opt-in or merge falls in between: processes
+        # that opted in earlier, and their KSM pages.
+        pids = already_mergeable()
+        if pid is not None:
+            pids = [p for p in pids if p == pid]
+        self.mark(pids)
+        self.preloaded = self.preload_merged(pids) if self.merge_events else 0
+
+    # ---- process slots ---------------------------------------------------
+
+    def _slot(self, tgid: int) -> int:
+        if not 0 < tgid < self.pid_max:
+            return 0
+        return int.from_bytes(self._slot_of[tgid * 8 : tgid * 8 + 8], "little")
+
+    def _track(self, tgid: int) -> int:
+        """The slot of ``tgid``, taken from the free queue if it has none
+        (the same protocol as proc_track() in bpf/faults.bpf.c); 0: none free."""
+        if not 0 < tgid < self.pid_max:
+            return 0
+        cur = self._slot(tgid)
+        if cur:
+            return cur
+        free = self.bpf["free_slots"]
+        try:
+            fresh = int(free.pop().value)
+        except KeyError:
+            return 0
+        struct.pack_into("<I", self._procs, fresh * SLOT_SIZE, tgid)
+        seen = self._slot_words.cmpxchg(tgid * 8, 0, fresh)
+        if seen == 0:
+            return fresh
+        struct.pack_into("<I", self._procs, fresh * SLOT_SIZE, 0)
+        free.push(ctypes.c_uint32(fresh))
+        return seen
+
+    def _set_flag(self, tgid: int, offset: int) -> None:
+        slot = self._track(tgid)
+        if slot:
+            struct.pack_into("<I", self._procs, slot * SLOT_SIZE + offset, 1)
+
+    def walk_all(self, tgid: int) -> None:
+        """This process's KSM pages are not all in the merged set: check every
+        write-protect fault of it against struct page instead (exact, slower)."""
+        self._set_flag(tgid, _OFF_WALK_ALL)
+
+    def mark(self, tgids: Iterable[int]) -> None:
+        """Track these processes (they may be mergeable) from now on."""
+        for tgid in tgids:
+            self._track(tgid)
+
+    # ---- merged-page set -------------------------------------------------
+
+    def _bucket(self, tag: int) -> int:
+        if self.bucket_bits == 0:
+            return 0
+        return ((tag * _GOLDEN) & (2**64 - 1)) >> (64 - self.bucket_bits) << (self.ways.bit_length() - 1)
+
+    def _claim(self, tag: int) -> int:
+        """Index of tag's chunk (claimed now if new), -1 if its bucket is full."""
+        base = self._bucket(tag)
+        for idx in range(base, base + self.ways):
+            seen = self._tag_words.cmpxchg(idx * 8, 0, tag)
+            if seen in (0, tag):
+                return idx
+        return -1
 
     def preload_merged(self, pids: Iterable[int]) -> int:
         """Enter pages that are KSM now (pagemap + kpageflags) into the merged set."""
-        merged = self.bpf["merged"]
         n = 0
         for pid in pids:
             chunks: dict[int, list[int]] = {}
@@ -123,53 +227,21 @@ class FaultProbe:
                         n += 1
             except (ProcessGone, AccessDenied):
                 continue
-            try:
-                for chunk, words in chunks.items():
-                    k = merged.Key()
-                    k.tgid, k.chunk = pid, chunk
-                    leaf = merged.Leaf()
-                    for i, w in enumerate(words):
-                        leaf.bits[i] = w
-                    merged[k] = leaf
-                if chunks:
-                    self._set_flag(pid, "has_merged")
-            except Exception:  # BCC: the set is full (E2BIG)
-                self.walk_all(pid)
+            if not chunks or not self._track(pid):
+                continue
+            for chunk, words in chunks.items():
+                idx = self._claim(pid << TAG_CHUNK_BITS | chunk)
+                if idx < 0:
+                    self.walk_all(pid)
+                    continue
+                for i, w in enumerate(words):
+                    if w:
+                        # ksmd may be setting bits of the same word right now.
+                        self._bit_words.atomic_or(idx * 64 + i * 8, w)
+            self._set_flag(pid, _OFF_HAS_MERGED)
         return n
 
-    def _set_flag(self, tgid: int, name: str) -> None:
-        procs = self.bpf["procs"]
-        k = procs.Key(tgid)
-        try:
-            leaf = procs[k]
-        except KeyError:
-            leaf = procs.Leaf()
-        setattr(leaf, name, 1)
-        procs[k] = leaf
-
-    def walk_all(self, tgid: int) -> None:
-        """This process's KSM pages are not all in the merged set: check every
-        write-protect fault of it against struct page instead (exact, slower)."""
-        self._set_flag(tgid, "walk_all")
-
-    def mark(self, tgids: Iterable[int]) -> None:
-        """Tell the fault path these processes may be mergeable."""
-        bits = self.bpf["maybe_mergeable"]
-        words: dict[int, int] = {}
-        for tgid in tgids:
-            if 0 < tgid < self.pid_max:
-                words[tgid // 64] = words.get(tgid // 64, 0) | 1 << (tgid % 64)
-        for w, v in words.items():
-            k = bits.Key(w)
-            bits[k] = bits.Leaf(bits[k].value | v)
-
-    def unmark(self, tgids: Iterable[int]) -> None:
-        """Exited processes: their pids will be reused by others."""
-        bits = self.bpf["maybe_mergeable"]
-        for tgid in tgids:
-            if bits is not None and 0 < tgid < self.pid_max:
-                k = bits.Key(tgid // 64)
-                bits[k] = bits.Leaf(bits[k].value & ~(1 << (tgid % 64)))
+    # ---- regions and counters --------------------------------------------
 
     def set_regions(self, tgid: int, ranges: Iterable[tuple[int, int]]) -> None:
         """Count faults in these ranges of ``tgid`` separately. Append-only: a
@@ -179,54 +251,72 @@ class FaultProbe:
         room = MAX_REGIONS - len(table)
         if not new or room <= 0:
             return
+        slot = self._track(tgid)
+        if not slot:
+            return
+        first = len(table)
         table.extend(sorted(new, key=lambda r: r[0] - r[1])[:room])  # largest first
-        m = self.bpf["regions"]
-        leaf = m.Leaf()
-        for i, (start, end) in enumerate(table):
-            leaf.start[i], leaf.end[i] = start, end
-        m[m.Key(tgid)] = leaf
+        for i in range(first, len(table)):
+            start, end = table[i]
+            off = slot * SLOT_SIZE + 64 + i * _REGION.size
+            # end before start: the BPF side takes start != 0 as "in use".
+            struct.pack_into("<Q", self._procs, off + 8, end)
+            struct.pack_into("<Q", self._procs, off, start)
 
     def snapshot(self) -> FaultSnapshot:
         t = time.monotonic()
         procs = {}
-        for k, v in self.bpf["procs"].items():
-            tgid = int(k.value)
+        buf = self._procs
+        for slot in range(1, self.max_procs):
+            base = slot * SLOT_SIZE
+            tgid, _state, _pgd, _walk, _has, owp, oksm = _HEADER.unpack_from(buf, base)
+            if not tgid:
+                continue
             table = self.tables.get(tgid, [])
-            other = FaultCounts(int(v.other.wp), int(v.other.ksm_cow))
-            slots = [FaultCounts(int(r.wp), int(r.ksm_cow)) for r in v.region]
+            other = FaultCounts(owp, oksm)
+            slots = []
+            for i in range(MAX_REGIONS):
+                start, _end, wp, ksm_cow = _REGION.unpack_from(buf, base + 64 + i * _REGION.size)
+                if not start:
+                    break
+                slots.append(FaultCounts(wp, ksm_cow))
             procs[tgid] = ProcFaults(
                 total=FaultCounts(
                     other.wp + sum(r.wp for r in slots), other.ksm_cow + sum(r.ksm_cow for r in slots)
                 ),
                 other=other,
-                regions={rng: slots[i] for i, rng in enumerate(table)},
+                regions={rng: slots[i] for i, rng in enumerate(table) if i < len(slots)},
             )
         st = self.bpf["stats"]
         stats = {name: int(sum(st[st.Key(i)])) for i, name in enumerate(_STATS)}
         return FaultSnapshot(t, procs, stats)
 
     def forget(self, tgids: set[int]) -> None:
-        """Drop exited processes' entries: their pids can be reused."""
+        """Free exited processes' slots and merged chunks: their pids can be reused."""
+        tgids = {t for t in tgids if self._slot(t)}
         if not tgids:
             return
-        self.unmark(tgids)
-        for name in ("procs", "regions"):
-            m = self.bpf[name]
-            for tgid in tgids:
-                try:
-                    del m[m.Key(tgid)]
-                except KeyError:
-                    pass
+        tags = memoryview(self._tags).cast("Q")
+        for idx, tag in enumerate(tags):
+            if tag and tag >> TAG_CHUNK_BITS in tgids:
+                # Bits first: a claim of the free tag must find them clear.
+                self._bits[idx * 64 : idx * 64 + 64] = bytes(64)
+                self._tag_words.cmpxchg(idx * 8, tag, 0)
+        tags.release()
+        free = self.bpf["free_slots"]
         for tgid in tgids:
+            slot = self._slot(tgid)
+            if not slot or self._slot_words.cmpxchg(tgid * 8, slot, 0) != slot:
+                continue
+            self._procs[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE] = bytes(SLOT_SIZE)
+            free.push(ctypes.c_uint32(slot))
             self.tables.pop(tgid, None)
-        merged = self.bpf["merged"]
-        for k in [k for k in merged.keys() if int(k.tgid) in tgids]:
-            try:
-                del merged[k]
-            except KeyError:
-                pass
 
     def close(self) -> None:
+        for words in (self._slot_words, self._tag_words, self._bit_words):
+            words.release()
+        for m in (self._slot_of, self._procs, self._tags, self._bits):
+            m.close()
         self.bpf.cleanup()
 
     def __enter__(self) -> FaultProbe:
