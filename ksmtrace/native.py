@@ -6,8 +6,8 @@ exceptions here and nowhere else.
 
 from __future__ import annotations
 
-from typing import Any
 import os
+from typing import Any
 
 from ksmtrace.errors import KsmtraceError
 
