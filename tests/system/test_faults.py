@@ -361,3 +361,43 @@ def test_stale_merged_bits_do_not_count(ksm, workload) -> None:  # type: ignore[
     assert s1.procs[w.pid].total.wp - s0.procs[w.pid].total.wp >= len(range(0, 200, 3))
     assert _traced(s0, s1, {w.pid}) == 0
     assert _traced(s0, s1) == cow1 - cow0
+
+
+def test_process_slots_are_recycled_after_exit(ksm, workload) -> None:  # type: ignore[no-untyped-def]
+    """Processes live in a fixed number of slots: when they run out, a new
+    opt-in is counted as a drop, and the slot of a process that exited (as
+    the proc connector reports it) serves the next one, with counts that
+    start from zero and stay exact."""
+    from ksmtrace.probes.faults import already_mergeable
+
+    others = len(already_mergeable())  # they take slots at start too
+    with FaultProbe(max_procs=others + 3) as fp:  # slot 0 means "none": two free
+        first, second = workload(), workload()
+        for w in (first, second):
+            w.call("alloc", name="r", pages=64, kind="dup", seed=21)
+            w.call("madvise", name="r")
+        third = workload()
+        third.call("alloc", name="r", pages=64, kind="dup", seed=21)
+        drops0 = fp.snapshot().stats["proc_drops"]
+        third.call("madvise", name="r")  # its ksm_enter finds no slot
+        snap = fp.snapshot()
+        assert {first.pid, second.pid} <= set(snap.procs)
+        assert third.pid not in snap.procs
+        assert snap.stats["proc_drops"] > drops0
+        gone = second.pid
+        second.close()
+        fp.forget({gone})
+        assert gone not in fp.snapshot().procs
+        late = workload()
+        r = late.call("alloc", name="r", pages=64, kind="dup", seed=22)
+        late.call("madvise", name="r")
+        fp.mark([late.pid])  # a no-op: its opt-in took the freed slot
+        ksm.start()
+        ksm.wait_merged(late.pid, r["addr"], r["len"], 64)
+        ksm.set(run=0)
+        s0, cow0 = _pair(fp)
+        assert s0.procs[late.pid].total.ksm_cow == 0
+        late.call("write", name="r", first=0, count=64, step=2)
+        s1, cow1 = _pair(fp)
+    assert _traced(s0, s1, {late.pid}) == 32
+    assert _traced(s0, s1) == cow1 - cow0
