@@ -21,7 +21,7 @@ import pytest
 from ksmtrace.kernel import features, pagemap, vmstat
 from ksmtrace.kernel.proc_events import ProcEvents
 from ksmtrace.kernel.taskstats import DelayAcct, TaskStats
-from ksmtrace.probes.faults import FaultProbe
+from ksmtrace.probes.faults import FaultCounts, FaultProbe
 from ksmtrace.probes.ksmd import KsmdProbe
 from ksmtrace.state import FaultsState
 from ksmtrace.workload import plan_content
@@ -384,7 +384,11 @@ def test_process_slots_are_recycled_after_exit(ksm, workload) -> None:  # type: 
         assert {first.pid, second.pid} <= set(snap.procs)
         assert third.pid not in snap.procs
         assert snap.stats["proc_drops"] > drops0
+        second.call("fork")
+        second.call("write", name="r", first=0, count=8)  # fork COW: write-protect faults
+        assert fp.snapshot().procs[second.pid].total.wp >= 8
         gone = second.pid
+        second.call("kill_children")
         second.close()
         fp.forget({gone})
         assert gone not in fp.snapshot().procs
@@ -396,7 +400,7 @@ def test_process_slots_are_recycled_after_exit(ksm, workload) -> None:  # type: 
         ksm.wait_merged(late.pid, r["addr"], r["len"], 64)
         ksm.set(run=0)
         s0, cow0 = _pair(fp)
-        assert s0.procs[late.pid].total.ksm_cow == 0
+        assert s0.procs[late.pid].total == FaultCounts(0, 0)  # nothing left of the slot's last owner
         late.call("write", name="r", first=0, count=64, step=2)
         s1, cow1 = _pair(fp)
     assert _traced(s0, s1, {late.pid}) == 32
