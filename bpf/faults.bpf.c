@@ -42,7 +42,7 @@
  * bpf/kaddr.bpf.c): TASK_MM_OFF TASK_TGID_OFF MM_FLAGS_OFF MM_PGD_OFF
  * MM_OWNER_OFF PAGE_MAPPING_OFF STRUCT_PAGE_SIZE RMAP_ITEM_ADDRESS_OFF
  * DIRECT_MAP_BASE VMEMMAP_BASE PGTABLE_L5 PID_MAX MAX_PROCS MAX_REGIONS
- * MERGED_BUCKET_BITS MERGED_WAYS [FILTER_TGID]
+ * MERGED_BUCKET_BITS MERGED_WAYS [FILTER_TGID] [EXIT_GROUP_DEAD: 6.16+]
  * [NO_KSM_TP: before 6.4, no ksm:* tracepoints]
  */
 #include <uapi/linux/ptrace.h>
@@ -323,6 +323,28 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 	struct proc_slot *c = proc_of(bpf_get_current_pid_tgid() >> 32);
 	if (c) {
 		c->state = PS_UNKNOWN;
+		c->pgd = 0;
+	}
+	return 0;
+}
+
+/* TP_PROTO(struct task_struct *p, bool group_dead) (group_dead since 6.16;
+ * before, the thread-group leader's exit stands for the process's). Stop
+ * using the slot's cached pgd: until user space frees the slot, a new
+ * process with the same pid must not walk the dead one's page tables. */
+RAW_TRACEPOINT_PROBE(sched_process_exit)
+{
+	u64 id = bpf_get_current_pid_tgid();
+#ifdef EXIT_GROUP_DEAD
+	if (!(u8)ctx->args[1])
+		return 0;
+#else
+	if ((u32)id != id >> 32)
+		return 0;
+#endif
+	struct proc_slot *c = proc_of(id >> 32);
+	if (c) {
+		c->state = PS_NOT_MERGEABLE;
 		c->pgd = 0;
 	}
 	return 0;

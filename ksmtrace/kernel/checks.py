@@ -77,3 +77,12 @@ def require_btf(path: Path = BTF_VMLINUX) -> Path:
 
 def tracepoint_exists(category: str, event: str, root: Path = TRACEFS) -> bool:
     return (root / "events" / category / event).is_dir()
+
+
+def tracepoint_has_field(category: str, event: str, field: str, root: Path = TRACEFS) -> bool:
+    """Whether the event's format names ``field`` (tracepoints grow arguments)."""
+    try:
+        text = (root / "events" / category / event / "format").read_text()
+    except OSError:
+        return False
+    return any(line.strip().startswith("field:") and f" {field};" in line for line in text.splitlines())

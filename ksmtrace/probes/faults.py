@@ -130,6 +130,8 @@ class FaultProbe:
         self.merge_events = checks.tracepoint_exists("ksm", "ksm_merge_with_ksm_page")
         if not self.merge_events:
             defines["NO_KSM_TP"] = 1
+        if checks.tracepoint_has_field("sched", "sched_process_exit", "group_dead"):
+            defines["EXIT_GROUP_DEAD"] = 1
         self.bpf: Any = loader.load("faults.bpf.c", defines)
         # BCC attached on load; detach until the free-slot queue is filled, or
         # the first opt-ins would find no slot.

@@ -243,20 +243,27 @@ def test_merge_auto_picks_only_regions_worth_it(ksm, workload) -> None:
     )
     assert dry.returncode == 0, dry.stderr
     chosen = json.loads(dry.stdout)["ranges"]
-    assert any(r["start"] <= dup["addr"] < r["end"] for r in chosen)
-    assert not any(r["start"] <= uniq["addr"] < r["end"] for r in chosen)
-    assert "mg" not in _vmflags(wl.pid, dup["addr"])  # a dry run changes nothing
+    # Windows are 2 MiB-aligned; before 6.7 an 8 MiB mapping need not be, and a
+    # few pages at either end of it may share a window that is not worth it.
+    mid = dup["addr"] + dup["len"] // 2
+
+    def covered(lo: int, hi: int) -> int:
+        return sum(max(0, min(hi, r["end"]) - max(lo, r["start"])) for r in chosen)
+
+    assert covered(dup["addr"], dup["addr"] + dup["len"]) >= dup["len"] * 3 // 4, dry.stdout
+    assert covered(uniq["addr"], uniq["addr"] + uniq["len"]) <= 2 << 20, dry.stdout
+    assert "mg" not in _vmflags(wl.pid, mid)  # a dry run changes nothing
     out = subprocess.run([*cmd, "merge", "-p", str(wl.pid), "--auto", "-j"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     inj = json.loads(out.stdout)["injections"]
     assert inj and all(i["ret"] == 0 and i["advice"] == "MADV_MERGEABLE" for i in inj)
-    assert "mg" in _vmflags(wl.pid, dup["addr"])
-    assert "mg" not in _vmflags(wl.pid, uniq["addr"])
+    assert "mg" in _vmflags(wl.pid, mid)
+    assert "mg" not in _vmflags(wl.pid, uniq["addr"] + uniq["len"] // 2)
     # The workload still answers and its memory is intact after the injection.
     assert wl.call("checksum", name="d")["sha256"]
     un = subprocess.run([*cmd, "unmerge", "-p", str(wl.pid)], capture_output=True, text=True)
     assert un.returncode == 0, un.stderr
-    assert "mg" not in _vmflags(wl.pid, dup["addr"])
+    assert "mg" not in _vmflags(wl.pid, mid)
     bad = subprocess.run(
         [*cmd, "merge", "-p", str(wl.pid), "--range", "1000-3000"], capture_output=True, text=True
     )
