@@ -43,6 +43,7 @@
  * MM_OWNER_OFF PAGE_MAPPING_OFF STRUCT_PAGE_SIZE RMAP_ITEM_ADDRESS_OFF
  * DIRECT_MAP_BASE VMEMMAP_BASE PGTABLE_L5 PID_MAX MAX_PROCS MAX_REGIONS
  * MERGED_BUCKET_BITS MERGED_WAYS [FILTER_TGID] [EXIT_GROUP_DEAD: 6.16+]
+ * [KFUNC_RDONLY_CAST: placeholder helper number, see read_u64()]
  * [NO_KSM_TP: before 6.4, no ksm:* tracepoints]
  */
 #include <uapi/linux/ptrace.h>
@@ -142,9 +143,32 @@ static __always_inline int merged_find(u64 tag)
 	return -1;
 }
 
+#ifdef KFUNC_RDONLY_CAST
+/* Kernel reads on the KSM COW path without a helper call. BCC 0.26 cannot
+ * call kfuncs: this calls a helper number that does not exist, and
+ * ksmtrace/probes/loader.py rewrites the call into one of bpf_rdonly_cast()
+ * (6.2+; to void * since 6.11), which the verifier then replaces by a
+ * register move. A load through its result is inlined (BPF_PROBE_MEM: a
+ * faulting address reads as 0), where each bpf_probe_read_kernel() is a call:
+ * the five of a page-table walk made the KSM COW check cost ~10% of the fault.
+ * ksmtrace/probes/faults.py falls back to the helper if the kernel refuses. */
+static void *(*rdonly_cast)(const void *obj, u32 btf_id) = (void *)KFUNC_RDONLY_CAST;
+
+static __always_inline int read_u64(u64 addr, u64 *out)
+{
+	*out = *(u64 *)rdonly_cast((void *)addr, 0);
+	return 0;
+}
+#else
+static __always_inline int read_u64(u64 addr, u64 *out)
+{
+	return bpf_probe_read_kernel(out, sizeof(*out), (void *)addr);
+}
+#endif
+
 static __always_inline int read_entry(u64 table_va, u64 index, u64 *out)
 {
-	return bpf_probe_read_kernel(out, sizeof(*out), (void *)(table_va + index * 8));
+	return read_u64(table_va + index * 8, out);
 }
 
 /* The PTE of addr, 0 if not mapped by a present 4 KiB PTE; -1: unreadable. */
@@ -182,8 +206,7 @@ static __always_inline int frame_is_ksm(u64 pfn)
 {
 	u64 mapping = 0;
 
-	if (bpf_probe_read_kernel(&mapping, sizeof(mapping),
-				  (void *)(VMEMMAP_BASE + pfn * STRUCT_PAGE_SIZE + PAGE_MAPPING_OFF)))
+	if (read_u64(VMEMMAP_BASE + pfn * STRUCT_PAGE_SIZE + PAGE_MAPPING_OFF, &mapping))
 		return -1;
 	return (mapping & FOLIO_MAPPING_FLAGS) == FOLIO_MAPPING_KSM;
 }

@@ -76,7 +76,14 @@ class Btf:
             return False
 
     def has_func(self, name: str) -> bool:
-        return any(t["kind"] == "FUNC" and t.get("name") == name for t in self.by_id.values())
+        return self.func_id(name) is not None
+
+    def func_id(self, name: str) -> int | None:
+        """BTF id of function ``name`` (what a kfunc call instruction names)."""
+        for t in self.by_id.values():
+            if t["kind"] == "FUNC" and t.get("name") == name:
+                return int(t["id"])
+        return None
 
 
 @functools.lru_cache(maxsize=1)

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ksmtrace import native
-from ksmtrace.errors import AccessDenied, ProcessGone
-from ksmtrace.kernel import checks, pagemap
+from ksmtrace.errors import AccessDenied, ProcessGone, TracingUnavailable
+from ksmtrace.kernel import btf, checks, pagemap
 from ksmtrace.kernel.procfs import ProcFS
 from ksmtrace.probes import kaddr, loader
 
@@ -43,6 +43,7 @@ _STATS = (
 _HEADER = struct.Struct("<IIQIIQQ")
 _REGION = struct.Struct("<QQQQ")
 _OFF_WALK_ALL, _OFF_HAS_MERGED = 16, 20
+KFUNC_PLACEHOLDER = 0x7FFE  # helper number the loader rewrites into bpf_rdonly_cast (bpf/faults.bpf.c)
 _GOLDEN = 0x9E3779B97F4A7C15  # the multiplier of merged_bucket() in bpf/faults.bpf.c
 
 
@@ -132,7 +133,7 @@ class FaultProbe:
             defines["NO_KSM_TP"] = 1
         if checks.tracepoint_has_field("sched", "sched_process_exit", "group_dead"):
             defines["EXIT_GROUP_DEAD"] = 1
-        self.bpf: Any = loader.load("faults.bpf.c", defines)
+        self.bpf: Any = self._load(defines)
         # BCC attached on load; detach until the free-slot queue is filled, or
         # the first opt-ins would find no slot.
         attached = loader.detach_all(self.bpf)
@@ -154,6 +155,24 @@ class FaultProbe:
             pids = [p for p in pids if p == pid]
         self.mark(pids)
         self.preloaded = self.preload_merged(pids) if self.merge_events else 0
+
+    def _load(self, defines: dict[str, int | str]) -> Any:
+        """Build with helper-free kernel reads where the kernel takes them
+        (bpf_rdonly_cast to void *, 6.11+), else with bpf_probe_read_kernel."""
+        cast = btf.load().func_id("bpf_rdonly_cast")
+        self.inline_reads = False
+        if cast is not None:
+            try:
+                bpf = loader.load(
+                    "faults.bpf.c",
+                    {**defines, "KFUNC_RDONLY_CAST": KFUNC_PLACEHOLDER},
+                    {KFUNC_PLACEHOLDER: cast},
+                )
+                self.inline_reads = True
+                return bpf
+            except TracingUnavailable:
+                pass  # the verifier refused the cast: the helper it is
+        return loader.load("faults.bpf.c", defines)
 
     # ---- process slots ---------------------------------------------------
 

@@ -7,7 +7,9 @@ in the kernel and never trusts a mismatched header's struct layout.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,13 @@ def bpf_dir() -> Path:
     raise TracingUnavailable("ksmtrace's BPF sources are missing: reinstall ksmtrace")
 
 
-def load(source: str, defines: dict[str, int | str] | None = None) -> Any:
-    """BPF object for bpf/<source>, compiled with ``-DNAME=value`` for each define."""
+def load(
+    source: str, defines: dict[str, int | str] | None = None, kfuncs: dict[int, int] | None = None
+) -> Any:
+    """BPF object for bpf/<source>, compiled with ``-DNAME=value`` for each define.
+
+    ``kfuncs`` maps placeholder helper numbers to the BTF ids of kernel
+    functions: see :func:`_kfunc_class`."""
     checks.require_root("tracing")
     checks.ensure_tracefs()
     bcc, headers = bcc_env.prepare()
@@ -37,8 +44,9 @@ def load(source: str, defines: dict[str, int | str] | None = None) -> Any:
     # noise to users, so keep them unless KSMTRACE_DEBUG is set.
     if not os.environ.get("KSMTRACE_DEBUG"):
         cflags.append("-w")
+    cls = _kfunc_class(bcc, kfuncs) if kfuncs else bcc.BPF
     try:
-        return bcc.BPF(src_file=str(path).encode(), cflags=cflags)
+        return cls(src_file=str(path).encode(), cflags=cflags)
     except Exception as exc:  # BCC raises bare Exception on compile/load failure
         raise TracingUnavailable(f"could not load {source}: {exc}") from exc
 
@@ -65,3 +73,67 @@ def reattach(bpf: Any, detached: list[tuple[str, bytes]]) -> None:
             bpf.attach_raw_tracepoint(tp=tp, fn_name=b"raw_tracepoint__" + tp)
         else:
             bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + tp.replace(b":", b"__"))
+
+
+BPF_CALL = 0x85  # BPF_JMP | BPF_CALL
+BPF_LD_IMM64 = 0x18  # two instruction slots
+BPF_PSEUDO_KFUNC_CALL = 2
+
+
+def patch_kfunc_calls(code: bytearray, kfuncs: dict[int, int]) -> int:
+    """Rewrite helper calls numbered like a key of ``kfuncs`` into calls of
+    the kernel function with that BTF id (vmlinux); returns how many."""
+    n, i = 0, 0
+    while i + 8 <= len(code):
+        op, _regs, _off, imm = struct.unpack_from("<BBhi", code, i)
+        if op == BPF_CALL and imm in kfuncs:
+            struct.pack_into("<BBhi", code, i, BPF_CALL, BPF_PSEUDO_KFUNC_CALL << 4, 0, kfuncs[imm])
+            n += 1
+        i += 16 if op == BPF_LD_IMM64 else 8
+    return n
+
+
+def _kfunc_class(bcc: Any, kfuncs: dict[int, int]) -> Any:
+    """A BPF class whose programs may call kernel functions (kfuncs).
+
+    BCC 0.26 cannot emit a kfunc call, so the C calls a helper number that
+    does not exist (declared like BCC declares helpers) and each program's
+    instructions are rewritten before they are loaded. BCC loads (and
+    auto-attaches) programs through ``load_func``, so the rewrite sits there.
+    """
+    lib = bcc.libbcc.lib
+
+    class KfuncBPF(bcc.BPF):  # type: ignore[misc, name-defined]
+        def load_func(self, func_name: Any, prog_type: int, device: Any = None, attach_type: int = -1) -> Any:
+            name = func_name.encode() if isinstance(func_name, str) else func_name
+            if name in self.funcs:
+                return self.funcs[name]
+            start = lib.bpf_function_start(self.module, name)
+            if not start:
+                return super().load_func(name, prog_type, device, attach_type)
+            code = bytearray(ctypes.string_at(start, lib.bpf_function_size(self.module, name)))
+            if not patch_kfunc_calls(code, kfuncs):
+                return super().load_func(name, prog_type, device, attach_type)
+            buf = ctypes.create_string_buffer(bytes(code), len(code))
+            fd = lib.bcc_func_load(
+                self.module,
+                prog_type,
+                name,
+                buf,
+                len(code),
+                lib.bpf_module_license(self.module),
+                lib.bpf_module_kern_version(self.module),
+                0,
+                None,
+                0,
+                device,
+                attach_type,
+            )
+            if fd < 0:
+                err = ctypes.get_errno()
+                raise Exception(f"Failed to load BPF program {name.decode()}: {os.strerror(err)}")
+            fn = bcc.BPF.Function(self, name, fd)
+            self.funcs[name] = fn
+            return fn
+
+    return KfuncBPF

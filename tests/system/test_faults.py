@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -404,4 +405,37 @@ def test_process_slots_are_recycled_after_exit(ksm, workload) -> None:  # type: 
         late.call("write", name="r", first=0, count=64, step=2)
         s1, cow1 = _pair(fp)
     assert _traced(s0, s1, {late.pid}) == 32
+    assert _traced(s0, s1) == cow1 - cow0
+
+
+def test_helper_reads_when_the_kernel_has_no_rdonly_cast(ksm, workload, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The KSM check reads page tables with inlined loads through
+    bpf_rdonly_cast() where the kernel has it (6.11+ for void *), else with
+    bpf_probe_read_kernel(): both count exactly."""
+    from ksmtrace.kernel import btf
+
+    real = btf.load()
+    inline = FaultProbe()
+    inline.close()
+    # bpf_rdonly_cast() to void * is taken since 6.11: there the inlined loads must be in use.
+    if tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2]) >= (6, 11):
+        assert inline.inline_reads
+    if real.func_id("bpf_rdonly_cast") is None:
+        assert not inline.inline_reads
+    func_id = type(real).func_id
+    monkeypatch.setattr(
+        type(real), "func_id", lambda self, name: None if name == "bpf_rdonly_cast" else func_id(self, name)
+    )
+    w = workload()
+    r = w.call("alloc", name="r", pages=96, kind="dup", seed=31)
+    w.call("madvise", name="r")
+    with FaultProbe() as fp:
+        assert not fp.inline_reads
+        ksm.start()
+        ksm.wait_merged(w.pid, r["addr"], r["len"], 96)
+        ksm.set(run=0)
+        s0, cow0 = _pair(fp)
+        w.call("write", name="r", first=1, count=95, step=5)
+        s1, cow1 = _pair(fp)
+    assert _traced(s0, s1, {w.pid}) == len(range(1, 96, 5))
     assert _traced(s0, s1) == cow1 - cow0
