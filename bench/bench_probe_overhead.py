@@ -229,7 +229,7 @@ def main() -> int:
         floor = statistics.median(b / a_ - 1 for a_, b in zip(d["none"], d["empty"]))
         verdict = "met" if paired <= 0.05 else "NOT met"
         print(
-            f"  {name:<12} {100 * paired:+5.1f}%  {verdict:<8} (an empty program alone: {100 * floor:+.1f}%;"
+            f"  {name:<12} {100 * paired:+6.2f}%  {verdict:<8} (an empty program alone: {100 * floor:+.1f}%;"
             f" ksmtrace above it: {100 * (paired - floor):+.1f} points)"
         )
     return 0
