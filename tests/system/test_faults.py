@@ -50,6 +50,18 @@ def _pair(fp: FaultProbe) -> tuple:  # type: ignore[type-arg]
     return snap, vmstat.ksm_vmstat()["cow_ksm"]
 
 
+def _merge_then_write(ksm, fp, w, r, pages: int, first: int, count: int, step: int):  # type: ignore[no-untyped-def]
+    """Let ksmd merge region ``r`` of ``w``, stop it, write every step-th page:
+    snapshots before and after the writes, and the cow_ksm change between."""
+    ksm.start()
+    ksm.wait_merged(w.pid, r["addr"], r["len"], pages)
+    ksm.set(run=0)
+    s0, cow0 = _pair(fp)
+    w.call("write", name="r", first=first, count=count, step=step)
+    s1, cow1 = _pair(fp)
+    return s0, s1, cow1 - cow0
+
+
 def _traced(s0, s1, pids=None) -> int:  # type: ignore[no-untyped-def]
     """KSM COW faults traced between two snapshots, for pids (default: all)."""
     total = 0
@@ -325,17 +337,12 @@ def test_merged_set_full_falls_back_to_checking_every_fault(ksm, workload) -> No
     r = w.call("alloc", name="r", pages=768, kind="dup", seed=9)
     w.call("madvise", name="r")
     with FaultProbe(max_merged=1) as fp:
-        ksm.start()
-        ksm.wait_merged(w.pid, r["addr"], r["len"], 768)
-        ksm.set(run=0)
-        s0, cow0 = _pair(fp)
-        w.call("write", name="r", first=1, count=768, step=3)
-        s1, cow1 = _pair(fp)
+        s0, s1, cow = _merge_then_write(ksm, fp, w, r, 768, first=1, count=768, step=3)
     # The set is filled by ksm:* merge events (6.4+); without them there is
     # nothing to overflow and every fault is checked anyway.
     assert s1.stats["merged_drops"] > 0 if fp.merge_events else s1.stats["merged_drops"] == 0
     assert _traced(s0, s1, {w.pid}) == len(range(1, 768, 3))
-    assert _traced(s0, s1) == cow1 - cow0
+    assert _traced(s0, s1) == cow
 
 
 def test_stale_merged_bits_do_not_count(ksm, workload) -> None:  # type: ignore[no-untyped-def]
@@ -431,11 +438,6 @@ def test_helper_reads_when_the_kernel_has_no_rdonly_cast(ksm, workload, monkeypa
     w.call("madvise", name="r")
     with FaultProbe() as fp:
         assert not fp.inline_reads
-        ksm.start()
-        ksm.wait_merged(w.pid, r["addr"], r["len"], 96)
-        ksm.set(run=0)
-        s0, cow0 = _pair(fp)
-        w.call("write", name="r", first=1, count=95, step=5)
-        s1, cow1 = _pair(fp)
+        s0, s1, cow = _merge_then_write(ksm, fp, w, r, 96, first=1, count=95, step=5)
     assert _traced(s0, s1, {w.pid}) == len(range(1, 96, 5))
-    assert _traced(s0, s1) == cow1 - cow0
+    assert _traced(s0, s1) == cow
