@@ -7,6 +7,7 @@ in the kernel and never trusts a mismatched header's struct layout.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import struct
@@ -104,6 +105,17 @@ def _kfunc_class(bcc: Any, kfuncs: dict[int, int]) -> Any:
     lib = bcc.libbcc.lib
 
     class KfuncBPF(bcc.BPF):  # type: ignore[misc, name-defined]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # BCC attaches programs one by one as it loads them: if a later one
+            # is refused, the caller falls back to another build, and the
+            # programs attached so far must not stay behind.
+            try:
+                super().__init__(*args, **kwargs)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    self.cleanup()
+                raise
+
         def load_func(self, func_name: Any, prog_type: int, device: Any = None, attach_type: int = -1) -> Any:
             name = func_name.encode() if isinstance(func_name, str) else func_name
             if name in self.funcs:

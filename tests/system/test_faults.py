@@ -415,10 +415,26 @@ def test_process_slots_are_recycled_after_exit(ksm, workload) -> None:  # type: 
     assert _traced(s0, s1) == cow1 - cow0
 
 
-def test_helper_reads_when_the_kernel_has_no_rdonly_cast(ksm, workload, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def _own_attachments() -> list[str]:
+    """Tracepoints of the raw tracepoint links this process holds."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:bpf_link":
+                with open(f"/proc/self/fdinfo/{fd}") as f:
+                    names += [
+                        ln.split("\t", 1)[1] for ln in f.read().splitlines() if ln.startswith("tp_name:")
+                    ]
+    return sorted(names)
+
+
+@pytest.mark.parametrize("why", ["no kfunc", "refused"])
+def test_helper_reads_without_rdonly_cast(ksm, workload, monkeypatch, why: str) -> None:  # type: ignore[no-untyped-def]
     """The KSM check reads page tables with inlined loads through
     bpf_rdonly_cast() where the kernel has it (6.11+ for void *), else with
-    bpf_probe_read_kernel(): both count exactly."""
+    bpf_probe_read_kernel(): both count exactly. A kernel that refuses the
+    cast (here: a call of a function that is no kfunc) leaves no program of
+    the refused build behind."""
     from ksmtrace.kernel import btf
 
     real = btf.load()
@@ -430,14 +446,18 @@ def test_helper_reads_when_the_kernel_has_no_rdonly_cast(ksm, workload, monkeypa
     if real.func_id("bpf_rdonly_cast") is None:
         assert not inline.inline_reads
     func_id = type(real).func_id
+    stand_in = None if why == "no kfunc" else func_id(real, "do_exit")
     monkeypatch.setattr(
-        type(real), "func_id", lambda self, name: None if name == "bpf_rdonly_cast" else func_id(self, name)
+        type(real),
+        "func_id",
+        lambda self, name: stand_in if name == "bpf_rdonly_cast" else func_id(self, name),
     )
     w = workload()
     r = w.call("alloc", name="r", pages=96, kind="dup", seed=31)
     w.call("madvise", name="r")
     with FaultProbe() as fp:
         assert not fp.inline_reads
+        assert _own_attachments() == sorted(tp.decode() for tp in fp.bpf.raw_tracepoint_fds)
         s0, s1, cow = _merge_then_write(ksm, fp, w, r, 96, first=1, count=95, step=5)
     assert _traced(s0, s1, {w.pid}) == len(range(1, 96, 5))
     assert _traced(s0, s1) == cow
