@@ -41,11 +41,14 @@ struct kn_region {
 	uint64_t present, zero, zero_mapped, ksm, volatile_pages;
 };
 
-#define KN_SLOTS 3
+/* Workers that copy and hash batches in parallel, each its own: more than the
+ * cores only adds switching, and four already outrun the memory bus. */
+#define KN_MAX_WORKERS 4
 
-/* One batch, as the reader hands it over: n pages copied contiguously into buf. */
+/* One worker's batch: n pages copied contiguously into buf, and their hashes. */
 struct kn_slot {
 	unsigned char *buf;
+	uint64_t *hash;
 	uint64_t *pagemap;
 	uint64_t *cand_addr, *cand_pfn;
 	unsigned char *cand_ksm;
@@ -53,7 +56,7 @@ struct kn_slot {
 	unsigned char *ksm;
 	uint32_t n;
 	uint32_t volatile_pages, zero_mapped;
-	uint64_t map_ns, read_ns;
+	uint64_t map_ns, read_ns, hash_ns;
 };
 
 struct kn_scanner {
@@ -84,15 +87,16 @@ struct kn_scanner {
 	uint64_t *ksm_pfns;
 	uint64_t nksm_pfns, ksm_pfns_cap;
 
-	/* batch buffers: a ring the reader thread fills while the caller hashes */
+	/* batch buffers: one per worker (KN_MAX_WORKERS, the first nworkers allocated) */
 	uint32_t batch_pages;
+	uint32_t nworkers;
 	uint32_t batch_seq;
-	const unsigned char *buf; /* the batch being hashed (first sightings are fetched from it) */
+	const unsigned char *buf; /* the batch being indexed (first sightings are fetched from it) */
 	struct kn_slot *slots;
 	int kpageflags_fd;
 	int pagemap_fd;
 	int pagemap_pid;
-	int pagemap_scan; /* -1: the kernel has no PAGEMAP_SCAN */
+	int pagemap_scan; /* -1: the kernel has no PAGEMAP_SCAN (workers read it atomically) */
 
 	uint64_t bytes_read;
 	uint64_t read_ns, hash_ns, map_ns;
