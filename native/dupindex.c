@@ -133,13 +133,17 @@ static int same_content(struct kn_scanner *s, struct kn_group *g, const unsigned
 	return 1;
 }
 
-void kn_index_prefetch(const struct kn_scanner *s, uint64_t h)
+void kn_index_prefetch_slot(const struct kn_scanner *s, uint64_t h)
 {
-	const uint32_t *slot = &s->table[mix(h) & s->table_mask];
+	__builtin_prefetch(&s->table[mix(h) & s->table_mask]);
+}
 
-	__builtin_prefetch(slot);
-	if (*slot != KN_NONE)
-		__builtin_prefetch(&s->groups[*slot]);
+void kn_index_prefetch_group(const struct kn_scanner *s, uint64_t h)
+{
+	uint32_t g = s->table[mix(h) & s->table_mask]; /* in cache: its slot was prefetched earlier */
+
+	if (g != KN_NONE)
+		__builtin_prefetch(&s->groups[g]);
 }
 
 uint32_t kn_index_add(struct kn_scanner *s, const unsigned char *p, uint64_t h, int pid, uint64_t addr,

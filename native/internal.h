@@ -108,7 +108,8 @@ void kn_index_free(struct kn_scanner *s);
 /* Group of one page (bytes p, hash h, at pid/addr, index idx of the current batch); KN_NONE on ENOMEM. */
 uint32_t kn_index_add(struct kn_scanner *s, const unsigned char *p, uint64_t h, int pid, uint64_t addr,
 		      uint32_t idx);
-void kn_index_prefetch(const struct kn_scanner *s, uint64_t h);
+void kn_index_prefetch_slot(const struct kn_scanner *s, uint64_t h);
+void kn_index_prefetch_group(const struct kn_scanner *s, uint64_t h);
 int kn_page_is_zero(const unsigned char *p, size_t n);
 
 /* hash.c */
