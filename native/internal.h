@@ -29,7 +29,7 @@ struct kn_group {
 	uint32_t rep;        /* index into the representative store, or KN_NONE / KN_REP_ZERO */
 	uint32_t batch_seq;  /* first seen in this batch ... */
 	uint32_t batch_idx;  /* ... at this page of the batch buffer */
-	uint32_t pad;
+	uint32_t fetch_slot; /* its first page in the fetch buffer, if fetch_group[] says so */
 };
 
 struct kn_region {
@@ -75,6 +75,12 @@ struct kn_scanner {
 	uint32_t nreps, rep_chunks_cap;
 	uint64_t rep_limit; /* beyond this many representatives, re-read instead of keeping copies */
 	uint64_t hash_confirms, hash_collisions, rep_fetches;
+	/* First pages fetched for the batch being indexed: all in one process_vm_readv per process */
+	unsigned char *fetch_buf;
+	uint32_t *fetch_group;
+	uint64_t *fetch_addr;
+	unsigned char *fetch_ok;
+	uint32_t nfetch;
 
 	/* per page: its group */
 	uint32_t *items;
@@ -108,6 +114,8 @@ void kn_index_free(struct kn_scanner *s);
 /* Group of one page (bytes p, hash h, at pid/addr, index idx of the current batch); KN_NONE on ENOMEM. */
 uint32_t kn_index_add(struct kn_scanner *s, const unsigned char *p, uint64_t h, int pid, uint64_t addr,
 		      uint32_t idx);
+/* Fetch the first pages the n hashes of the batch being indexed will need. */
+void kn_index_fetch_firsts(struct kn_scanner *s, const uint64_t *hash, uint32_t n);
 void kn_index_prefetch_slot(const struct kn_scanner *s, uint64_t h);
 void kn_index_prefetch_group(const struct kn_scanner *s, uint64_t h);
 int kn_page_is_zero(const unsigned char *p, size_t n);
@@ -118,5 +126,6 @@ uint64_t kn_hash_page_avx2(const void *p, size_t n);
 
 /* scan.c */
 int kn_read_remote(int pid, uint64_t addr, void *dst, size_t len);
+int64_t kn_read_pages(int pid, const uint64_t *addr, uint32_t n, unsigned char *dst, uint32_t page);
 
 #endif

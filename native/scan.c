@@ -353,7 +353,7 @@ static int ksm_flags(struct kn_scanner *s, const uint64_t *pfn, uint32_t n, unsi
 }
 
 /* Copy the n pages at addr[] into dst; returns pages copied (a prefix) or -errno. */
-static int64_t read_pages(int pid, const uint64_t *addr, uint32_t n, unsigned char *dst, uint32_t page)
+int64_t kn_read_pages(int pid, const uint64_t *addr, uint32_t n, unsigned char *dst, uint32_t page)
 {
 	struct iovec local = { dst, (size_t)n * page };
 	struct iovec remote[MAX_IOV];
@@ -468,7 +468,7 @@ read:
 	t1 = now_ns();
 	b->map_ns = t1 - t0;
 	while (i < m) {
-		got = read_pages(r->pid, b->cand_addr + i, m - i, b->buf + (size_t)b->n * s->page_size, s->page_size);
+		got = kn_read_pages(r->pid, b->cand_addr + i, m - i, b->buf + (size_t)b->n * s->page_size, s->page_size);
 		if (got < 0)
 			return (int)got;
 		for (uint32_t k = 0; k < (uint32_t)got; k++, i++, b->n++) {
@@ -521,6 +521,7 @@ static int index_batch(struct kn_scanner *s, struct kn_region *r, const struct k
 	s->map_ns += b->map_ns;
 	s->read_ns += b->read_ns;
 	s->bytes_read += (uint64_t)b->n * s->page_size;
+	kn_index_fetch_firsts(s, b->hash, b->n);
 	/* The lookups are random accesses and would otherwise wait on memory one by one:
 	 * table slots prefetched 16 pages ahead, and 8 ahead the groups those slots name. */
 	for (uint32_t i = 0; i < b->n && i < 16; i++)
