@@ -491,8 +491,8 @@ read:
  * in this core's cache, then indexes them under the lock. The copy is most of
  * the work and runs on every worker at the same time; the index is one
  * structure and takes a batch at a time. Hashing right after the copy matters:
- * a page hashed on another core than the one that copied it is read again
- * from L3 or memory, which cost as much as the copy itself.
+ * a page hashed on another core than the one that copied it (a reader thread
+ * and a hashing one, as this was before) is read again from L3 or memory.
  */
 struct crew {
 	struct kn_scanner *s;
@@ -596,7 +596,6 @@ int kn_scanner_scan(struct kn_scanner *s, int idx, uint64_t start, uint64_t end)
 	struct crew c = { .s = s, .start = start, .end = end };
 	struct worker w[KN_MAX_WORKERS];
 	pthread_t th[KN_MAX_WORKERS];
-	pthread_mutexattr_t ma;
 	uint64_t batch_bytes = (uint64_t)s->batch_pages * s->page_size;
 	uint32_t nw, started = 0;
 	sigset_t all, old;
@@ -616,11 +615,7 @@ int kn_scanner_scan(struct kn_scanner *s, int idx, uint64_t start, uint64_t end)
 	nw = s->nworkers < c.total ? s->nworkers : c.total;
 	if (nw == 0)
 		nw = 1; /* an empty range: the caller's worker finds nothing to take */
-	/* Spinning a little before sleeping: a batch holds the lock for tens of microseconds. */
-	pthread_mutexattr_init(&ma);
-	pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_ADAPTIVE_NP);
-	pthread_mutex_init(&c.index_lock, &ma);
-	pthread_mutexattr_destroy(&ma);
+	pthread_mutex_init(&c.index_lock, NULL);
 	/* Signals stay with the caller's thread (Python handles them there). */
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
