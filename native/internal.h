@@ -42,7 +42,8 @@ struct kn_region {
 };
 
 /* Workers that copy and hash batches in parallel, each its own: more than the
- * cores only adds switching, and four already outrun the memory bus. */
+ * cores only adds switching, and the index, one batch at a time, is about a
+ * fifth of the work: beyond four workers they would mostly wait for it. */
 #define KN_MAX_WORKERS 4
 
 /* One worker's batch: n pages copied contiguously into buf, and their hashes. */
