@@ -7,7 +7,7 @@ one thread; the scanner reads pagemap, copies, hashes, confirms duplicates
 byte by byte and computes the estimate, with its default workers (one per
 CPU, at most 4) and with one. N runs of each, interleaved; best and median.
 
-    .venv/bin/python bench/bench_scanner.py [--mib 256] [--runs 9] [--batch PAGES]
+    .venv/bin/python bench/bench_scanner.py [--mib 256] [--runs 9] [--batch PAGES] [--workers N]
 """
 
 from __future__ import annotations
@@ -115,10 +115,12 @@ def main() -> None:
             f"{ccopy / cscan:.2f} ({cscan1 * 1000:.0f} ms, ratio {ccopy / cscan1:.2f} with 1 worker)"
         )
         print(
-            f"last scan: saved {last['saved']} pages of {last['present']}, "
-            f"index {last['index_bytes'] / 2**20:.1f} MiB, summed over workers: "
-            f"read {last['read_ns'] / 1e6:.0f} ms, hash+index {last['hash_ns'] / 1e6:.0f} ms, "
-            f"pagemap {last['map_ns'] / 1e6:.0f} ms"
+            f"last scan               : saved {last['saved']} pages of {last['present']}, "
+            f"index {last['index_bytes'] / 2**20:.1f} MiB"
+        )
+        print(
+            f"  its time, all workers : read {last['read_ns'] / 1e6:.0f} ms, "
+            f"hash+index {last['hash_ns'] / 1e6:.0f} ms, pagemap {last['map_ns'] / 1e6:.0f} ms"
         )
     finally:
         for wl in wls:
