@@ -78,11 +78,15 @@ TOTAL_FIELDS = (
 class Scanner:
     """One scan: add regions, scan them (in chunks, in order), then finish once."""
 
-    def __init__(self, max_page_sharing: int, use_zero_pages: bool, batch_pages: int = 0) -> None:
+    def __init__(
+        self, max_page_sharing: int, use_zero_pages: bool, batch_pages: int = 0, workers: int = 0
+    ) -> None:
+        """``workers``: threads that copy and hash (0: one per CPU we may run on, at most 4)."""
         ptr = lib.kn_scanner_new(max_page_sharing, int(use_zero_pages), batch_pages)
         if ptr == ffi.NULL:
             raise MemoryError("kn_scanner_new")
         self._s = ffi.gc(ptr, lib.kn_scanner_free)
+        self.workers = check(lib.kn_scanner_set_workers(self._s, workers), "scanner workers")
         self.pids: list[int] = []
 
     def add_region(self, pid: int, start: int, end: int, check_ksm: bool) -> int:

@@ -30,7 +30,11 @@ int kn_index_init(struct kn_scanner *s)
 	s->groups = malloc(sizeof(*s->groups) * s->groups_cap);
 	s->table_mask = 8192 - 1;
 	s->table = malloc(sizeof(uint32_t) * (s->table_mask + 1));
-	if (!s->groups || !s->table)
+	s->fetch_buf = aligned_alloc(4096, (size_t)s->batch_pages * s->page_size);
+	s->fetch_group = malloc(sizeof(uint32_t) * s->batch_pages);
+	s->fetch_addr = malloc(sizeof(uint64_t) * s->batch_pages);
+	s->fetch_ok = malloc(s->batch_pages);
+	if (!s->groups || !s->table || !s->fetch_buf || !s->fetch_group || !s->fetch_addr || !s->fetch_ok)
 		return -ENOMEM;
 	memset(s->table, 0xff, sizeof(uint32_t) * (s->table_mask + 1));
 	return 0;
@@ -43,6 +47,10 @@ void kn_index_free(struct kn_scanner *s)
 	free(s->rep_chunks);
 	free(s->groups);
 	free(s->table);
+	free(s->fetch_buf);
+	free(s->fetch_group);
+	free(s->fetch_addr);
+	free(s->fetch_ok);
 }
 
 static int grow_table(struct kn_scanner *s)
@@ -105,8 +113,10 @@ static uint32_t rep_store(struct kn_scanner *s, const unsigned char *p)
  */
 static int same_content(struct kn_scanner *s, struct kn_group *g, const unsigned char *p, int *replaced)
 {
+	uint32_t gi = (uint32_t)(g - s->groups), f = g->fetch_slot;
 	unsigned char tmp[65536];
 	const unsigned char *rep;
+	int ok;
 
 	if (g->rep == KN_REP_ZERO)
 		return kn_page_is_zero(p, s->page_size);
@@ -117,14 +127,20 @@ static int same_content(struct kn_scanner *s, struct kn_group *g, const unsigned
 		rep = s->buf + (size_t)g->batch_idx * s->page_size;
 	} else {
 		s->rep_fetches++;
-		if (kn_read_remote(g->first_pid, g->first_addr, tmp, s->page_size) != 0 ||
-		    kn_hash_page(tmp, s->page_size) != g->hash) {
+		if (f < s->nfetch && s->fetch_group[f] == gi) {
+			rep = s->fetch_buf + (size_t)f * s->page_size;
+			ok = s->fetch_ok[f];
+		} else { /* not foreseen by kn_index_fetch_firsts: never expected, but correct */
+			rep = tmp;
+			ok = kn_read_remote(g->first_pid, g->first_addr, tmp, s->page_size) == 0 &&
+			     kn_hash_page(tmp, s->page_size) == g->hash;
+		}
+		if (!ok) {
 			*replaced = 1;
 			g->rep = rep_store(s, p);
 			g->first_pid = -1;
 			return 1;
 		}
-		rep = tmp;
 	}
 	if (memcmp(rep, p, s->page_size) != 0)
 		return 0;
@@ -133,13 +149,86 @@ static int same_content(struct kn_scanner *s, struct kn_group *g, const unsigned
 	return 1;
 }
 
-void kn_index_prefetch(const struct kn_scanner *s, uint64_t h)
+/*
+ * A group's second sighting needs its first page, which sits in the target
+ * process unless it was in the same batch. One process_vm_readv per batch
+ * and process reads all the batch will need (instead of one call per page:
+ * a syscall and a page pin each, a tenth of the scan when duplicates are
+ * spread far apart). Fetched pages are checked against their hash here; one
+ * that changed or went away is marked, and same_content replaces it.
+ */
+void kn_index_fetch_firsts(struct kn_scanner *s, const uint64_t *hash, uint32_t n)
 {
-	const uint32_t *slot = &s->table[mix(h) & s->table_mask];
+	s->nfetch = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		uint64_t slot = mix(hash[i]) & s->table_mask;
+		uint32_t gi;
 
-	__builtin_prefetch(slot);
-	if (*slot != KN_NONE)
-		__builtin_prefetch(&s->groups[*slot]);
+		for (; (gi = s->table[slot]) != KN_NONE; slot = (slot + 1) & s->table_mask) {
+			struct kn_group *g = &s->groups[gi];
+
+			if (g->hash != hash[i] || g->rep != KN_NONE || g->batch_seq == s->batch_seq ||
+			    (g->fetch_slot < s->nfetch && s->fetch_group[g->fetch_slot] == gi))
+				continue;
+			if (s->nfetch == s->batch_pages)
+				goto read; /* more groups than pages (equal hashes): same_content reads the rest */
+			g->fetch_slot = s->nfetch;
+			s->fetch_group[s->nfetch++] = gi;
+		}
+	}
+read:
+	/* Per process, in the order they were found: kn_read_pages merges neighbours into one iovec. */
+	for (uint32_t a = 0; a < s->nfetch;) {
+		int32_t pid = s->groups[s->fetch_group[a]].first_pid;
+		uint32_t m = 0, done = 0;
+
+		for (uint32_t k = a; k < s->nfetch; k++)
+			if (s->groups[s->fetch_group[k]].first_pid == pid)
+				m++;
+		/* Gather this pid's entries at a..a+m (stable: keeps address order within the pid). */
+		for (uint32_t k = a, w = a; k < s->nfetch && w < a + m; k++) {
+			uint32_t gk = s->fetch_group[k];
+
+			if (s->groups[gk].first_pid != pid)
+				continue;
+			memmove(&s->fetch_group[w + 1], &s->fetch_group[w], sizeof(uint32_t) * (k - w));
+			s->fetch_group[w++] = gk;
+		}
+		for (uint32_t k = a; k < a + m; k++) {
+			s->groups[s->fetch_group[k]].fetch_slot = k;
+			s->fetch_addr[k] = s->groups[s->fetch_group[k]].first_addr;
+			s->fetch_ok[k] = 0;
+		}
+		while (done < m) {
+			int64_t got = kn_read_pages(pid, s->fetch_addr + a + done, m - done,
+						    s->fetch_buf + (size_t)(a + done) * s->page_size, s->page_size);
+
+			if (got < 0)
+				break; /* process gone or not readable: none of its first pages witness */
+			for (int64_t k = 0; k < got; k++, done++) {
+				uint32_t f = a + done;
+
+				s->fetch_ok[f] = kn_hash_page(s->fetch_buf + (size_t)f * s->page_size, s->page_size) ==
+						 s->groups[s->fetch_group[f]].hash;
+			}
+			if (done < m)
+				done++; /* this one went away (fetch_ok stays 0); read on after it */
+		}
+		a += m;
+	}
+}
+
+void kn_index_prefetch_slot(const struct kn_scanner *s, uint64_t h)
+{
+	__builtin_prefetch(&s->table[mix(h) & s->table_mask]);
+}
+
+void kn_index_prefetch_group(const struct kn_scanner *s, uint64_t h)
+{
+	uint32_t g = s->table[mix(h) & s->table_mask]; /* in cache: its slot was prefetched earlier */
+
+	if (g != KN_NONE)
+		__builtin_prefetch(&s->groups[g]);
 }
 
 uint32_t kn_index_add(struct kn_scanner *s, const unsigned char *p, uint64_t h, int pid, uint64_t addr,

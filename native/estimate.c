@@ -146,7 +146,8 @@ int kn_scanner_finish(struct kn_scanner *s, struct kn_region_stats *rs, size_t n
 		a = b;
 	}
 
-	qsort(s->ksm_pfns, s->nksm_pfns, sizeof(uint64_t), cmp_u64);
+	if (s->nksm_pfns) /* none seen: the array was never allocated */
+		qsort(s->ksm_pfns, s->nksm_pfns, sizeof(uint64_t), cmp_u64);
 	{
 		uint64_t distinct = 0;
 

@@ -29,7 +29,7 @@ struct kn_group {
 	uint32_t rep;        /* index into the representative store, or KN_NONE / KN_REP_ZERO */
 	uint32_t batch_seq;  /* first seen in this batch ... */
 	uint32_t batch_idx;  /* ... at this page of the batch buffer */
-	uint32_t pad;
+	uint32_t fetch_slot; /* its first page in the fetch buffer, if fetch_group[] says so */
 };
 
 struct kn_region {
@@ -41,11 +41,15 @@ struct kn_region {
 	uint64_t present, zero, zero_mapped, ksm, volatile_pages;
 };
 
-#define KN_SLOTS 3
+/* Workers that copy and hash batches in parallel, each its own: more than the
+ * cores only adds switching, and the index, one batch at a time, is about a
+ * fifth of the work: beyond four workers they would mostly wait for it. */
+#define KN_MAX_WORKERS 4
 
-/* One batch, as the reader hands it over: n pages copied contiguously into buf. */
+/* One worker's batch: n pages copied contiguously into buf, and their hashes. */
 struct kn_slot {
 	unsigned char *buf;
+	uint64_t *hash;
 	uint64_t *pagemap;
 	uint64_t *cand_addr, *cand_pfn;
 	unsigned char *cand_ksm;
@@ -53,7 +57,7 @@ struct kn_slot {
 	unsigned char *ksm;
 	uint32_t n;
 	uint32_t volatile_pages, zero_mapped;
-	uint64_t map_ns, read_ns;
+	uint64_t map_ns, read_ns, hash_ns;
 };
 
 struct kn_scanner {
@@ -72,6 +76,12 @@ struct kn_scanner {
 	uint32_t nreps, rep_chunks_cap;
 	uint64_t rep_limit; /* beyond this many representatives, re-read instead of keeping copies */
 	uint64_t hash_confirms, hash_collisions, rep_fetches;
+	/* First pages fetched for the batch being indexed: all in one process_vm_readv per process */
+	unsigned char *fetch_buf;
+	uint32_t *fetch_group;
+	uint64_t *fetch_addr;
+	unsigned char *fetch_ok;
+	uint32_t nfetch;
 
 	/* per page: its group */
 	uint32_t *items;
@@ -84,15 +94,16 @@ struct kn_scanner {
 	uint64_t *ksm_pfns;
 	uint64_t nksm_pfns, ksm_pfns_cap;
 
-	/* batch buffers: a ring the reader thread fills while the caller hashes */
+	/* batch buffers: one per worker (KN_MAX_WORKERS, the first nworkers allocated) */
 	uint32_t batch_pages;
+	uint32_t nworkers;
 	uint32_t batch_seq;
-	const unsigned char *buf; /* the batch being hashed (first sightings are fetched from it) */
+	const unsigned char *buf; /* the batch being indexed (first sightings are fetched from it) */
 	struct kn_slot *slots;
 	int kpageflags_fd;
 	int pagemap_fd;
 	int pagemap_pid;
-	int pagemap_scan; /* -1: the kernel has no PAGEMAP_SCAN */
+	int pagemap_scan; /* -1: the kernel has no PAGEMAP_SCAN (workers read it atomically) */
 
 	uint64_t bytes_read;
 	uint64_t read_ns, hash_ns, map_ns;
@@ -104,7 +115,10 @@ void kn_index_free(struct kn_scanner *s);
 /* Group of one page (bytes p, hash h, at pid/addr, index idx of the current batch); KN_NONE on ENOMEM. */
 uint32_t kn_index_add(struct kn_scanner *s, const unsigned char *p, uint64_t h, int pid, uint64_t addr,
 		      uint32_t idx);
-void kn_index_prefetch(const struct kn_scanner *s, uint64_t h);
+/* Fetch the first pages the n hashes of the batch being indexed will need. */
+void kn_index_fetch_firsts(struct kn_scanner *s, const uint64_t *hash, uint32_t n);
+void kn_index_prefetch_slot(const struct kn_scanner *s, uint64_t h);
+void kn_index_prefetch_group(const struct kn_scanner *s, uint64_t h);
 int kn_page_is_zero(const unsigned char *p, size_t n);
 
 /* hash.c */
@@ -113,5 +127,6 @@ uint64_t kn_hash_page_avx2(const void *p, size_t n);
 
 /* scan.c */
 int kn_read_remote(int pid, uint64_t addr, void *dst, size_t len);
+int64_t kn_read_pages(int pid, const uint64_t *addr, uint32_t n, unsigned char *dst, uint32_t page);
 
 #endif

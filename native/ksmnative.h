@@ -65,6 +65,9 @@ struct kn_total_stats {
 /* max_page_sharing and use_zero_pages as the kernel has them; batch_pages 0 = default. */
 struct kn_scanner *kn_scanner_new(uint32_t max_page_sharing, int use_zero_pages, uint32_t batch_pages);
 void kn_scanner_free(struct kn_scanner *s);
+/* Copy-and-hash workers (threads, the caller's one of them): 0 = one per CPU we
+ * may run on, at most 4. Returns the number set or -errno. */
+int kn_scanner_set_workers(struct kn_scanner *s, uint32_t workers);
 /* Add a region; returns its index or -errno. check_ksm: look up KPF_KSM (only
  * VM_MERGEABLE regions can hold KSM pages). */
 int kn_scanner_add_region(struct kn_scanner *s, int pid, uint64_t start, uint64_t end, int check_ksm);

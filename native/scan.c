@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -108,14 +109,18 @@ static uint64_t find_zero_pfn(uint32_t page)
 	return (e & PM_PRESENT) && (e & PM_PFN_MASK) ? (e & PM_PFN_MASK) : UINT64_MAX;
 }
 
+/* Buffers of the first nworkers slots that have none yet. */
 static int alloc_slots(struct kn_scanner *s)
 {
 	size_t n = s->batch_pages;
 
-	for (int i = 0; i < KN_SLOTS; i++) {
+	for (uint32_t i = 0; i < s->nworkers; i++) {
 		struct kn_slot *b = &s->slots[i];
 
+		if (b->buf)
+			continue;
 		b->buf = aligned_alloc(4096, n * s->page_size);
+		b->hash = malloc(n * 8);
 		b->pagemap = malloc(n * sizeof(struct kn_page_region)); /* entries, or PAGEMAP_SCAN regions */
 		b->cand_addr = malloc(n * 8);
 		b->cand_pfn = malloc(n * 8);
@@ -123,11 +128,34 @@ static int alloc_slots(struct kn_scanner *s)
 		b->addr = malloc(n * 8);
 		b->pfn = malloc(n * 8);
 		b->ksm = malloc(n);
-		if (!b->buf || !b->pagemap || !b->cand_addr || !b->cand_pfn || !b->cand_ksm || !b->addr ||
-		    !b->pfn || !b->ksm)
+		if (!b->buf || !b->hash || !b->pagemap || !b->cand_addr || !b->cand_pfn || !b->cand_ksm ||
+		    !b->addr || !b->pfn || !b->ksm)
 			return -ENOMEM;
 	}
 	return 0;
+}
+
+static uint32_t default_workers(void)
+{
+	cpu_set_t set;
+	int n;
+
+	if (sched_getaffinity(0, sizeof(set), &set) != 0)
+		return 1;
+	n = CPU_COUNT(&set);
+	return n < 1 ? 1 : n > KN_MAX_WORKERS ? KN_MAX_WORKERS : (uint32_t)n;
+}
+
+int kn_scanner_set_workers(struct kn_scanner *s, uint32_t workers)
+{
+	uint32_t old = s->nworkers;
+
+	s->nworkers = workers ? (workers > KN_MAX_WORKERS ? KN_MAX_WORKERS : workers) : default_workers();
+	if (alloc_slots(s) != 0) {
+		s->nworkers = old;
+		return -ENOMEM;
+	}
+	return (int)s->nworkers;
 }
 
 struct kn_scanner *kn_scanner_new(uint32_t max_page_sharing, int use_zero_pages, uint32_t batch_pages)
@@ -147,7 +175,8 @@ struct kn_scanner *kn_scanner_new(uint32_t max_page_sharing, int use_zero_pages,
 	s->kpageflags_fd = -1;
 	s->pagemap_fd = -1;
 	s->zero_pfn = find_zero_pfn(s->page_size);
-	s->slots = calloc(KN_SLOTS, sizeof(*s->slots));
+	s->nworkers = default_workers();
+	s->slots = calloc(KN_MAX_WORKERS, sizeof(*s->slots));
 	zero = calloc(1, s->page_size);
 	if (!s->slots || !zero || alloc_slots(s) != 0 || kn_index_init(s) != 0) {
 		free(zero);
@@ -171,10 +200,11 @@ void kn_scanner_free(struct kn_scanner *s)
 	free(s->items);
 	free(s->regions);
 	free(s->ksm_pfns);
-	for (int i = 0; s->slots && i < KN_SLOTS; i++) {
+	for (int i = 0; s->slots && i < KN_MAX_WORKERS; i++) {
 		struct kn_slot *b = &s->slots[i];
 
 		free(b->buf);
+		free(b->hash);
 		free(b->pagemap);
 		free(b->cand_addr);
 		free(b->cand_pfn);
@@ -278,10 +308,20 @@ static int ksm_flags(struct kn_scanner *s, const uint64_t *pfn, uint32_t n, unsi
 	static __thread struct pfn_idx sorted[MAX_IOV];
 	uint64_t win[KPF_WINDOW];
 
-	if (s->kpageflags_fd < 0) {
-		s->kpageflags_fd = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
-		if (s->kpageflags_fd < 0)
+	int fd = __atomic_load_n(&s->kpageflags_fd, __ATOMIC_ACQUIRE);
+
+	if (fd < 0) {
+		int expect = -1;
+
+		fd = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
 			return -errno;
+		/* Another worker may have opened it first: keep one. */
+		if (!__atomic_compare_exchange_n(&s->kpageflags_fd, &expect, fd, 0, __ATOMIC_ACQ_REL,
+						 __ATOMIC_ACQUIRE)) {
+			close(fd);
+			fd = expect;
+		}
 	}
 	for (uint32_t i = 0; i < n; i++) {
 		sorted[i].pfn = pfn[i];
@@ -301,7 +341,7 @@ static int ksm_flags(struct kn_scanner *s, const uint64_t *pfn, uint32_t n, unsi
 		}
 		while (e + 1 < n && sorted[e + 1].pfn - f < KPF_WINDOW && sorted[e + 1].pfn - sorted[e].pfn <= 4)
 			e++;
-		got = pread_full(s->kpageflags_fd, win, (sorted[e].pfn - f + 1) * 8, (off_t)(f * 8));
+		got = pread_full(fd, win, (sorted[e].pfn - f + 1) * 8, (off_t)(f * 8));
 		if (got < 0)
 			return (int)got;
 		for (; k <= e; k++)
@@ -313,7 +353,7 @@ static int ksm_flags(struct kn_scanner *s, const uint64_t *pfn, uint32_t n, unsi
 }
 
 /* Copy the n pages at addr[] into dst; returns pages copied (a prefix) or -errno. */
-static int64_t read_pages(int pid, const uint64_t *addr, uint32_t n, unsigned char *dst, uint32_t page)
+int64_t kn_read_pages(int pid, const uint64_t *addr, uint32_t n, unsigned char *dst, uint32_t page)
 {
 	struct iovec local = { dst, (size_t)n * page };
 	struct iovec remote[MAX_IOV];
@@ -349,7 +389,7 @@ static int fill_slot(struct kn_scanner *s, const struct kn_region *r, uint64_t v
 	int64_t got;
 
 	b->n = b->volatile_pages = b->zero_mapped = 0;
-	if (!r->check_ksm && s->pagemap_scan >= 0) {
+	if (!r->check_ksm && __atomic_load_n(&s->pagemap_scan, __ATOMIC_RELAXED) >= 0) {
 		/* No frame numbers needed (no KSM pages outside VM_MERGEABLE): ask for ranges. */
 		struct kn_page_region *vec = (struct kn_page_region *)b->pagemap;
 		struct kn_pm_scan_arg a = {
@@ -380,7 +420,7 @@ static int fill_slot(struct kn_scanner *s, const struct kn_region *r, uint64_t v
 			goto read;
 		}
 		if (nr < 0 && errno == ENOTTY)
-			s->pagemap_scan = -1; /* before 6.7: read pagemap entries from now on */
+			__atomic_store_n(&s->pagemap_scan, -1, __ATOMIC_RELAXED); /* before 6.7: entries from now on */
 		else if (nr < 0 && (errno == ESRCH || errno == ENOENT))
 			return -ESRCH;
 		/* anything else: this batch from pagemap entries */
@@ -428,7 +468,7 @@ read:
 	t1 = now_ns();
 	b->map_ns = t1 - t0;
 	while (i < m) {
-		got = read_pages(r->pid, b->cand_addr + i, m - i, b->buf + (size_t)b->n * s->page_size, s->page_size);
+		got = kn_read_pages(r->pid, b->cand_addr + i, m - i, b->buf + (size_t)b->n * s->page_size, s->page_size);
 		if (got < 0)
 			return (int)got;
 		for (uint32_t k = 0; k < (uint32_t)got; k++, i++, b->n++) {
@@ -445,54 +485,32 @@ read:
 	return 0;
 }
 
-/* The reader thread and the hashing caller share a ring of KN_SLOTS batches. */
-struct ring {
+/*
+ * The workers of one kn_scanner_scan call. Each takes the next batch, reads
+ * its pagemap, copies its pages and hashes them at once, while they are still
+ * in this core's cache, then indexes them under the lock. The copy is most of
+ * the work and runs on every worker at the same time; the index is one
+ * structure and takes a batch at a time. Hashing right after the copy matters:
+ * a page hashed on another core than the one that copied it (a reader thread
+ * and a hashing one, as this was before) is read again from L3 or memory.
+ */
+struct crew {
 	struct kn_scanner *s;
-	const struct kn_region *r;
+	struct kn_region *r;
 	uint64_t start, end;
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
-	uint32_t produced, consumed; /* batches */
-	uint32_t total;              /* batches in [start, end) */
-	int err;                     /* reader's -errno; it stops there */
-	int abort;                   /* caller's: stop reading */
+	uint32_t total; /* batches in [start, end) */
+	uint32_t next;  /* next batch to take */
+	int err;        /* first -errno; every worker stops at it */
+	pthread_mutex_t index_lock;
 };
 
-static void *reader(void *arg)
-{
-	struct ring *q = arg;
-	struct kn_scanner *s = q->s;
+struct worker {
+	struct crew *c;
+	struct kn_slot *b;
+};
 
-	for (uint32_t k = 0; k < q->total; k++) {
-		uint64_t va = q->start + (uint64_t)k * s->batch_pages * s->page_size;
-		uint32_t want = (uint32_t)((q->end - va) / s->page_size);
-		int rc;
-
-		if (want > s->batch_pages)
-			want = s->batch_pages;
-		pthread_mutex_lock(&q->lock);
-		while (q->produced - q->consumed == KN_SLOTS && !q->abort)
-			pthread_cond_wait(&q->cond, &q->lock);
-		rc = q->abort;
-		pthread_mutex_unlock(&q->lock);
-		if (rc)
-			break;
-		rc = fill_slot(s, q->r, va, want, &s->slots[k % KN_SLOTS]);
-		pthread_mutex_lock(&q->lock);
-		if (rc)
-			q->err = rc;
-		else
-			q->produced++;
-		pthread_cond_broadcast(&q->cond);
-		pthread_mutex_unlock(&q->lock);
-		if (rc)
-			break;
-	}
-	return NULL;
-}
-
-/* Hash and index one batch: runs in the caller while the reader fills the next. */
-static int consume(struct kn_scanner *s, struct kn_region *r, const struct kn_slot *b)
+/* Index one hashed batch; the caller holds the index lock. */
+static int index_batch(struct kn_scanner *s, struct kn_region *r, const struct kn_slot *b)
 {
 	uint64_t t0 = now_ns();
 
@@ -503,20 +521,22 @@ static int consume(struct kn_scanner *s, struct kn_region *r, const struct kn_sl
 	s->map_ns += b->map_ns;
 	s->read_ns += b->read_ns;
 	s->bytes_read += (uint64_t)b->n * s->page_size;
-	static __thread uint64_t hashes[MAX_IOV];
-
-	/* Hash the batch first, then index it with the table slots prefetched a few pages ahead:
-	 * the lookups are random accesses and would otherwise wait on memory one by one. */
-	for (uint32_t i = 0; i < b->n; i++)
-		hashes[i] = kn_hash_page(b->buf + (size_t)i * s->page_size, s->page_size);
+	kn_index_fetch_firsts(s, b->hash, b->n);
+	/* The lookups are random accesses and would otherwise wait on memory one by one:
+	 * table slots prefetched 16 pages ahead, and 8 ahead the groups those slots name. */
+	for (uint32_t i = 0; i < b->n && i < 16; i++)
+		kn_index_prefetch_slot(s, b->hash[i]);
+	for (uint32_t i = 0; i < b->n && i < 8; i++)
+		kn_index_prefetch_group(s, b->hash[i]);
 	for (uint32_t i = 0; i < b->n; i++) {
 		const unsigned char *p = b->buf + (size_t)i * s->page_size;
-		uint64_t h = hashes[i];
 		uint32_t g;
 
+		if (i + 16 < b->n)
+			kn_index_prefetch_slot(s, b->hash[i + 16]);
 		if (i + 8 < b->n)
-			kn_index_prefetch(s, hashes[i + 8]);
-		g = kn_index_add(s, p, h, r->pid, b->addr[i], i);
+			kn_index_prefetch_group(s, b->hash[i + 8]);
+		g = kn_index_add(s, p, b->hash[i], r->pid, b->addr[i], i);
 
 		if (g == KN_NONE || push_item(s, g))
 			return -ENOMEM;
@@ -529,17 +549,58 @@ static int consume(struct kn_scanner *s, struct kn_region *r, const struct kn_sl
 				return -ENOMEM;
 		}
 	}
-	s->hash_ns += now_ns() - t0;
+	s->hash_ns += b->hash_ns + (now_ns() - t0);
 	return 0;
+}
+
+static void *work(void *arg)
+{
+	struct worker *w = arg;
+	struct crew *c = w->c;
+	struct kn_scanner *s = c->s;
+	struct kn_slot *b = w->b;
+
+	while (!__atomic_load_n(&c->err, __ATOMIC_RELAXED)) {
+		uint32_t k = __atomic_fetch_add(&c->next, 1, __ATOMIC_RELAXED);
+		uint64_t va = c->start + (uint64_t)k * s->batch_pages * s->page_size;
+		uint32_t want;
+		int rc;
+
+		if (k >= c->total)
+			break;
+		want = (uint32_t)((c->end - va) / s->page_size);
+		if (want > s->batch_pages)
+			want = s->batch_pages;
+		rc = fill_slot(s, c->r, va, want, b);
+		if (rc == 0) {
+			uint64_t t0 = now_ns();
+
+			for (uint32_t i = 0; i < b->n; i++)
+				b->hash[i] = kn_hash_page(b->buf + (size_t)i * s->page_size, s->page_size);
+			b->hash_ns = now_ns() - t0;
+		}
+		pthread_mutex_lock(&c->index_lock);
+		if (rc == 0 && !c->err)
+			rc = index_batch(s, c->r, b);
+		if (rc && !c->err)
+			__atomic_store_n(&c->err, rc, __ATOMIC_RELAXED);
+		pthread_mutex_unlock(&c->index_lock);
+		if (rc)
+			break;
+	}
+	return NULL;
 }
 
 int kn_scanner_scan(struct kn_scanner *s, int idx, uint64_t start, uint64_t end)
 {
-	struct ring q = { .s = s, .start = start, .end = end };
-	struct kn_region *r;
+	struct crew c = { .s = s, .start = start, .end = end };
+	struct worker w[KN_MAX_WORKERS];
+	pthread_t th[KN_MAX_WORKERS];
 	uint64_t batch_bytes = (uint64_t)s->batch_pages * s->page_size;
-	pthread_t th;
-	int rc = 0;
+	uint32_t nw, started = 0;
+	sigset_t all, old;
+	struct kn_region *r;
+	int rc;
 
 	if (idx < 0 || (uint32_t)idx != s->nregions - 1)
 		return -EINVAL; /* regions in order: their pages are one contiguous run of items */
@@ -549,35 +610,27 @@ int kn_scanner_scan(struct kn_scanner *s, int idx, uint64_t start, uint64_t end)
 	rc = open_pagemap(s, r->pid);
 	if (rc)
 		return rc;
-	q.r = r;
-	q.total = (uint32_t)((end - start + batch_bytes - 1) / batch_bytes);
-	pthread_mutex_init(&q.lock, NULL);
-	pthread_cond_init(&q.cond, NULL);
-	rc = -pthread_create(&th, NULL, reader, &q);
-	if (rc)
-		goto out;
-	for (uint32_t k = 0; k < q.total; k++) {
-		pthread_mutex_lock(&q.lock);
-		while (q.produced == k && !q.err)
-			pthread_cond_wait(&q.cond, &q.lock);
-		rc = q.produced == k ? q.err : 0;
-		pthread_mutex_unlock(&q.lock);
-		if (rc)
-			break;
-		rc = consume(s, r, &s->slots[k % KN_SLOTS]);
-		pthread_mutex_lock(&q.lock);
-		q.consumed++;
-		if (rc)
-			q.abort = 1;
-		pthread_cond_broadcast(&q.cond);
-		pthread_mutex_unlock(&q.lock);
-		if (rc)
-			break;
+	c.r = r;
+	c.total = (uint32_t)((end - start + batch_bytes - 1) / batch_bytes);
+	nw = s->nworkers < c.total ? s->nworkers : c.total;
+	if (nw == 0)
+		nw = 1; /* an empty range: the caller's worker finds nothing to take */
+	pthread_mutex_init(&c.index_lock, NULL);
+	/* Signals stay with the caller's thread (Python handles them there). */
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	for (uint32_t i = 0; i < nw; i++) {
+		w[i] = (struct worker){ .c = &c, .b = &s->slots[i] };
+		/* Worker 0 is the caller; a thread that cannot start leaves its share to the others. */
+		if (i > 0 && pthread_create(&th[started + 1], NULL, work, &w[i]) == 0)
+			started++;
 	}
-	pthread_join(th, NULL);
-out:
-	pthread_mutex_destroy(&q.lock);
-	pthread_cond_destroy(&q.cond);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	work(&w[0]);
+	for (uint32_t i = 1; i <= started; i++)
+		pthread_join(th[i], NULL);
+	pthread_mutex_destroy(&c.index_lock);
+	rc = c.err;
 	if (rc == 0) {
 		r->scanned_to = end;
 		r->nitems = s->nitems - r->first_item;

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import random
+from collections import Counter
 
 import pytest
 
@@ -66,6 +68,83 @@ def test_estimate_arithmetic_on_own_memory(use_zero_pages: bool, saved: int) -> 
     assert one["saved_share"] + two["saved_share"] == pytest.approx(saved)
     assert procs[os.getpid()]["saved_alone"] == saved
     assert total["saved_within"] == saved  # one process: nothing needs merging across
+
+
+def test_workers_agree_with_a_count_by_hand() -> None:
+    # Many small batches taken by 1 and by 4 workers in whatever order they race to:
+    # duplicates first seen in the same batch, in an earlier one and in the other
+    # region, zero pages, and pages one byte apart from a duplicate (same first bytes).
+    rng = random.Random(5)
+    pool = [_page(t) for t in range(1, 40)] + [bytes(PAGE)]
+    near = bytearray(pool[0])
+    near[PAGE // 2] ^= 1
+    pool.append(bytes(near))
+    regions = [
+        [rng.choice(pool) if rng.random() < 0.6 else rng.randbytes(PAGE) for _ in range(n)]
+        for n in (300, 157)
+    ]
+    maps = [_region(r) for r in regions]
+    mps = 8
+    counts = Counter(c for r in regions for c in r)
+    want_saved = sum(n - -(-n // mps) for n in counts.values())
+    got = []
+    try:
+        for workers in (1, 4):
+            sc = native.Scanner(mps, False, batch_pages=3, workers=workers)
+            assert sc.workers == workers
+            for (_, addr), r in zip(maps, regions):
+                idx = sc.add_region(os.getpid(), addr, addr + len(r) * PAGE, check_ksm=False)
+                sc.scan(idx, addr, addr + len(r) * PAGE)
+            per_region, _, total = sc.finish(2)
+            # Timings, and fetches of first sightings (which page is first depends on the order)
+            # differ; every count must not.
+            skip = ("rep_fetches", "read_ns", "hash_ns", "map_ns")
+            got.append((per_region, {k: v for k, v in total.items() if k not in skip}))
+    finally:
+        for m, _ in maps:
+            m.close()
+    (one, total), (four, total4) = got
+    assert total == total4
+    for a, b in zip(one, four):
+        # Shares are sums of fractions, added up in the order the pages were indexed.
+        assert a.pop("saved_share") == pytest.approx(b.pop("saved_share"))
+        assert a == b
+    assert total["present"] == sum(len(r) for r in regions)
+    assert total["distinct"] == len(counts)
+    assert total["dup_groups"] == sum(n > 1 for n in counts.values())
+    assert total["zero"] == counts[bytes(PAGE)]
+    assert total["saved"] == want_saved
+    assert total["hash_collisions"] == 0
+
+
+def test_first_pages_changed_or_gone_before_their_second_sighting() -> None:
+    # The first page of a content is fetched again when its second sighting comes in a
+    # later batch. Between the two scans here one first page is rewritten and another
+    # unmapped: they no longer witness their content, and the later page takes over.
+    a, b, c = _page(1), _page(2), _page(3)
+    m1, addr1 = _region([a, b])
+    mc, addrc = _region([c])
+    m2, addr2 = _region([c, a, b, a])
+    try:
+        sc = native.Scanner(max_page_sharing=256, use_zero_pages=False)
+        for addr, n in ((addr1, 2), (addrc, 1)):
+            idx = sc.add_region(os.getpid(), addr, addr + n * PAGE, check_ksm=False)
+            sc.scan(idx, addr, addr + n * PAGE)
+        m1[PAGE + 7] ^= 0xFF  # b's first page changes
+        mc.close()  # c's first page goes away
+        idx = sc.add_region(os.getpid(), addr2, addr2 + 4 * PAGE, check_ksm=False)
+        sc.scan(idx, addr2, addr2 + 4 * PAGE)
+        _, _, total = sc.finish(3)
+    finally:
+        m1.close()
+        m2.close()
+    # One fetch per content, all in one batch (c missing, a and b read after it, b
+    # changed); the second a is compared with the copy kept from the first fetch.
+    assert total["rep_fetches"] == 3
+    assert total["distinct"] == 3 and total["dup_groups"] == 3
+    assert total["present"] == 7
+    assert total["saved"] == 2 + 1 + 1  # the stale pages stay counted with their old content
+    assert total["hash_collisions"] == 0
 
 
 def test_avx2_and_portable_hashes_agree() -> None:
