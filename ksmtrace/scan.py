@@ -200,6 +200,7 @@ def estimate(
     proc: ProcFS | None = None,
     rules: tuple[int, bool] | None = None,
     batch_pages: int = 0,
+    workers: int = 0,
 ) -> Estimate:
     """Scan ``pids`` and predict what KSM would save if their candidate memory merged.
 
@@ -208,7 +209,8 @@ def estimate(
     duplicate counts) and it is listed in ``gone``/``denied``.
     ``only(pid, vma)`` selects mappings (default: all); ``ranges`` (pid ->
     [(start, end)]) limits the scan of those pids to those address ranges, cut
-    at mapping edges: each piece is a region of its own.
+    at mapping edges: each piece is a region of its own. ``workers``: threads
+    that copy and hash (0: one per CPU this process may run on, at most 4).
     """
     proc = proc or ProcFS()
     mps, uzp = rules or kernel_rules()
@@ -222,7 +224,7 @@ def estimate(
         gone += g
         denied += d
         try:
-            return _scan(targets, mps, uzp, progress, batch_pages, tuple(gone), tuple(denied))
+            return _scan(targets, mps, uzp, progress, batch_pages, workers, tuple(gone), tuple(denied))
         except _TargetFailed as exc:
             if strict:
                 raise exc.error from None
@@ -241,11 +243,12 @@ def _scan(
     uzp: bool,
     progress: Progress | None,
     batch_pages: int,
+    workers: int,
     gone: tuple[int, ...],
     denied: tuple[int, ...],
 ) -> Estimate:
     t0 = time.monotonic()
-    sc = native.Scanner(mps, uzp, batch_pages)
+    sc = native.Scanner(mps, uzp, batch_pages, workers)
     order: list[tuple[_Target, Vma]] = []
     total = sum(v.sizes.get("Rss", v.length) for t in targets for v in t.scan)
     done = 0

@@ -41,6 +41,14 @@ def add_parser(sub: Any) -> None:
         metavar="N",
         help="show the N regions with the largest saving (default 10; 0: all)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="threads that copy and hash memory (default 0: one per CPU it may run on, at most 4; "
+        "1 keeps the scan on one core of a busy host)",
+    )
     p.set_defaults(run=run)
 
 
@@ -57,9 +65,13 @@ def run(args: argparse.Namespace) -> int:
         if chosen is None:
             raise UsageError("choose processes: -p PID (repeatable), -n COMM or --all")
         pids = chosen
+    if not 0 <= args.workers <= 64:
+        raise UsageError("--workers takes 0 (one per CPU) to 64")
     bar = ProgressBar(enabled=True if args.progress else None)
     try:
-        est = scan.estimate(pids, strict=not (args.all or args.name), progress=bar, proc=proc)
+        est = scan.estimate(
+            pids, strict=not (args.all or args.name), progress=bar, proc=proc, workers=args.workers
+        )
     finally:
         bar.close()
     if args.json:

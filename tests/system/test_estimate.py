@@ -184,6 +184,15 @@ def test_estimate_command_json_and_errors(workload) -> None:
     assert proc["pid"] == wl.pid and proc["comm"] == "est-cli"
     assert data["totals"]["saved"] >= 512 - 8
     assert any("file-backed" in s["reason"] for s in proc["skipped"])
+    one = subprocess.run([*cmd, "-p", str(wl.pid), "-j", "--workers", "1"], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+
+    def counts(totals: dict) -> dict:  # type: ignore[type-arg]
+        return {k: v for k, v in totals.items() if not k.endswith("_ns")}  # timings differ
+
+    assert counts(json.loads(one.stdout)["totals"]) == counts(data["totals"])  # one core or several
+    bad = subprocess.run([*cmd, "-p", str(wl.pid), "--workers", "-1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--workers" in bad.stderr and "Traceback" not in bad.stderr
     text = subprocess.run([*cmd, "-n", "est-cli"], capture_output=True, text=True, timeout=60)
     assert text.returncode == 0 and "KSM would save" in text.stdout
     wl.close()
