@@ -13,7 +13,6 @@ Usage: .venv/bin/python bench/ab_fault_probes.py [--ref e7ffb13] [--rounds N]
 from __future__ import annotations
 
 import argparse
-import fcntl
 import importlib.util
 import statistics
 import subprocess
@@ -27,7 +26,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_probe_overhead as bench  # noqa: E402
 
-from ksmtrace.kernel import ksm_sysfs  # noqa: E402
 from ksmtrace.probes import faults as this_faults  # noqa: E402
 from ksmtrace.probes import loader  # noqa: E402
 
@@ -66,41 +64,25 @@ def main() -> int:
     a = ap.parse_args()
     pages, reps = 16384, 6
     cases = bench.loop_cases(pages, reps)
-    settings = ("none", "ref", "this")
-    res: dict[str, dict[str, list[float]]] = {c: {s: [] for s in settings} for c in cases}
     prog: dict[tuple[str, str], float | None] = {}
-    with tempfile.TemporaryDirectory() as td, bench.LOCK.open("a") as lock:
-        probes = {"ref": load_ref(a.ref, Path(td)), "this": this_faults.FaultProbe()}
-        attach = {s: loader.detach_all(p.bpf) for s, p in probes.items()}  # type: ignore[attr-defined]
+    with tempfile.TemporaryDirectory() as td:
+        probes = {
+            "ref": bench.Attachable([load_ref(a.ref, Path(td))]),
+            "this": bench.Attachable([this_faults.FaultProbe()]),
+        }
         exe = bench.build(Path(td))
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        saved = ksm_sysfs.SavedSettings()
         try:
-            ksm_sysfs.write("pages_to_scan", 5000)
-            ksm_sysfs.write("sleep_millisecs", 10)
-            ksm_sysfs.write("run", 0)
-            for r in range(a.rounds):
-                order = settings[r % 3 :] + settings[: r % 3]
-                for name, args in cases.items():
-                    for s in order if r % 2 == 0 else order[::-1]:
-                        if s != "none":
-                            loader.reattach(probes[s].bpf, attach[s])  # type: ignore[attr-defined]
-                        try:
-                            res[name][s].append(bench.loop(exe, *args))
-                        finally:
-                            if s != "none":
-                                loader.detach_all(probes[s].bpf)  # type: ignore[attr-defined]
-                print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
-            for s in ("ref", "this"):
-                loader.reattach(probes[s].bpf, attach[s])  # type: ignore[attr-defined]
-                for name, args in cases.items():
-                    prog[(s, name)] = bench.program_ns(exe, args)
-                loader.detach_all(probes[s].bpf)  # type: ignore[attr-defined]
+            with bench.quiet_ksm():
+                res = bench.paired_rounds(exe, cases, {"none": bench.Attachable([]), **probes}, a.rounds)
+                for s, group in probes.items():
+                    group.attach()
+                    for name, args in cases.items():
+                        prog[(s, name)] = bench.program_ns(exe, args)
+                    group.detach()
         finally:
-            ksm_sysfs.write("run", 2)
-            saved.restore()
-            for p in probes.values():
-                p.close()  # type: ignore[attr-defined]
+            for group in probes.values():
+                for p in group.probes:
+                    p.close()
     print(f"\nfault probes of {a.ref} (REF) and of this tree (THIS), {a.rounds} rounds, CPU {bench.CPU}")
     print(
         f"{'LOOP':<12} {'NONE(ns)':>9} {'REF':>8} {'IQR':>15} {'THIS':>8} {'IQR':>15}"

@@ -24,6 +24,7 @@ Usage: .venv/bin/python bench/bench_probe_overhead.py [--rounds N] [--quick]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -31,7 +32,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -127,6 +130,67 @@ def loop_cases(pages: int, reps: int) -> dict[str, tuple[str, ...]]:
     }
 
 
+@contextlib.contextmanager
+def quiet_ksm() -> Iterator[None]:
+    """The KSM test lock held and ksmd stopped, KSM settings restored after.
+
+    ksmd stays stopped except while the ksm-cow loop waits for its merges
+    (faultloop starts and stops it): a scanning ksmd competes with the loops
+    for the CPU and for their page tables, and the ksmd probes change how long
+    it runs, which is not the fault path."""
+    with LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        saved = ksm_sysfs.SavedSettings()
+        try:
+            ksm_sysfs.write("pages_to_scan", 5000)
+            ksm_sysfs.write("sleep_millisecs", 10)
+            ksm_sysfs.write("run", 0)
+            yield
+        finally:
+            ksm_sysfs.write("run", 2)
+            saved.restore()
+
+
+class Attachable:
+    """Probes loaded once and attached only for the runs of their setting
+    (compiling takes seconds, attaching does not)."""
+
+    def __init__(self, probes: list[Any]) -> None:
+        self.probes = probes
+        self.detached = [loader.detach_all(p.bpf) for p in probes]
+
+    def attach(self) -> None:
+        for p, d in zip(self.probes, self.detached):
+            loader.reattach(p.bpf, d)
+
+    def detach(self) -> None:
+        for p in self.probes:
+            loader.detach_all(p.bpf)
+
+
+def paired_rounds(
+    exe: Path, cases: dict[str, tuple[str, ...]], settings: dict[str, Attachable], rounds: int
+) -> dict[str, dict[str, list[float]]]:
+    """ns per fault of every loop under every setting, ``rounds`` times.
+
+    Each run with probes sits right before or after one without, and the order
+    of the settings rotates from round to round, so drift on a shared machine
+    hits all of them alike."""
+    names = tuple(settings)
+    res: dict[str, dict[str, list[float]]] = {c: {s: [] for s in names} for c in cases}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name, args in cases.items():
+            for s in order if r % 2 == 0 else order[::-1]:
+                settings[s].attach()
+                try:
+                    res[name][s].append(loop(exe, *args))
+                finally:
+                    settings[s].detach()
+        print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -134,54 +198,20 @@ def main() -> int:
     a = ap.parse_args()
     pages, reps = (4096, 2) if a.quick else (16384, 6)
     cases = loop_cases(pages, reps)
-    settings = ("none", "all", "empty")
-    res: dict[str, dict[str, list[float]]] = {c: {k: [] for k in settings} for c in cases}
     prog_ns: dict[str, float | None] = {}
-    with tempfile.TemporaryDirectory() as td, LOCK.open("a") as lock:
+    with tempfile.TemporaryDirectory() as td, quiet_ksm():
         exe = build(Path(td))
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        saved = ksm_sysfs.SavedSettings()
+        probes = Attachable([FaultProbe()] + ([KsmdProbe()] if available() else []))
+        floor = _Empty()
         try:
-            ksm_sysfs.write("pages_to_scan", 5000)
-            ksm_sysfs.write("sleep_millisecs", 10)
-            # ksmd stays stopped except while the ksm-cow loop waits for its
-            # merges (faultloop starts and stops it): a scanning ksmd competes
-            # with the loops for the CPU and for their page tables, and the
-            # ksmd probes change how long it runs, which is not the fault path.
-            ksm_sysfs.write("run", 0)
-            # Load once; between runs only attach/detach (compiling takes seconds).
-            # Each run with probes is paired with one without, right before or
-            # after it, so drift on a shared machine hits both halves alike.
-            probes = [FaultProbe()] + ([KsmdProbe()] if available() else [])
-            floor = _Empty()
-            everything = [*probes, floor]
-            # Start with nothing attached; each run attaches its setting's probes.
-            attach = {p: loader.detach_all(p.bpf) for p in everything}
-            try:
-                for r in range(a.rounds):
-                    # Rotate the order of the three settings from round to round.
-                    order = settings[r % 3 :] + settings[: r % 3]
-                    for name, args in cases.items():
-                        for setting in order if r % 2 == 0 else order[::-1]:
-                            keep = {"none": [], "all": probes, "empty": [floor]}[setting]
-                            for p in keep:
-                                loader.reattach(p.bpf, attach[p])
-                            try:
-                                res[name][setting].append(loop(exe, *args))
-                            finally:
-                                for p in keep:
-                                    loader.detach_all(p.bpf)
-                    print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
-                for p in probes:
-                    loader.reattach(p.bpf, attach[p])
-                for name, args in cases.items():
-                    prog_ns[name] = program_ns(exe, args)
-            finally:
-                for p in everything:
-                    p.close()
+            settings = {"none": Attachable([]), "all": probes, "empty": Attachable([floor])}
+            res = paired_rounds(exe, cases, settings, a.rounds)
+            probes.attach()
+            for name, args in cases.items():
+                prog_ns[name] = program_ns(exe, args)
         finally:
-            ksm_sysfs.write("run", 2)
-            saved.restore()
+            for p in [*probes.probes, floor]:
+                p.close()
     jit = Path("/proc/sys/net/core/bpf_jit_enable").read_text().strip()
     print(
         f"\nprobe overhead on page faults ({a.rounds} paired runs per loop, ns per fault,"
