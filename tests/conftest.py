@@ -158,6 +158,14 @@ class KsmControl:
             time.sleep(0.1)
         raise AssertionError(f"ksmd merged {got} of {want} pages of pid {pid} within {timeout}s")
 
+    def merge_then_stop(self, *regions: tuple[int, dict[str, int], int]) -> None:
+        """Start ksmd, wait until each (pid, region, pages) has that many KSM
+        pages, then stop it: no merging or unmerging in what the test measures next."""
+        self.start()
+        for pid, region, want in regions:
+            self.wait_merged(pid, region["addr"], region["len"], want)
+        self.set(run=0)
+
     def wait_full_scans(self, n: int = 2, timeout: float = 20.0) -> None:
         """Wait for n more full scans (ksm_stat is refreshed only by rescans)."""
         start = int(ksm_sysfs.read().get("full_scans") or 0)

@@ -53,9 +53,7 @@ def _pair(fp: FaultProbe) -> tuple:  # type: ignore[type-arg]
 def _merge_then_write(ksm, fp, w, r, pages: int, first: int, count: int, step: int):  # type: ignore[no-untyped-def]
     """Let ksmd merge region ``r`` of ``w``, stop it, write every step-th page:
     snapshots before and after the writes, and the cow_ksm change between."""
-    ksm.start()
-    ksm.wait_merged(w.pid, r["addr"], r["len"], pages)
-    ksm.set(run=0)
+    ksm.merge_then_stop((w.pid, r, pages))
     s0, cow0 = _pair(fp)
     w.call("write", name="r", first=first, count=count, step=step)
     s1, cow1 = _pair(fp)
@@ -97,10 +95,7 @@ def test_ksm_cow_exact_per_process_and_region(ksm, workload) -> None:  # type: i
         a.call("read", name="r")  # untouched pages now map the zero page
         for w in (a, b):
             assert w.call("madvise", name="r")["ret"] == 0
-        ksm.start()
-        ksm.wait_merged(a.pid, ra["addr"], ra["len"], len(dup))
-        ksm.wait_merged(b.pid, rb["addr"], rb["len"], len(dup))
-        ksm.set(run=0)  # no merging or unmerging inside the measured window
+        ksm.merge_then_stop((a.pid, ra, len(dup)), (b.pid, rb, len(dup)))
 
         live_a = pagemap.range_pages(a.pid, ra["addr"], ra["addr"] + ra["len"])
         live_b = pagemap.range_pages(b.pid, rb["addr"], rb["addr"] + rb["len"])
@@ -168,9 +163,7 @@ def test_unmerged_pages_are_not_ksm_cow(ksm, workload) -> None:  # type: ignore[
         w = workload()
         r = w.call("alloc", name="r", pages=256, kind="dup", seed=3)
         w.call("madvise", name="r")
-        ksm.start()
-        ksm.wait_merged(w.pid, r["addr"], r["len"], 256)
-        ksm.set(run=0)
+        ksm.merge_then_stop((w.pid, r, 256))
         s0, cow0 = _pair(fp)
         assert w.call("madvise", name="r", advice="unmergeable", first=0, count=128)["ret"] == 0
         s1, cow1 = _pair(fp)
@@ -251,9 +244,7 @@ def test_pages_merged_before_tracing_started(ksm, workload) -> None:  # type: ig
     w = workload()
     r = w.call("alloc", name="r", pages=300, kind="dup", seed=9)
     w.call("madvise", name="r")
-    ksm.start()
-    ksm.wait_merged(w.pid, r["addr"], r["len"], 300)
-    ksm.set(run=0)
+    ksm.merge_then_stop((w.pid, r, 300))
     with FaultProbe() as fp:
         # With merge events (6.4+) the pages merged so far are preloaded into
         # the merged set; without them every fault is checked by struct page.
@@ -303,10 +294,7 @@ def test_fallback_without_ksm_tracepoints_still_exact(ksm, workload, monkeypatch
         late.call("fork")  # write-protect faults of a not yet mergeable process
         late.call("write", name="r", first=0, count=64)
         late.call("madvise", name="r")
-        ksm.start()
-        ksm.wait_merged(w.pid, r["addr"], r["len"], 128)
-        ksm.wait_merged(late.pid, rl["addr"], rl["len"], 64)
-        ksm.set(run=0)
+        ksm.merge_then_stop((w.pid, r, 128), (late.pid, rl, 64))
         s0, cow0 = _pair(fp)
         w.call("write", name="r", first=3, count=60, step=2)
         late.call("write", name="r", first=0, count=64, step=4)
@@ -353,9 +341,7 @@ def test_stale_merged_bits_do_not_count(ksm, workload) -> None:  # type: ignore[
     r = w.call("alloc", name="r", pages=200, kind="dup", seed=12)
     w.call("madvise", name="r")
     with FaultProbe() as fp:
-        ksm.start()
-        ksm.wait_merged(w.pid, r["addr"], r["len"], 200)
-        ksm.set(run=0)
+        ksm.merge_then_stop((w.pid, r, 200))
         w.call("madvise", name="r", advice="unmergeable")
         assert pagemap.range_pages(w.pid, r["addr"], r["addr"] + r["len"]).ksm == 0
         w.call("fork")
@@ -404,9 +390,7 @@ def test_process_slots_are_recycled_after_exit(ksm, workload) -> None:  # type: 
         r = late.call("alloc", name="r", pages=64, kind="dup", seed=22)
         late.call("madvise", name="r")
         fp.mark([late.pid])  # a no-op: its opt-in took the freed slot
-        ksm.start()
-        ksm.wait_merged(late.pid, r["addr"], r["len"], 64)
-        ksm.set(run=0)
+        ksm.merge_then_stop((late.pid, r, 64))
         s0, cow0 = _pair(fp)
         assert s0.procs[late.pid].total == FaultCounts(0, 0)  # nothing left of the slot's last owner
         late.call("write", name="r", first=0, count=64, step=2)
