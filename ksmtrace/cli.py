@@ -10,6 +10,7 @@ import sys
 from ksmtrace import __version__
 from ksmtrace.commands import COMMANDS
 from ksmtrace.errors import KsmtraceError
+from ksmtrace.views import console
 
 DESCRIPTION = """\
 Trace and steer Linux KSM (Kernel Samepage Merging): who opts in, which
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _default_command() -> list[str]:
-    from ksmtrace.inventory import take  # noqa: PLC0415
+    from ksmtrace.model.inventory import take  # noqa: PLC0415
 
     return ["status"] if take().processes else ["demo"]
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return int(args.run(args) or 0)
     except KsmtraceError as exc:
-        print(f"ksmtrace: {exc}", file=sys.stderr)
+        console.error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         return 0

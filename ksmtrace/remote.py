@@ -13,16 +13,15 @@ import errno
 import os
 import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 from ksmtrace import native
 from ksmtrace.errors import AccessDenied, KsmtraceError, ProcessGone, UsageError
+from ksmtrace.kernel.abi import ADVICE_NAMES, MADV_MERGEABLE, MADV_UNMERGEABLE
 from ksmtrace.kernel.procfs import ProcFS, Vma
-from ksmtrace.scan import skip_reason
 
-MADV_MERGEABLE = 12
-MADV_UNMERGEABLE = 13
-ADVICE = {MADV_MERGEABLE: "MADV_MERGEABLE", MADV_UNMERGEABLE: "MADV_UNMERGEABLE"}
+__all__ = ["MADV_MERGEABLE", "MADV_UNMERGEABLE", "madvise", "check_target", "check_range"]
+
+ADVICE = ADVICE_NAMES
 
 
 class AttachRefused(KsmtraceError):
@@ -65,13 +64,14 @@ def require_x86_64() -> None:
         )
 
 
-def pick_thread(pid: int, proc: Path = Path("/proc")) -> int:
+def pick_thread(pid: int, proc: ProcFS | None = None) -> int:
     """The main thread, unless it already exited (a zombie leader): then any live thread."""
-    tids = sorted(int(t) for t in os.listdir(proc / str(pid) / "task"))
+    proc = proc or ProcFS()
+    tids = proc.tids(pid)
     for tid in [pid] + [t for t in tids if t != pid]:
         try:
-            state = (proc / str(pid) / "task" / str(tid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
+            state = proc.thread_stat(pid, tid).state
+        except (ProcessGone, AccessDenied):
             continue
         if state not in ("Z", "X"):
             return tid
@@ -111,7 +111,7 @@ def check_range(pid: int, vmas: list[Vma], start: int, end: int, merging: bool) 
         raise UsageError(f"range {start:#x}-{end:#x} is not mapped in pid {pid} (hole at {at:#x})")
     if merging:
         for v in covering:
-            why = skip_reason(v)
+            why = v.why_not_mergeable()
             if why:
                 raise UsageError(
                     f"pid {pid}: {v.start:#x}-{v.end:#x} {v.name} cannot be merged by KSM: {why}"

@@ -25,19 +25,6 @@ CHUNK = 64 << 20
 Progress = Callable[[int, int, int], None]  # (done_bytes, total_bytes, pid)
 
 
-def skip_reason(vma: Vma) -> str | None:
-    """Why KSM would never merge pages of this mapping, or None."""
-    why = vma.why_not_mergeable()
-    if why:
-        return why
-    if not vma.anonymous:
-        return "file-backed: KSM merges anonymous pages only"
-    name = vma.path
-    if name.startswith("[") and name not in ("[heap]", "[stack]") and not name.startswith("[anon"):
-        return f"special mapping {name}"
-    return None
-
-
 @dataclass(frozen=True)
 class SkippedRegion:
     start: int
@@ -175,7 +162,7 @@ def _targets(
             for v in vmas:
                 if only is not None and not only(pid, v):
                     continue
-                why = skip_reason(v)
+                why = v.why_not_mergeable()
                 if why:
                     t.skipped.append(SkippedRegion(v.start, v.end, v.name, why))
                 elif v.sizes.get("Rss", 1) or v.mergeable:

@@ -12,7 +12,6 @@ Memory is always ``MAP_PRIVATE | MAP_ANONYMOUS``: Python's default
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -24,19 +23,19 @@ import subprocess
 import sys
 from typing import Any
 
-PAGE = mmap.PAGESIZE
-PR_SET_MEMORY_MERGE = 67
-PR_GET_MEMORY_MERGE = 68
-MADV_MERGEABLE = 12
-MADV_UNMERGEABLE = 13
-MADV_NOHUGEPAGE = 15
-SYS_PIDFD_OPEN = 434
-SYS_PROCESS_MADVISE = 440
+from ksmtrace.kernel import abi
+from ksmtrace.kernel.abi import (
+    MADV_MERGEABLE,
+    MADV_NOHUGEPAGE,
+    MADV_UNMERGEABLE,
+    PR_GET_MEMORY_MERGE,
+    PR_SET_MEMORY_MERGE,
+    SYS_PIDFD_OPEN,
+    SYS_PROCESS_MADVISE,
+)
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+PAGE = mmap.PAGESIZE
+_libc = abi.libc()
 
 
 class _IoVec(ctypes.Structure):
@@ -317,14 +316,9 @@ class Workload:
         self.close()
 
 
-def _set_comm(name: str) -> None:
-    with open("/proc/self/comm", "w") as f:
-        f.write(name[:15])
-
-
 def main(argv: list[str]) -> None:
     if "--comm" in argv:
-        _set_comm(argv[argv.index("--comm") + 1])
+        abi.set_comm(argv[argv.index("--comm") + 1])
     if "--prctl-exec" in argv:
         # Opt the whole process in, then exec: the flag must survive execve.
         if _libc.prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) != 0:

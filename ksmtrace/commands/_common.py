@@ -9,12 +9,17 @@ from collections.abc import Iterator
 from ksmtrace.errors import UsageError
 from ksmtrace.kernel.procfs import ProcFS
 
+NAME_HELP = (
+    "only processes named COMM: the kernel's comm (first 15 characters), or the "
+    "executable's basename or full path"
+)
+
 
 def add_filter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-p", "--pid", type=int, action="append", metavar="PID", help="only this process (repeatable)"
     )
-    p.add_argument("-n", "--name", metavar="COMM", help="only processes whose comm is COMM")
+    p.add_argument("-n", "--name", metavar="COMM", help=NAME_HELP)
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
@@ -35,27 +40,33 @@ def add_interval_args(p: argparse.ArgumentParser, default: float = 1.0) -> None:
     )
 
 
-def resolve_pids(args: argparse.Namespace, proc: ProcFS | None = None) -> list[int] | None:
-    """The pids named by -p/-n, checked to exist; None means every process."""
-    proc = proc or ProcFS()
-    pids: list[int] = []
+def check_interval(args: argparse.Namespace) -> None:
+    """Refuse a bad interval or count before anything is loaded."""
+    if not args.interval > 0:
+        raise UsageError(f"interval must be a positive number of seconds, not {args.interval:g}")
+    if args.count is not None and args.count < 1:
+        raise UsageError(f"count must be 1 or more, not {args.count}")
+
+
+def check_pids(args: argparse.Namespace) -> None:
     for pid in args.pid or []:
-        if not proc.exists(pid):
-            raise UsageError(f"pid {pid} does not exist")
-        pids.append(pid)
-    if getattr(args, "name", None):
-        found = proc.find_by_comm(args.name)
-        if not found and not args.pid:
-            raise UsageError(f"no process named {args.name!r}")
-        pids.extend(found)
-    return pids or None
+        if pid <= 0:
+            raise UsageError(f"-p takes a process id (1 or more), not {pid}")
+
+
+def resolve_pids(
+    args: argparse.Namespace, proc: ProcFS | None = None, strict: bool = True
+) -> list[int] | None:
+    """The pids named by -p/-n (ProcFS.resolve), checked to exist; None means every process."""
+    check_pids(args)
+    return (proc or ProcFS()).resolve(args.pid, getattr(args, "name", None), strict=strict)
 
 
 def intervals(interval: float, count: int | None) -> Iterator[float]:
     """Sleep ``interval`` between yields, ``count`` times (or forever); yields elapsed seconds."""
     if interval <= 0:
         raise UsageError("interval must be positive")
-    start = last = time.monotonic()
+    last = time.monotonic()
     n = 0
     while count is None or n < count:
         next_t = last + interval
@@ -64,4 +75,8 @@ def intervals(interval: float, count: int | None) -> Iterator[float]:
         yield now - last
         last = now
         n += 1
-    _ = start
+
+
+def clock() -> str:
+    """The wall-clock time shown on periodic reports."""
+    return time.strftime("%H:%M:%S")

@@ -19,11 +19,20 @@ import contextlib
 import time
 from typing import Any
 
-from ksmtrace.errors import KsmtraceError, TracingUnavailable
+from ksmtrace.errors import KsmtraceError, TracingUnavailable, UsageError
 from ksmtrace.kernel import checks, features, ksm_sysfs, pagemap, vmstat
-from ksmtrace.views.fmt import emit_json, human_bytes
+from ksmtrace.views import console
+from ksmtrace.views import demo as view
 from ksmtrace.workload import PAGE, Workload, WorkloadError
 
+# Largest workload the demo offers: it is a demonstration, not a load test.
+MAX_SIZE_MIB = 4096
+EPILOG = """\
+examples:
+  ksmtrace demo                 # 64 MiB, a quarter of the merged pages written
+  ksmtrace demo --size 16 -j    # smaller, one JSON summary at the end
+  ksmtrace demo --no-probes     # /proc and sysfs only, no BPF
+"""
 BRISK = (("pages_to_scan", 5000), ("sleep_millisecs", 10))
 
 
@@ -34,6 +43,8 @@ def add_parser(sub: Any) -> None:
         description="Start a small workload, opt it into KSM, let ksmd merge it, write to "
         "some merged pages, and show each step as the kernel reports it. KSM settings "
         "are changed for the demo and restored afterwards.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--size", type=int, default=64, metavar="MIB", help="workload size (default 64)")
     p.add_argument(
@@ -84,7 +95,7 @@ class _Probes:
                     self.why[name] = f"{lacks}; that step is shown from /proc"
             if probe is None:
                 self.missing.append(name)
-                say(f"probe    {name}: unavailable ({self.why[name]})")
+                say(view.probe_missing(name, self.why[name]))
             setattr(self, name, probe)
 
     def close(self) -> None:
@@ -94,14 +105,24 @@ class _Probes:
                     p.close()
 
 
+def check_args(args: argparse.Namespace) -> None:
+    if not 1 <= args.size <= MAX_SIZE_MIB:
+        raise UsageError(f"--size takes 1 to {MAX_SIZE_MIB} MiB, not {args.size}")
+    if not 0 <= args.writes <= 1:
+        raise UsageError(f"--writes is a fraction from 0 to 1, not {args.writes:g}")
+    if not args.timeout > 0:
+        raise UsageError("--timeout must be a positive number of seconds")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     checks.require_root("pagemap")
     ksm_sysfs.require_ksm()
     pages = args.size * 1024 * 1024 // PAGE
 
     def say(msg: str) -> None:
         if not args.json:
-            print(msg, flush=True)
+            console.lines(msg)
 
     saved = ksm_sysfs.SavedSettings()
     summary: dict[str, Any] = {}
@@ -110,12 +131,9 @@ def run(args: argparse.Namespace) -> int:
         with Workload(comm="ksmtrace-demo") as wl:
             reg = wl.call("alloc", name="demo", pages=pages, kind="dup", seed=7)
             addr, length = reg["addr"], reg["len"]
-            say(
-                f"workload pid {wl.pid}: {human_bytes(length)} of identical private "
-                f"anonymous pages at {addr:#x}"
-            )
+            say(view.workload(wl.pid, addr, length))
             if not args.no_probes:
-                say("probes   loading opt-in, fault and ksmd probes for this pid...")
+                say(view.loading())
                 probes = _Probes(wl.pid, say)
             summary.update(pid=wl.pid, pages=pages, probes_missing=probes.missing if probes else None)
             if probes and probes.why:
@@ -127,15 +145,15 @@ def run(args: argparse.Namespace) -> int:
             if probes and probes.optins:
                 summary["optin_events"] = [e.as_dict() for e in events]
                 for e in events:
-                    say(f"opt-in   pid {e.pid} {e.describe_call()} = {e.result()}  (seen by BPF)")
+                    say(view.optin_seen(e))
             else:
-                say(f"opt-in   pid {wl.pid} madvise({addr:#x}, {length}, MADV_MERGEABLE) = {res['ret']}")
+                say(view.optin_unseen(wl.pid, addr, length, res["ret"]))
             if probes and probes.faults:
                 probes.faults.set_regions(wl.pid, [(addr, addr + length)])
 
             for k, v in (*BRISK, ("run", 1)):
                 ksm_sysfs.write(k, v)
-            say("ksmd     run=1 pages_to_scan=5000 sleep_millisecs=10 (restored on exit)")
+            say(view.knobs((("run", 1), *BRISK)))
             merged = _wait_merged(args, say, wl.pid, addr, length, pages, probes)
             summary.update(merged_pages=merged)
             if probes and probes.ksmd:
@@ -157,13 +175,12 @@ def run(args: argparse.Namespace) -> int:
             after = pagemap.range_pages(wl.pid, addr, addr + length).ksm
             cow = None if cow0 is None or cow1 is None else cow1 - cow0
             summary.update(written=written, cow_ksm_delta=cow, merged_after_writes=after)
-            line = f"writes   pid {wl.pid} wrote to {written} merged pages"
+            ksm_cow = None
             if probes and probes.faults:
                 snap = probes.faults.snapshot().procs.get(wl.pid)
                 ksm_cow = snap.total.ksm_cow if snap else 0
                 summary["ksm_cow_faults"] = ksm_cow
-                line += f": {ksm_cow} KSM copy-on-write faults traced for it"
-            say(f"{line}; machine-wide cow_ksm +{cow}; KSM pages left {after}")
+            say(view.writes(wl.pid, written, ksm_cow, cow, after))
     except WorkloadError as exc:
         raise KsmtraceError(f"demo workload failed: {exc}") from exc
     finally:
@@ -171,9 +188,9 @@ def run(args: argparse.Namespace) -> int:
             probes.close()
         saved.restore()
     if args.json:
-        emit_json(summary)
+        console.json(summary)
     else:
-        print("KSM settings restored. Next: 'ksmtrace snoop', 'ksmtrace faults', 'ksmtrace status'.")
+        console.lines(view.done())
     return 0
 
 
@@ -190,15 +207,12 @@ def _wait_merged(
     merged = 0
     while time.monotonic() - t0 < args.timeout:
         merged = pagemap.range_pages(pid, addr, addr + length).ksm
-        extra = ""
+        traced = None
         if probes and probes.ksmd:
             c = probes.ksmd.snapshot(pages=False).procs.get(pid)
-            extra = f"  merges traced: {c.merges if c else 0}"
+            traced = c.merges if c else 0
         sharing = ksm_sysfs.read().get("pages_sharing")
-        say(
-            f"merging  t={time.monotonic() - t0:4.1f}s  KSM pages in workload: {merged:6d}/{pages}"
-            f"{extra}  pages_sharing={sharing}"
-        )
+        say(view.merging(time.monotonic() - t0, merged, pages, traced, sharing))
         if merged >= pages:
             break
         time.sleep(0.5)

@@ -17,8 +17,16 @@ from ksmtrace.errors import KsmtraceError, ProcessGone, UsageError
 from ksmtrace.kernel import checks, ksm_sysfs
 from ksmtrace.kernel.procfs import ProcFS, Vma
 from ksmtrace.native import PAGE
-from ksmtrace.views.fmt import emit_json, human_bytes, table
+from ksmtrace.views import console
+from ksmtrace.views import merge as view
 from ksmtrace.views.progress import ProgressBar
+
+EPILOG = """\
+examples:
+  ksmtrace merge -p 1234 --auto --dry-run      # what --auto would choose, nothing changed
+  ksmtrace merge -p 1234 --auto                # merge the ranges worth it
+  ksmtrace merge -p 1234 --range 7f0000000000-7f0040000000
+"""
 
 
 def add_parser(sub: Any) -> None:
@@ -28,6 +36,8 @@ def add_parser(sub: Any) -> None:
         description="Opt a running, unmodified process into KSM: madvise(MADV_MERGEABLE) "
         "is injected into it with ptrace. The target is stopped for about 200 us per "
         "range and never left stopped or traced.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common_args(p)
     p.add_argument(
@@ -98,11 +108,11 @@ def auto_ranges(
             stat = proc.ksm_stat(other)
         except KsmtraceError:
             continue  # gone or unreadable peers simply do not count
-        if stat and (stat.mergeable or stat.merge_any or stat.rmap_items):
+        if stat and stat.opted_in:
             peers.append(other)
     windows = []
     for v in proc.smaps(pid):
-        if v.mergeable or scan.skip_reason(v):
+        if v.mergeable or v.why_not_mergeable():
             continue
         at = v.start
         while at < v.end:
@@ -145,18 +155,25 @@ _SUMMED = native.REGION_FIELDS
 
 
 def run(args: argparse.Namespace) -> int:
+    merging = args.advice == remote.MADV_MERGEABLE
+    auto = getattr(args, "auto", False)
+    if args.pid <= 0:
+        raise UsageError(f"-p takes a process id (1 or more), not {args.pid}")
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be a positive number of milliseconds")
+    if auto and args.range:
+        raise UsageError("give either --range or --auto")
+    if auto and (args.granularity < 4 or args.granularity * 1024 % PAGE):
+        raise UsageError("--granularity must be a multiple of the page size, in KiB")
+    if merging and not auto and not args.range:
+        raise UsageError("give --range START-END or --auto")
+    given = [scan.parse_range(r) for r in args.range or []]
     checks.require_root("ptrace")
     ksm_sysfs.require_ksm()
     remote.require_x86_64()
-    merging = args.advice == remote.MADV_MERGEABLE
     vmas = remote.check_target(args.pid)
-    ranges: list[tuple[int, int]] = []
-    chosen = []
-    if getattr(args, "auto", False):
-        if args.range:
-            raise UsageError("give either --range or --auto")
-        if args.granularity < 4 or args.granularity * 1024 % PAGE:
-            raise UsageError("--granularity must be a multiple of the page size, in KiB")
+    chosen: list[scan.RegionEstimate] = []
+    if auto:
         bar = ProgressBar(enabled=True if args.progress else None)
         try:
             chosen = auto_ranges(args.pid, args.min_saving, args.min_pages, bar, args.granularity * 1024)
@@ -164,19 +181,13 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
         ranges = [(r.start, r.end) for r in chosen]
         if getattr(args, "dry_run", False):
-            ranges_out = [
-                {"start": r.start, "end": r.end, "name": r.name, "saved_pages": round(r.saved_share, 1)}
-                for r in chosen
-            ]
             if args.json:
-                emit_json({"pid": args.pid, "dry_run": True, "ranges": ranges_out})
+                console.json(view.choice_json(args.pid, chosen))
             else:
-                _show_choice(chosen, args.bytes)
+                console.lines(view.choice(chosen, PAGE, args.bytes))
             return 0
-    elif args.range:
-        ranges = [scan.parse_range(r) for r in args.range]
-    elif merging:
-        raise UsageError("give --range START-END or --auto")
+    elif given:
+        ranges = given
     else:
         # unmerge without a range: every mergeable mapping of the process
         ranges = [(v.start, v.end) for v in vmas if v.mergeable]
@@ -184,36 +195,7 @@ def run(args: argparse.Namespace) -> int:
         remote.check_range(args.pid, vmas, start, end, merging)
     done = [remote.madvise(args.pid, s, e, args.advice, args.timeout) for s, e in ranges]
     if args.json:
-        emit_json({"pid": args.pid, "injections": [d.as_dict() for d in done]})
-        return 0
-    if chosen:
-        _show_choice(chosen, args.bytes)
-        print()
-    if not done:
-        print(f"pid {args.pid}: nothing to do")
-    for d in done:
-        who = f"pid {d.pid}" if d.tid == d.pid else f"pid {d.pid} tid {d.tid}"
-        print(
-            f"{who}: madvise({d.start:#x}, {human_bytes(d.end - d.start, args.bytes)}, "
-            f"{remote.ADVICE[d.advice]}) = {d.ret} in {d.micros:.0f} us"
-            f"{' (was in a syscall: restarted)' if d.in_syscall else ''}"
-        )
+        console.json(view.injections_json(args.pid, done))
+    else:
+        console.lines(view.text(args.pid, chosen, done, PAGE, args.bytes))
     return 0
-
-
-def _show_choice(chosen: list[Any], exact: bool) -> None:
-    if not chosen:
-        print("No region is worth merging at these thresholds.")
-        return
-    page = PAGE
-    rows = [
-        (
-            f"{r.start:x}-{r.end:x}",
-            human_bytes(r.present * page, exact),
-            human_bytes(r.saved_share * page, exact),
-            f"{r.saving_ratio * 100:.1f}%",
-            r.name[-24:],
-        )
-        for r in chosen
-    ]
-    table(("RANGE", "PRESENT", "SAVE", "SAVE%", "NAME"), rows, right=(False, True, True, True, False))

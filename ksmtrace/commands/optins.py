@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ksmtrace import optin_report
-from ksmtrace.commands._common import add_filter_args, add_output_args
-from ksmtrace.errors import UsageError
+from ksmtrace.commands._common import add_filter_args, add_output_args, resolve_pids
 from ksmtrace.kernel import checks
-from ksmtrace.kernel.procfs import ProcFS
+from ksmtrace.model import snapshot
+from ksmtrace.views import console
 from ksmtrace.views import optins as view
 
 EPILOG = """\
@@ -18,6 +17,11 @@ HOW is how the opt-in came, as far as /proc can tell (ksmtrace-optins(8)):
   prctl     PR_SET_MEMORY_MERGE called by this program (whole process)
   exec      PR_SET_MEMORY_MERGE set before this program was exec'd (whole process)
   fork:PID  inherited from parent PID through fork
+
+examples:
+  ksmtrace optins                      # every opted-in process and its 10 largest regions
+  ksmtrace optins -n qemu-system-x86_64 --all-regions
+  ksmtrace optins -p 1234 -j
 """
 
 
@@ -37,33 +41,15 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def resolve(args: argparse.Namespace, proc: ProcFS) -> list[int] | None:
-    pids: list[int] = []
-    for pid in args.pid or []:
-        if not proc.exists(pid):
-            raise UsageError(f"pid {pid} does not exist")
-        pids.append(pid)
-    if args.name:
-        found = proc.find_by_comm(args.name[:15])
-        if not found:
-            raise UsageError(f"no process named {args.name!r}")
-        pids.extend(found)
-    return sorted(set(pids)) or None
-
-
 def run(args: argparse.Namespace) -> int:
     # Frame numbers in pagemap are hidden from anyone without CAP_SYS_ADMIN.
     checks.require_root("pagemap")
-    proc = ProcFS()
-    pids = resolve(args, proc)
-    rep = optin_report.take(pids, proc)
+    pids = resolve_pids(args)
+    rep = snapshot.take(pids=pids, live=True).optins
+    assert rep is not None  # live=True always measures
     if args.json:
-        view.optins_json(rep)
-        return 0
-    view.optins_tables(rep, exact=args.bytes, max_regions=None if args.all_regions else 10)
-    if pids:
-        shown = {lp.proc.pid for lp in rep.processes}
-        for pid in pids:
-            if pid not in shown:
-                print(f"pid {pid}: has not opted in (no mergeable region, no merge_any)")
+        console.json(view.optins_json(rep))
+    else:
+        max_regions = None if args.all_regions else 10
+        console.lines(view.optins_tables(rep, exact=args.bytes, max_regions=max_regions, asked=pids or ()))
     return 0

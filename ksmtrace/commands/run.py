@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import ctypes.util
 import errno
 import os
 import shutil
@@ -17,8 +16,7 @@ from typing import Any
 
 from ksmtrace.errors import KsmtraceError, UsageError
 from ksmtrace.kernel import ksm_sysfs
-
-PR_SET_MEMORY_MERGE = 67
+from ksmtrace.kernel.abi import PR_SET_MEMORY_MERGE, libc
 
 
 def add_parser(sub: Any) -> None:
@@ -42,8 +40,7 @@ def run(args: argparse.Namespace) -> int:
     exe = shutil.which(argv[0])
     if exe is None:
         raise UsageError(f"command not found: {argv[0]}")
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) != 0:
+    if libc().prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) != 0:
         e = ctypes.get_errno()
         if e == errno.EINVAL:
             raise KsmtraceError("this kernel has no PR_SET_MEMORY_MERGE (needs Linux 6.4+)")

@@ -10,24 +10,23 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import time
 from typing import Any
 
-from ksmtrace import inventory
-from ksmtrace.commands._common import add_filter_args
+from ksmtrace.commands._common import add_filter_args, check_pids
 from ksmtrace.errors import AccessDenied, ProcessGone, UsageError
 from ksmtrace.kernel import checks
 from ksmtrace.kernel.procfs import ProcFS
-from ksmtrace.probes.optins import CgroupFilter, OptinProbe, ProbeStats, resolve_cgroup
+from ksmtrace.model import inventory
+from ksmtrace.probes.optins import CgroupFilter, OptinProbe, resolve_cgroup
+from ksmtrace.views import console
 from ksmtrace.views import optins as view
-from ksmtrace.views.fmt import emit_json
 
 EPILOG = """\
 examples:
   ksmtrace snoop                 # every opt-in on the host
   ksmtrace snoop -T -p 1234      # pid 1234 only, with timestamps
-  ksmtrace snoop -n qemu-system  # processes named qemu-system (also ones started later)
+  ksmtrace snoop -n qemu-system-x86_64  # QEMU (comm qemu-system-x86), also ones started later
   ksmtrace snoop --cgroup /system.slice/libvirtd.service
   ksmtrace snoop -j --duration 10 --no-inventory
 """
@@ -67,7 +66,14 @@ def _inventory(
     inv = inventory.take(proc, pids)
     keep = []
     for p in inv.processes:
-        if comm is not None and p.comm != comm[:15]:
+        try:
+            if comm is not None and not proc.matches_name(p.pid, comm):
+                continue
+        except ProcessGone:
+            inv.exited += 1
+            continue
+        except AccessDenied:
+            inv.denied += 1
             continue
         if cgroup is not None:
             try:
@@ -85,18 +91,14 @@ def _inventory(
 
 
 def run(args: argparse.Namespace) -> int:
-    checks.require_root("tracing")
-    proc = ProcFS()
-    pids = None
-    if args.pid:
-        for pid in args.pid:
-            if not proc.exists(pid):
-                raise UsageError(f"pid {pid} does not exist")
-        pids = list(args.pid)
+    check_pids(args)
     if args.duration is not None and args.duration <= 0:
         raise UsageError("--duration must be positive")
-    if args.name and not proc.find_by_comm(args.name[:15]) and not args.json:
-        print(f"(no process named {args.name!r} yet: tracing for new ones)", file=sys.stderr)
+    checks.require_root("tracing")
+    proc = ProcFS()
+    pids = proc.resolve(args.pid, None) if args.pid else None
+    if args.name and not proc.find_by_name(args.name) and not args.json:
+        console.note(f"(no process named {args.name!r} yet: tracing for new ones)")
     cgroup = resolve_cgroup(args.cgroup) if args.cgroup else None
 
     # Attach first, then read /proc: an opt-in made meanwhile shows up in the
@@ -113,20 +115,14 @@ def run(args: argparse.Namespace) -> int:
                 inv = _inventory(pids, args.name, cgroup, proc)
                 if args.json:
                     for p in inv.processes:
-                        emit_json(view.inventory_json(p), lines=True)
+                        console.json(view.inventory_json(p), stream=True)
                 else:
-                    print("Opted in before tracing started (from /proc):")
-                    if inv.processes:
-                        view.inventory_table(inv.processes, exact=args.bytes)
-                    else:
-                        print("(none)")
-                    if inv.exited or inv.denied:
-                        print(f"({inv.exited} exited while read, {inv.denied} not readable: skipped)")
-                    print()
+                    console.lines(view.snoop_inventory(inv, exact=args.bytes))
             # In JSON mode stdout holds only JSON lines.
-            print("Tracing... Ctrl-C to end.", file=sys.stderr if args.json else sys.stdout, flush=True)
-            if not args.json:
-                print(view.snoop_header(args.timestamp), flush=True)
+            if args.json:
+                console.note("Tracing... Ctrl-C to end.")
+            else:
+                console.lines(["Tracing... Ctrl-C to end.", view.snoop_header(args.timestamp)])
             deadline = None if args.duration is None else time.monotonic() + args.duration
             while not stop.set and (deadline is None or time.monotonic() < deadline):
                 for ev in probe.poll(100):
@@ -135,7 +131,11 @@ def run(args: argparse.Namespace) -> int:
         for ev in probe.drain():
             events += 1
             _print(ev, args)
-        _summary(probe.stats(), events, inv, args)
+        st = probe.stats()
+        if args.json:
+            console.json(view.snoop_summary_json(st, events, inv), stream=True)
+        else:
+            console.lines(view.snoop_summary(st))
     finally:
         probe.close()
     return 0
@@ -168,30 +168,6 @@ class _StopFlag:
 
 def _print(ev: Any, args: argparse.Namespace) -> None:
     if args.json:
-        emit_json(view.event_json(ev), lines=True)
+        console.json(view.event_json(ev), stream=True)
     else:
-        print(view.snoop_line(ev, args.timestamp, args.bytes), flush=True)
-
-
-def _summary(st: ProbeStats, events: int, inv: inventory.Inventory | None, args: argparse.Namespace) -> None:
-    if args.json:
-        emit_json(
-            {
-                "type": "summary",
-                "events": events,
-                "lost": st.lost,
-                "inflight_full": st.inflight_full,
-                "madvise_calls": st.madvise_calls,
-                "inventory": None
-                if inv is None
-                else {"processes": len(inv.processes), "exited": inv.exited, "denied": inv.denied},
-            },
-            lines=True,
-        )
-        return
-    if st.lost:
-        print(f"{st.lost} events lost (ring buffer full)")
-    if st.inflight_full:
-        print(f"{st.inflight_full} calls not followed (per-thread table full)")
-    if st.madvise_calls is not None:
-        print(f"{st.madvise_calls} madvise calls of any advice passed the filters")
+        console.lines(view.snoop_line(ev, args.timestamp, args.bytes))

@@ -11,7 +11,6 @@ test only when the probe says the kernel lacks what it needs (tests/conftest.py)
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import functools
 import os
@@ -22,12 +21,8 @@ from pathlib import Path
 
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.kernel import checks
+from ksmtrace.kernel.abi import MADV_MERGEABLE, PR_GET_MEMORY_MERGE, SYS_PIDFD_OPEN, SYS_PROCESS_MADVISE, libc
 from ksmtrace.kernel.ksm_sysfs import KSM_SYSFS
-
-PR_GET_MEMORY_MERGE = 68
-MADV_MERGEABLE = 12
-SYS_PIDFD_OPEN = 434  # x86_64
-SYS_PROCESS_MADVISE = 440
 
 
 @dataclass(frozen=True)
@@ -40,8 +35,7 @@ class Feature:
 
 def _prctl_memory_merge() -> bool:
     # PR_GET_MEMORY_MERGE came with PR_SET_MEMORY_MERGE (6.4); older kernels say EINVAL.
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    ret = libc.prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0)
+    ret = libc().prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0)
     return ret >= 0 or ctypes.get_errno() != errno.EINVAL
 
 
@@ -49,14 +43,12 @@ def _process_madvise_self() -> bool:
     # process_madvise() took only COLD/PAGEOUT/WILLNEED (and COLLAPSE) until
     # 6.13 let a process give itself any advice; before, MADV_MERGEABLE is
     # EINVAL even on one's own pidfd. An empty vector changes nothing.
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    pidfd = libc.syscall(SYS_PIDFD_OPEN, os.getpid(), 0)
+    pidfd = libc().syscall(SYS_PIDFD_OPEN, os.getpid(), 0)
     if pidfd < 0:
         return False
     try:
         vec = (ctypes.c_uint64 * 2)()
-        ret = libc.syscall(SYS_PROCESS_MADVISE, pidfd, vec, 0, MADV_MERGEABLE, 0)
+        ret = libc().syscall(SYS_PROCESS_MADVISE, pidfd, vec, 0, MADV_MERGEABLE, 0)
         return ret >= 0
     finally:
         os.close(pidfd)

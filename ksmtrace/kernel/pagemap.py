@@ -116,3 +116,11 @@ def ksm_pages(pid: int, start: int, end: int, proc: Path = Path("/proc")) -> lis
     present = [(va, pfn) for va, pfn in present_pages(pid, start, end, proc) if pfn]
     flags = frame_flags([pfn for _, pfn in present], proc)
     return [(va, pfn) for va, pfn in present if flags.get(pfn, 0) & KPF_KSM]
+
+
+def self_entry(addr: int, proc: Path = Path("/proc")) -> int:
+    """The raw pagemap entry of one virtual page of the calling process."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open(proc / "self" / "pagemap", "rb") as f:
+        f.seek(addr // page * 8)
+        return int.from_bytes(f.read(8), "little")

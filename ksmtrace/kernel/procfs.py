@@ -1,4 +1,4 @@
-"""Parsers for /proc/PID/{status,smaps,ksm_stat,ksm_merging_pages}.
+"""Parsers for /proc/PID/{stat,status,smaps,ksm_stat,ksm_merging_pages}, and -p/-n.
 
 ``ProcFS(root)`` takes the /proc root as a parameter so the parsers run on
 fixture trees captured from a real machine (tests/fixtures/proc). Errors are
@@ -8,11 +8,13 @@ mapped by :func:`ksmtrace.errors.proc_errors`: a pid that exits mid-read is a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ksmtrace.errors import AccessDenied, ProcessGone, proc_errors, wrap_proc_errors
+from ksmtrace.errors import AccessDenied, ProcessGone, UsageError, proc_errors, wrap_proc_errors
+from ksmtrace.kernel.abi import kernel_comm
 
 PROC = Path("/proc")
 
@@ -57,9 +59,12 @@ class Vma:
         return self.path or "[anon]"
 
     def why_not_mergeable(self) -> str | None:
-        """Why KSM would refuse this mapping, or None if it can merge it.
+        """Why KSM would never merge pages of this mapping, or None if it can.
 
-        Mirrors the VMA checks of mm/ksm.c (ksm_madvise / vma_ksm_compatible).
+        The one "can this mapping merge" check: the VMA checks of mm/ksm.c
+        (ksm_madvise / vma_ksm_compatible), plus what ksmtrace's estimate
+        and targeting consider: anonymous private memory only (KSM merges
+        anonymous pages; in a private file mapping only the COW'd ones).
         """
         if not self.private or "sh" in self.vmflags:
             return "shared mapping: KSM merges only private memory"
@@ -74,6 +79,11 @@ class Vma:
                 return why
         if self.path == "[vsyscall]":
             return "vsyscall page"
+        if not self.anonymous:
+            return "file-backed: KSM merges anonymous pages only"
+        name = self.path
+        if name.startswith("[") and name not in ("[heap]", "[stack]") and not name.startswith("[anon"):
+            return f"special mapping {name}"
         return None
 
 
@@ -89,6 +99,41 @@ class KsmStat:
     mergeable: bool = False
     raw: dict[str, str] = field(default_factory=dict, compare=False)
 
+    @property
+    def opted_in(self) -> bool | None:
+        """Whether the process joined KSM, from ksm_stat alone; None when only smaps can tell.
+
+        ``ksm_mergeable`` (features.FEATURES["ksm_mergeable_stat"]) answers it
+        directly; older kernels only show processes ksmd has visited.
+        """
+        if self.merge_any or self.merging_pages or self.rmap_items:
+            return True
+        if "ksm_mergeable" in self.raw:
+            return self.mergeable
+        return None
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of /proc/PID/stat ksmtrace uses (proc(5) numbering in comments)."""
+
+    pid: int
+    comm: str  # (2), as the kernel keeps it: 15 characters at most
+    state: str  # (3) R, S, D, T, t, Z, X...
+    ppid: int  # (4)
+    utime: int  # (14) clock ticks
+    stime: int  # (15) clock ticks
+    num_threads: int  # (20)
+    starttime: int  # (22) clock ticks after boot: with pid, names one process over pid reuse
+
+    @property
+    def cpu_ticks(self) -> int:
+        return self.utime + self.stime
+
+    @property
+    def stopped(self) -> bool:
+        return self.state in ("T", "t")
+
 
 @dataclass(frozen=True)
 class ProcStatus:
@@ -98,6 +143,23 @@ class ProcStatus:
     uid: int
     threads: int
     is_kernel_thread: bool
+
+
+def parse_stat(text: str) -> ProcStat:
+    # comm may hold spaces and parentheses: it ends at the last ')'.
+    head, _, rest = text.rpartition(")")
+    pid_s, _, comm = head.partition(" (")
+    f = rest.split()
+    return ProcStat(
+        pid=int(pid_s),
+        comm=comm,
+        state=f[0],
+        ppid=int(f[1]),
+        utime=int(f[11]),
+        stime=int(f[12]),
+        num_threads=int(f[17]),
+        starttime=int(f[19]),
+    )
 
 
 def parse_smaps(text: str) -> list[Vma]:
@@ -204,6 +266,28 @@ class ProcFS:
         return (self.root / str(pid)).is_dir()
 
     @wrap_proc_errors
+    def stat(self, pid: int) -> ProcStat:
+        return parse_stat(self._read(pid, "stat"))
+
+    @wrap_proc_errors
+    def thread_stat(self, pid: int, tid: int) -> ProcStat:
+        return parse_stat(self._read(pid, f"task/{tid}/stat"))
+
+    @wrap_proc_errors
+    def tids(self, pid: int) -> list[int]:
+        return sorted(int(t.name) for t in (self.root / str(pid) / "task").iterdir())
+
+    @wrap_proc_errors
+    def exe(self, pid: int) -> str | None:
+        """The executable's path; None for kernel threads or when the link is unreadable."""
+        try:
+            return os.readlink(self.root / str(pid) / "exe")
+        except FileNotFoundError:
+            if not self.exists(pid):
+                raise
+            return None
+
+    @wrap_proc_errors
     def status(self, pid: int) -> ProcStatus:
         return parse_status(pid, self._read(pid, "status"))
 
@@ -245,15 +329,74 @@ class ProcFS:
                 stat = replace(stat, merging_pages=int(words[0]))
         return stat
 
-    def find_by_comm(self, comm: str) -> list[int]:
+    def matches_name(self, pid: int, name: str) -> bool:
+        """Whether ``-n name`` names this process.
+
+        The kernel keeps 15 characters of comm, so a longer name matches by
+        its first 15; the executable's basename and full path match too
+        (``qemu-system-x86_64`` runs as comm ``qemu-system-x86``). Raises
+        ProcessGone/AccessDenied like the other readers.
+        """
+        if self.comm(pid) == kernel_comm(name):
+            return True
+        try:
+            exe = self.exe(pid)
+        except AccessDenied:
+            return False
+        if not exe:
+            return False
+        exe = exe.removesuffix(" (deleted)")
+        return name in (exe, os.path.basename(exe))
+
+    def find_by_name(self, name: str) -> list[int]:
+        """Every pid that ``-n name`` names (several processes may share a name)."""
         out = []
         for pid in self.pids():
             try:
-                if self.comm(pid) == comm:
+                if self.matches_name(pid, name):
                     out.append(pid)
             except (ProcessGone, AccessDenied):
                 continue
         return out
+
+    def find_kthread(self, name: str) -> int | None:
+        """pid of a kernel thread named ``name`` (a child of kthreadd, pid 2)."""
+        for pid in self.pids():
+            try:
+                st = self.stat(pid)
+            except (ProcessGone, AccessDenied):
+                continue
+            if st.comm == name and st.ppid == 2:
+                return pid
+        return None
+
+    def is_mergeable(self, pid: int, stat: KsmStat | None = None) -> bool:
+        """The one "did this process opt in" check: ksm_stat, else its mappings."""
+        stat = stat if stat is not None else self.ksm_stat(pid)
+        decided = stat.opted_in if stat is not None else None
+        if decided is not None:
+            return decided
+        return any(v.mergeable for v in self.smaps(pid))
+
+    def resolve(self, pids: list[int] | None, name: str | None, strict: bool = True) -> list[int] | None:
+        """The pids that -p/-n name, sorted; None when neither is given (every process).
+
+        -p pids must exist; -n must name something unless ``strict`` is
+        False (commands that also trace processes started later).
+        """
+        out: set[int] = set()
+        for pid in pids or []:
+            if not self.exists(pid):
+                raise UsageError(f"pid {pid} does not exist")
+            out.add(pid)
+        if name:
+            found = self.find_by_name(name)
+            if not found and strict:
+                raise UsageError(f"no process named {name!r}")
+            out.update(found)
+        if not pids and not name:
+            return None
+        return sorted(out)
 
     def walk(self, pids: list[int] | None = None) -> Iterator[tuple[int, Exception | None]]:
         """Yield (pid, None) for readable pids, (pid, err) for ones that failed."""
@@ -264,3 +407,32 @@ class ProcFS:
                 yield pid, None
             except (ProcessGone, AccessDenied) as exc:
                 yield pid, exc
+
+
+def cgroup2_mount(mounts: Path = PROC / "self" / "mounts") -> Path:
+    for line in mounts.read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == "cgroup2":
+            return Path(fields[1])
+    raise UsageError("--cgroup needs the cgroup v2 hierarchy, and none is mounted")
+
+
+def pid_max(path: Path = PROC / "sys" / "kernel" / "pid_max") -> int:
+    return int(path.read_text())
+
+
+def cpu_flags(cpuinfo: Path = PROC / "cpuinfo") -> frozenset[str]:
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def max_ram_address(iomem: Path = PROC / "iomem") -> int:
+    """End of the highest "System RAM" range (0 when /proc/iomem hides it)."""
+    end = 0
+    for line in iomem.read_text().splitlines():
+        if "System RAM" in line:
+            rng = line.split(":")[0].strip()
+            end = max(end, int(rng.split("-")[1], 16))
+    return end

@@ -14,12 +14,11 @@ import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ksmtrace import native
 from ksmtrace.errors import AccessDenied, ProcessGone, TracingUnavailable
-from ksmtrace.kernel import btf, checks, pagemap
+from ksmtrace.kernel import btf, checks, pagemap, procfs
 from ksmtrace.kernel.procfs import ProcFS
 from ksmtrace.probes import kaddr, loader
 
@@ -73,10 +72,6 @@ class FaultSnapshot:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-def _pid_max(path: Path = Path("/proc/sys/kernel/pid_max")) -> int:
-    return int(path.read_text())
-
-
 def already_mergeable(proc: ProcFS | None = None) -> list[int]:
     """Processes whose mm joined KSM before tracing started (ksm_stat says so)."""
     proc = proc or ProcFS()
@@ -88,15 +83,11 @@ def already_mergeable(proc: ProcFS | None = None) -> list[int]:
             continue
         if st is None:
             continue
-        if st.mergeable or st.merge_any or st.rmap_items:
-            out.append(pid)
-        elif "ksm_mergeable" not in st.raw:
-            # Before 6.6 ksm_stat cannot say "opted in, not scanned yet": smaps can.
-            try:
-                if any(v.mergeable for v in proc.smaps(pid)):
-                    out.append(pid)
-            except (ProcessGone, AccessDenied):
-                continue
+        try:
+            if proc.is_mergeable(pid, st):
+                out.append(pid)
+        except (ProcessGone, AccessDenied):
+            continue
     return out
 
 
@@ -109,7 +100,7 @@ class FaultProbe:
         self, pid: int | None = None, max_procs: int = MAX_PROCS, max_merged: int = MAX_MERGED
     ) -> None:
         lay = kaddr.layout()
-        self.pid_max = _pid_max()
+        self.pid_max = procfs.pid_max()
         self.max_procs = max(2, max_procs)
         entries = 1 << max(0, max_merged - 1).bit_length()  # a power of two
         self.ways = min(MERGED_WAYS, entries)

@@ -17,10 +17,9 @@ import os
 import secrets
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from ksmtrace.errors import TracingUnavailable
-from ksmtrace.kernel import btf
+from ksmtrace.kernel import abi, btf, pagemap, procfs
 from ksmtrace.probes import loader
 
 PAGEMAP_PRESENT = 1 << 63
@@ -60,27 +59,18 @@ class KernelLayout:
         }
 
 
-def pgtable_l5(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def pgtable_l5() -> bool:
     """x86 runs 5-level paging only on CPUs with la57 (and a kernel built for it)."""
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            return "la57" in line.split()
-    return False
+    return "la57" in procfs.cpu_flags()
 
 
-def max_phys_gib(iomem: Path = Path("/proc/iomem")) -> int:
-    end = 0
-    for line in iomem.read_text().splitlines():
-        if "System RAM" in line:
-            rng = line.split(":")[0].strip()
-            end = max(end, int(rng.split("-")[1], 16))
+def max_phys_gib() -> int:
+    end = procfs.max_ram_address()
     return end // GIB + 2 if end else 1024
 
 
 def _pfn_of(addr: int) -> int:
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(addr // mmap.PAGESIZE * 8)
-        e = int.from_bytes(f.read(8), "little")
+    e = pagemap.self_entry(addr)
     if not e & PAGEMAP_PRESENT or not e & PAGEMAP_PFN_MASK:
         raise TracingUnavailable("cannot read page frames from /proc/self/pagemap (needs CAP_SYS_ADMIN)")
     return e & PAGEMAP_PFN_MASK
@@ -113,7 +103,7 @@ def layout(timeout: float = 3.0) -> KernelLayout:
         raise TracingUnavailable(f"kernel BTF lacks a member ksmtrace needs: {exc}") from exc
     l5 = pgtable_l5()
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = abi.libc()
     page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     anchor = ctypes.c_char.from_buffer(page)
     va = ctypes.addressof(anchor)

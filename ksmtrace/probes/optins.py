@@ -25,6 +25,7 @@ from typing import Any
 
 from ksmtrace.errors import UsageError
 from ksmtrace.kernel import btf as btf_mod
+from ksmtrace.kernel.procfs import cgroup2_mount
 from ksmtrace.probes import loader
 
 SOURCE = "optins.bpf.c"
@@ -203,14 +204,6 @@ class CgroupFilter:
 
     def contains(self, proc_cgroup: str) -> bool:
         return self.rel in ("/", proc_cgroup) or proc_cgroup.startswith(self.rel + "/")
-
-
-def cgroup2_mount(mounts: Path = Path("/proc/self/mounts")) -> Path:
-    for line in mounts.read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 2 and fields[2] == "cgroup2":
-            return Path(fields[1])
-    raise UsageError("--cgroup needs the cgroup v2 hierarchy, and none is mounted")
 
 
 def resolve_cgroup(path: str, mount: Path | None = None) -> CgroupFilter:

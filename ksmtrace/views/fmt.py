@@ -1,11 +1,10 @@
-"""Text formatting shared by every command: sizes, tables, JSON lines."""
+"""Text formatting shared by every view: sizes, tables, JSON text. Returns strings, prints nothing."""
 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
@@ -25,11 +24,9 @@ def human_bytes(n: float, exact: bool = False) -> str:
 def table(
     headers: Sequence[str],
     rows: Sequence[Sequence[Any]],
-    out: TextIO | None = None,
     right: Sequence[bool] | None = None,
-) -> None:
-    """Columns sized to content; numbers right-aligned unless told otherwise."""
-    out = out or sys.stdout
+) -> list[str]:
+    """Lines of a table, columns sized to content; numbers right-aligned unless told otherwise."""
     cells = [[str(c) for c in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
@@ -45,9 +42,7 @@ def table(
         parts = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(vals, widths, right)]
         return "  ".join(parts).rstrip()
 
-    print(line(list(headers)), file=out)
-    for row in cells:
-        print(line(row), file=out)
+    return [line(list(headers)), *(line(row) for row in cells)]
 
 
 def _numeric(s: str) -> bool:
@@ -59,10 +54,8 @@ def _numeric(s: str) -> bool:
     return True
 
 
-def emit_json(obj: Any, out: TextIO | None = None, lines: bool = False) -> None:
-    out = out or sys.stdout
+def json_text(obj: Any, lines: bool = False) -> str:
+    """One JSON document (indented), or one compact JSON line for streams."""
     if lines:
-        out.write(json.dumps(obj, sort_keys=False, separators=(",", ":")) + "\n")
-    else:
-        out.write(json.dumps(obj, indent=2) + "\n")
-    out.flush()
+        return json.dumps(obj, sort_keys=False, separators=(",", ":"))
+    return json.dumps(obj, indent=2)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any
 
-from ksmtrace.inventory import MergeableProcess
-from ksmtrace.optin_report import Report
-from ksmtrace.probes.optins import OptinEvent
-from ksmtrace.views.fmt import emit_json, human_bytes, table
+from ksmtrace.model.inventory import Inventory, MergeableProcess
+from ksmtrace.model.optins import Report
+from ksmtrace.probes.optins import OptinEvent, ProbeStats
+from ksmtrace.views.fmt import human_bytes, table
 
 _SHORT = {
     "MADV_MERGEABLE": "MERGE",
@@ -77,9 +77,7 @@ def inventory_json(p: MergeableProcess) -> dict[str, Any]:
     return {"type": "inventory", **p.as_dict(), "regions": p.region_dicts()}
 
 
-def inventory_table(
-    procs: Sequence[MergeableProcess], out: TextIO | None = None, exact: bool = False
-) -> None:
+def inventory_table(procs: Sequence[MergeableProcess], exact: bool = False) -> list[str]:
     rows = [
         (
             p.pid,
@@ -92,26 +90,59 @@ def inventory_table(
         )
         for p in procs
     ]
-    table(("PID", "COMM", "HOW", "PPID", "REGIONS", "MERGEABLE", "KSM_STAT(pg)"), rows, out=out)
+    return table(("PID", "COMM", "HOW", "PPID", "REGIONS", "MERGEABLE", "KSM_STAT(pg)"), rows)
 
 
-def optins_json(rep: Report, out: TextIO | None = None) -> None:
-    emit_json(
-        {
-            "page_size": rep.page_size,
-            "processes": [p.as_dict() for p in rep.processes],
-            "skipped": {"exited": rep.exited, "denied": rep.denied},
-        },
-        out=out,
-    )
+def snoop_inventory(inv: Inventory, exact: bool = False) -> list[str]:
+    """snoop's first lines: who had opted in before tracing started."""
+    out = ["Opted in before tracing started (from /proc):"]
+    out += inventory_table(inv.processes, exact) if inv.processes else ["(none)"]
+    if inv.exited or inv.denied:
+        out.append(f"({inv.exited} exited while read, {inv.denied} not readable: skipped)")
+    out.append("")
+    return out
+
+
+def snoop_summary_json(st: ProbeStats, events: int, inv: Inventory | None) -> dict[str, Any]:
+    return {
+        "type": "summary",
+        "events": events,
+        "lost": st.lost,
+        "inflight_full": st.inflight_full,
+        "madvise_calls": st.madvise_calls,
+        "inventory": None
+        if inv is None
+        else {"processes": len(inv.processes), "exited": inv.exited, "denied": inv.denied},
+    }
+
+
+def snoop_summary(st: ProbeStats) -> list[str]:
+    out = []
+    if st.lost:
+        out.append(f"{st.lost} events lost (ring buffer full)")
+    if st.inflight_full:
+        out.append(f"{st.inflight_full} calls not followed (per-thread table full)")
+    if st.madvise_calls is not None:
+        out.append(f"{st.madvise_calls} madvise calls of any advice passed the filters")
+    return out
+
+
+def optins_json(rep: Report) -> dict[str, Any]:
+    return {
+        "page_size": rep.page_size,
+        "processes": [p.as_dict() for p in rep.processes],
+        "skipped": {"exited": rep.exited, "denied": rep.denied},
+    }
 
 
 def optins_tables(
-    rep: Report, out: TextIO | None = None, exact: bool = False, max_regions: int | None = 10
-) -> None:
-    """One table of processes, then each process's regions, largest first."""
+    rep: Report, exact: bool = False, max_regions: int | None = 10, asked: Sequence[int] = ()
+) -> list[str]:
+    """One table of processes, then each process's regions, largest first;
+    then a line for each ``asked`` pid that has not opted in."""
+    out: list[str] = []
     if not rep.processes:
-        print("No process has opted in to KSM.", file=out)
+        out.append("No process has opted in to KSM.")
     else:
         rows = [
             (
@@ -127,18 +158,15 @@ def optins_tables(
             for lp in sorted(rep.processes, key=lambda lp: (-lp.ksm_pages, lp.proc.pid))
         ]
         # MERGING(pg) is live (pagemap); STAT(pg) is ksm_stat's, as of ksmd's last visit.
-        table(
-            ("PID", "COMM", "HOW", "REGIONS", "MERGEABLE", "MERGING(pg)", "STAT(pg)", "SAVING"),
-            rows,
-            out=out,
+        out += table(
+            ("PID", "COMM", "HOW", "REGIONS", "MERGEABLE", "MERGING(pg)", "STAT(pg)", "SAVING"), rows
         )
         for lp in sorted(rep.processes, key=lambda lp: lp.proc.pid):
             regs = sorted(lp.regions, key=lambda r: -int(r.region["length"]))  # type: ignore[call-overload]
             shown = regs if max_regions is None else regs[:max_regions]
-            print(file=out)
             plural = "" if len(regs) == 1 else "s"
-            print(f"pid {lp.proc.pid} ({lp.proc.comm}): {len(regs)} opted-in region{plural}", file=out)
-            table(
+            out += ["", f"pid {lp.proc.pid} ({lp.proc.comm}): {len(regs)} opted-in region{plural}"]
+            out += table(
                 ("START", "SIZE", "HOW", "KSM:(smaps)", "MERGING(pg)", "MAPPING"),
                 [
                     (
@@ -153,16 +181,17 @@ def optins_tables(
                     )
                     for r in shown
                 ],
-                out=out,
                 right=(False, True, False, True, True, False),
             )
             if len(shown) < len(regs):
-                print(f"... {len(regs) - len(shown)} smaller regions not shown (--all-regions)", file=out)
+                out.append(f"... {len(regs) - len(shown)} smaller regions not shown (--all-regions)")
     if rep.exited or rep.denied:
-        print(
-            f"\n({rep.exited} processes exited while read, {rep.denied} not readable: skipped)",
-            file=out,
-        )
+        out += ["", f"({rep.exited} processes exited while read, {rep.denied} not readable: skipped)"]
+    shown_pids = {lp.proc.pid for lp in rep.processes}
+    for pid in asked:
+        if pid not in shown_pids:
+            out.append(f"pid {pid}: has not opted in (no mergeable region, no merge_any)")
+    return out
 
 
 def _how(region: dict[str, object]) -> str:

@@ -22,9 +22,9 @@ import pytest
 from ksmtrace.kernel import features, pagemap, vmstat
 from ksmtrace.kernel.proc_events import ProcEvents
 from ksmtrace.kernel.taskstats import DelayAcct, TaskStats
+from ksmtrace.model.faults import FaultsState
 from ksmtrace.probes.faults import FaultCounts, FaultProbe
 from ksmtrace.probes.ksmd import KsmdProbe
-from ksmtrace.state import FaultsState
 from ksmtrace.workload import plan_content
 
 pytestmark = pytest.mark.system

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from ksmtrace import inventory
 from ksmtrace.kernel import bcc_env, checks, features
+from ksmtrace.model import inventory
 
 pytestmark = pytest.mark.system
 KSMTRACE = [sys.executable, "-m", "ksmtrace"]

@@ -20,11 +20,12 @@ from typing import Any
 
 import pytest
 
-from ksmtrace import inventory, optin_report
 from ksmtrace.errors import ProcessGone
-from ksmtrace.inventory import Origin
 from ksmtrace.kernel import features
 from ksmtrace.kernel.procfs import ProcFS
+from ksmtrace.model import inventory
+from ksmtrace.model import optins as optin_report
+from ksmtrace.model.inventory import Origin
 from ksmtrace.probes.optins import OptinProbe, cgroup2_mount, resolve_cgroup
 from ksmtrace.workload import PAGE
 

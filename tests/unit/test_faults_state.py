@@ -8,9 +8,9 @@ from pathlib import Path
 from ksmtrace.kernel.proc_events import decode
 from ksmtrace.kernel.procfs import ProcFS
 from ksmtrace.kernel.taskstats import TaskstatsLayout, decode_stats
+from ksmtrace.model.faults import FaultsState
 from ksmtrace.probes.faults import FaultCounts, FaultSnapshot, ProcFaults
 from ksmtrace.probes.ksmd import KsmdSnapshot, KsmProcCounts, ScanState
-from ksmtrace.state import FaultsState
 
 FIX = Path(__file__).parent.parent / "fixtures" / "host1" / "proc"
 PID = 2761

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ksmtrace import inventory
 from ksmtrace.kernel.procfs import ProcFS
+from ksmtrace.model import inventory
 
 ANON = 0x7F0000000000
 

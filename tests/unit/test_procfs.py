@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from ksmtrace import inventory
 from ksmtrace.errors import AccessDenied, ProcessGone
 from ksmtrace.kernel import ksm_sysfs, vmstat
 from ksmtrace.kernel.procfs import ProcFS, parse_ksm_stat, parse_smaps
+from ksmtrace.model import inventory
 
 HOST1 = Path(__file__).parent.parent / "fixtures" / "host1"
 PID_MADVISE, PID_PRCTL = (int(p) for p in (HOST1 / "pids").read_text().split())

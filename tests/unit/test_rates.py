@@ -1,4 +1,4 @@
-from ksmtrace.rates import Rates
+from ksmtrace.model.rates import Rates
 
 
 def test_rates_from_zero_then_deltas() -> None:

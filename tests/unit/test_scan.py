@@ -174,12 +174,12 @@ def _vma(perms: str = "rw-p", inode: int = 0, path: str = "", flags: str = "rd w
 
 
 def test_skip_reasons() -> None:
-    assert scan.skip_reason(_vma()) is None
-    assert scan.skip_reason(_vma(path="[heap]")) is None
-    assert "shared" in (scan.skip_reason(_vma(perms="rw-s", flags="rd wr sh")) or "")
-    assert "file-backed" in (scan.skip_reason(_vma(inode=42, path="/usr/lib/libc.so.6")) or "")
-    assert "hugetlb" in (scan.skip_reason(_vma(flags="rd wr ht")) or "")
-    assert "special" in (scan.skip_reason(_vma(path="[vvar]")) or "")
+    assert _vma().why_not_mergeable() is None
+    assert _vma(path="[heap]").why_not_mergeable() is None
+    assert "shared" in (_vma(perms="rw-s", flags="rd wr sh").why_not_mergeable() or "")
+    assert "file-backed" in (_vma(inode=42, path="/usr/lib/libc.so.6").why_not_mergeable() or "")
+    assert "hugetlb" in (_vma(flags="rd wr ht").why_not_mergeable() or "")
+    assert "special" in (_vma(path="[vvar]").why_not_mergeable() or "")
 
 
 def test_parse_range() -> None:

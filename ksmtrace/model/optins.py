@@ -18,11 +18,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ksmtrace import inventory
 from ksmtrace.errors import AccessDenied, ProcessGone, TracingUnavailable
-from ksmtrace.inventory import MergeableProcess
 from ksmtrace.kernel import pagemap
 from ksmtrace.kernel.procfs import ProcFS
+from ksmtrace.model import inventory
+from ksmtrace.model.inventory import MergeableProcess
 
 # sizeof(struct ksm_rmap_item) on x86_64 from 5.x to 6.18, used only when BTF
 # cannot be read (the kernel's own value is taken from BTF otherwise).
@@ -95,7 +95,11 @@ def measure(p: MergeableProcess, page: int, rmap_size: int, proc_root: Path = Pa
 
 def take(pids: list[int] | None = None, proc: ProcFS | None = None) -> Report:
     proc = proc or ProcFS()
-    inv = inventory.take(proc, pids)
+    return from_inventory(inventory.take(proc, pids), proc)
+
+
+def from_inventory(inv: inventory.Inventory, proc: ProcFS) -> Report:
+    """Each process of the inventory with its regions' live KSM pages."""
     page = os.sysconf("SC_PAGE_SIZE")
     rep = Report(exited=inv.exited, denied=inv.denied, page_size=page)
     size = rmap_item_size()

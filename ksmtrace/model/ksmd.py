@@ -1,39 +1,22 @@
 """ksmd's activity per interval: scan rounds, pages scanned, merges, CPU share.
 
-Fed by the ksmd probe (ksm:* tracepoints, 6.4+) when there is one, and always
-by /sys/kernel/mm/ksm counters and ksmd's own /proc/PID/stat CPU times, so the
-same record comes out on kernels without the tracepoints (fields the
-tracepoints alone give are None there).
+Fed by the ksmd probe (ksm:* tracepoints, features.FEATURES["ksm_tracepoints"])
+when there is one, and always by the /sys/kernel/mm/ksm counters and ksmd's
+CPU times (its /proc/PID/stat, through ksmtrace.kernel.procfs), so the same
+record comes out on kernels without the tracepoints (fields the tracepoints
+alone give are None there).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from ksmtrace.probes.ksmd import KsmdSnapshot
-
-
-def find_ksmd(proc: Path = Path("/proc")) -> int | None:
-    """pid of the ksmd kernel thread (a child of kthreadd, pid 2)."""
-    for d in proc.iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            if (d / "comm").read_text().strip() == "ksmd":
-                stat = (d / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == 2:
-                    return int(d.name)
-        except (OSError, ValueError, IndexError):
-            continue
-    return None
-
-
-def cpu_ticks(pid: int, proc: Path = Path("/proc")) -> int:
-    """utime + stime of a task, in clock ticks."""
-    fields = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+from ksmtrace.errors import AccessDenied, ProcessGone
+from ksmtrace.kernel import ksm_sysfs
+from ksmtrace.kernel.procfs import ProcFS
+from ksmtrace.probes.ksmd import KsmdProbe, KsmdSnapshot
 
 
 @dataclass(frozen=True)
@@ -65,6 +48,34 @@ class KsmdInterval:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+class KsmdSampler:
+    """Takes KsmdSamples: sysfs counters, ksmd's CPU ticks, the probe's counts."""
+
+    def __init__(self, probe: KsmdProbe | None, proc: ProcFS | None = None, pid: int | None = None) -> None:
+        self.probe = probe
+        self.proc = proc or ProcFS()
+        self.pid = pid if pid is not None else self.proc.find_kthread("ksmd")
+
+    def sample(self) -> KsmdSample:
+        s = ksm_sysfs.read()
+        ticks = None
+        if self.pid is not None:
+            try:
+                ticks = self.proc.stat(self.pid).cpu_ticks
+            except (ProcessGone, AccessDenied):
+                ticks = None
+        scanned = s.get("pages_scanned")
+        return KsmdSample(
+            t=time.monotonic(),
+            full_scans=int(s.get("full_scans") or 0),
+            pages_scanned=int(scanned) if isinstance(scanned, int) else None,
+            pages_sharing=int(s.get("pages_sharing") or 0),
+            pages_shared=int(s.get("pages_shared") or 0),
+            cpu_ticks=ticks,
+            probe=self.probe.snapshot(pages=False) if self.probe else None,
+        )
 
 
 def _sum(snap: KsmdSnapshot, name: str) -> int:

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from ksmtrace.errors import AccessDenied, ProcessGone
 from ksmtrace.kernel.proc_events import ProcEvent
 from ksmtrace.kernel.procfs import KsmStat, ProcFS, Vma
+from ksmtrace.model.rates import Rate, Rates
 from ksmtrace.probes.faults import FaultSnapshot
 from ksmtrace.probes.ksmd import KsmdSnapshot
-from ksmtrace.rates import Rate, Rates
 
 COUNTERS = ("ksm_cow", "wp", "merges", "unmerges")
 _ZERO = Rate(0, 0.0, 0)
