@@ -62,5 +62,5 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except BrokenPipeError:
         # `ksmtrace ... | head`: the reader left; not an error.
-        sys.stderr.close()
+        console.reader_left()
         return 0

@@ -59,10 +59,6 @@ class AccessDenied(KsmtraceError):
         super().__init__(f"permission denied reading {who}: run ksmtrace as root")
 
 
-class PolicyError(KsmtraceError):
-    exit_code = 2
-
-
 @contextlib.contextmanager
 def proc_errors(pid: int | None, path: str = "") -> Iterator[None]:
     """Map the errnos that /proc/PID/* raises to typed errors.

@@ -75,9 +75,6 @@ class Btf:
         except KeyError:
             return False
 
-    def has_func(self, name: str) -> bool:
-        return self.func_id(name) is not None
-
     def func_id(self, name: str) -> int | None:
         """BTF id of function ``name`` (what a kfunc call instruction names)."""
         for t in self.by_id.values():

@@ -1,7 +1,7 @@
 """Parsers for /proc/PID/{stat,status,smaps,ksm_stat,ksm_merging_pages}, and -p/-n.
 
 ``ProcFS(root)`` takes the /proc root as a parameter so the parsers run on
-fixture trees captured from a real machine (tests/fixtures/proc). Errors are
+fixture trees captured from a real machine (tests/fixtures/host1/proc). Errors are
 mapped by :func:`ksmtrace.errors.proc_errors`: a pid that exits mid-read is a
 :class:`ProcessGone`, one we may not read is an :class:`AccessDenied`.
 """
@@ -9,11 +9,10 @@ mapped by :func:`ksmtrace.errors.proc_errors`: a pid that exits mid-read is a
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ksmtrace.errors import AccessDenied, ProcessGone, UsageError, proc_errors, wrap_proc_errors
+from ksmtrace.errors import AccessDenied, ProcessGone, UsageError, wrap_proc_errors
 from ksmtrace.kernel.abi import kernel_comm
 
 PROC = Path("/proc")
@@ -296,10 +295,6 @@ class ProcFS:
         return self._read(pid, "comm").rstrip("\n")
 
     @wrap_proc_errors
-    def cmdline(self, pid: int) -> list[str]:
-        return [a for a in self._read(pid, "cmdline").split("\0") if a]
-
-    @wrap_proc_errors
     def cgroup(self, pid: int) -> str | None:
         """The cgroup v2 path ("0::/a/b" line of /proc/PID/cgroup), None without v2."""
         for line in self._read(pid, "cgroup").splitlines():
@@ -397,16 +392,6 @@ class ProcFS:
         if not pids and not name:
             return None
         return sorted(out)
-
-    def walk(self, pids: list[int] | None = None) -> Iterator[tuple[int, Exception | None]]:
-        """Yield (pid, None) for readable pids, (pid, err) for ones that failed."""
-        for pid in self.pids() if pids is None else pids:
-            try:
-                with proc_errors(pid):
-                    self.status(pid)
-                yield pid, None
-            except (ProcessGone, AccessDenied) as exc:
-                yield pid, exc
 
 
 def cgroup2_mount(mounts: Path = PROC / "self" / "mounts") -> Path:

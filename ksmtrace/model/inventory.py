@@ -140,17 +140,6 @@ class Inventory:
     denied: int = 0
 
 
-def _candidate(stat: KsmStat | None) -> bool | None:
-    """True/False from ksm_stat alone; None when smaps must decide."""
-    if stat is None:
-        return None
-    if stat.merge_any or stat.merging_pages or stat.rmap_items:
-        return True
-    if "ksm_mergeable" in stat.raw:  # 6.8+: says whether any VMA is mergeable
-        return stat.mergeable
-    return None
-
-
 def take(proc: ProcFS | None = None, pids: list[int] | None = None) -> Inventory:
     proc = proc or ProcFS()
     inv = Inventory()
@@ -160,8 +149,7 @@ def take(proc: ProcFS | None = None, pids: list[int] | None = None) -> Inventory
             if status.is_kernel_thread:
                 continue
             stat = proc.ksm_stat(pid)
-            decided = _candidate(stat)
-            if decided is False:
+            if stat is not None and stat.opted_in is False:
                 continue
             vmas = proc.smaps(pid)
             regions = tuple(v for v in vmas if v.mergeable)
@@ -200,7 +188,7 @@ class _ParentView:
         if pid not in self.cache:
             try:
                 stat = self.proc.ksm_stat(pid)
-                if _candidate(stat) is False:
+                if stat is not None and stat.opted_in is False:
                     self.cache[pid] = (False, frozenset())
                 else:
                     ranges = frozenset((v.start, v.end) for v in self.proc.smaps(pid) if v.mergeable)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ksmtrace.errors import AccessDenied, ProcessGone, TracingUnavailable
 from ksmtrace.kernel import pagemap
@@ -84,11 +83,12 @@ class Report:
     page_size: int = 4096
 
 
-def measure(p: MergeableProcess, page: int, rmap_size: int, proc_root: Path = Path("/proc")) -> LiveProcess:
+def measure(p: MergeableProcess, page: int, rmap_size: int, proc: ProcFS | None = None) -> LiveProcess:
     """Live KSM pages of each opted-in region; raises ProcessGone if p exits meanwhile."""
+    root = (proc or ProcFS()).root
     live = []
     for reg in p.region_dicts():
-        rp = pagemap.range_pages(p.pid, int(reg["start"]), int(reg["end"]), proc_root, page)  # type: ignore[call-overload]
+        rp = pagemap.range_pages(p.pid, int(reg["start"]), int(reg["end"]), root, page)  # type: ignore[call-overload]
         live.append(LiveRegion(region=reg, present_pages=rp.present, ksm_pages=rp.ksm))
     return LiveProcess(proc=p, regions=live, page_size=page, rmap_item_size=rmap_size)
 
@@ -105,7 +105,7 @@ def from_inventory(inv: inventory.Inventory, proc: ProcFS) -> Report:
     size = rmap_item_size()
     for p in inv.processes:
         try:
-            rep.processes.append(measure(p, page, size, proc.root))
+            rep.processes.append(measure(p, page, size, proc))
         except ProcessGone:
             rep.exited += 1
         except AccessDenied:

@@ -8,6 +8,7 @@ stays pure JSON on stdout.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -37,3 +38,11 @@ def note(text: str) -> None:
 
 def error(text: str) -> None:
     lines([f"ksmtrace: {text}"], sys.stderr)
+
+
+def reader_left() -> None:
+    """stdout's reader went away (``| head``): drop what is still buffered
+    instead of failing again when Python flushes stdout at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

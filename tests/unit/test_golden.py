@@ -58,7 +58,9 @@ CASES: dict[str, Callable[[], str]] = {
     "optins.bytes.txt": lambda: _text(optins.optins_tables(_load("optins", Report), exact=True)),
     "optins.json": lambda: json_text(optins.optins_json(_load("optins", Report))) + "\n",
     "faults.txt": lambda: _text(faults.text(_load("faults", FaultsReport), NOW)),
-    "faults.bytes.txt": lambda: _text(faults.text(_load("faults", FaultsReport), NOW, exact=True, filtered=True)),
+    "faults.bytes.txt": lambda: _text(
+        faults.text(_load("faults", FaultsReport), NOW, exact=True, filtered=True)
+    ),
     "faults.json": lambda: json_text(faults.as_json(_load("faults", FaultsReport), NOW), lines=True) + "\n",
     "ksmd.txt": lambda: _text(ksmd.text(_load("ksmd", KsmdInterval), NOW)),
     "ksmd.json": lambda: json_text(ksmd.as_json(_load("ksmd", KsmdInterval), NOW), lines=True) + "\n",
@@ -79,14 +81,20 @@ CASES: dict[str, Callable[[], str]] = {
             False,
         )
     ),
-    "merge.dry.json": lambda: json_text(
-        merge.choice_json(_load("merge", list[Injection])[0].pid, _load("merge_choice", list[RegionEstimate]))
-    )
-    + "\n",
-    "merge.json": lambda: json_text(
-        merge.injections_json(_load("merge", list[Injection])[0].pid, _load("merge", list[Injection]))
-    )
-    + "\n",
+    "merge.dry.json": lambda: (
+        json_text(
+            merge.choice_json(
+                _load("merge", list[Injection])[0].pid, _load("merge_choice", list[RegionEstimate])
+            )
+        )
+        + "\n"
+    ),
+    "merge.json": lambda: (
+        json_text(
+            merge.injections_json(_load("merge", list[Injection])[0].pid, _load("merge", list[Injection]))
+        )
+        + "\n"
+    ),
 }
 
 
