@@ -19,7 +19,7 @@ from ksmtrace.errors import AccessDenied, ProcessGone, TracingUnavailable
 from ksmtrace.kernel import checks, vmstat
 from ksmtrace.kernel.proc_events import ProcEvents
 from ksmtrace.kernel.procfs import ProcFS
-from ksmtrace.model import inventory
+from ksmtrace.model import inventory, snapshot
 from ksmtrace.model.faults import FaultsReport, FaultsState
 from ksmtrace.probes import faults as faults_probe
 from ksmtrace.probes import ksmd as ksmd_probe
@@ -119,13 +119,15 @@ def run(args: argparse.Namespace) -> int:
             console.lines(started)
         for _ in intervals(args.interval, args.count):
             gone = state.apply_events(events.read())
-            rep = _update(state, fp, kp, args, keep)
+            snap = snapshot.take(proc, faults=_update(state, fp, kp, args, keep), processes=False)
             for tgid, ranges in state.wanted_regions.items():
                 fp.set_regions(tgid, ranges)
+            assert snap.faults is not None
             if args.json:
-                console.json(view.as_json(rep, clock()), stream=True)
+                console.json(view.as_json(snap.faults, clock()), stream=True)
             else:
-                console.lines(view.text(rep, clock(), exact=args.bytes, filtered=bool(args.pid or args.name)))
+                filtered = bool(args.pid or args.name)
+                console.lines(view.text(snap.faults, clock(), exact=args.bytes, filtered=filtered))
             fp.forget(gone)
             keep.forget(gone)
             if kp:

@@ -9,6 +9,7 @@ from ksmtrace.commands._common import add_interval_args, check_interval, clock, 
 from ksmtrace.errors import ProcessGone
 from ksmtrace.kernel import checks, ksm_sysfs
 from ksmtrace.kernel.procfs import ProcFS
+from ksmtrace.model import snapshot
 from ksmtrace.model.ksmd import KsmdSampler, KsmdState
 from ksmtrace.probes import ksmd as ksmd_probe
 from ksmtrace.views import console
@@ -64,11 +65,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             console.lines(started)
         for n, _ in enumerate(intervals(args.interval, args.count)):
-            iv = state.update(sampler.sample())
+            snap = snapshot.take(proc, ksmd=state.update(sampler.sample()), processes=False)
+            assert snap.ksmd is not None
             if args.json:
-                console.json(view.as_json(iv, clock()), stream=True)
+                console.json(view.as_json(snap.ksmd, clock()), stream=True)
             else:
-                console.lines(view.text(iv, clock(), header=n % view.HEADER_EVERY == 0))
+                console.lines(view.text(snap.ksmd, clock(), header=n % view.HEADER_EVERY == 0))
     finally:
         if kp:
             kp.close()
