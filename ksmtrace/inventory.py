@@ -146,7 +146,7 @@ def _candidate(stat: KsmStat | None) -> bool | None:
         return None
     if stat.merge_any or stat.merging_pages or stat.rmap_items:
         return True
-    if "ksm_mergeable" in stat.raw:  # 6.8+: says whether any VMA is mergeable
+    if "ksm_mergeable" in stat.raw:  # features.FEATURES["ksm_mergeable_stat"]: any VMA mergeable?
         return stat.mergeable
     return None
 

@@ -40,7 +40,7 @@ def cpu_ticks(pid: int, proc: Path = Path("/proc")) -> int:
 class KsmdSample:
     t: float
     full_scans: int  # sysfs
-    pages_scanned: int | None  # sysfs (6.8+)
+    pages_scanned: int | None  # sysfs; see features.FEATURES["pages_scanned"]
     pages_sharing: int
     pages_shared: int
     cpu_ticks: int | None

@@ -91,7 +91,7 @@ def already_mergeable(proc: ProcFS | None = None) -> list[int]:
         if st.mergeable or st.merge_any or st.rmap_items:
             out.append(pid)
         elif "ksm_mergeable" not in st.raw:
-            # Before 6.6 ksm_stat cannot say "opted in, not scanned yet": smaps can.
+            # No ksm_mergeable (features.FEATURES["ksm_mergeable_stat"]): smaps tells "opted in, not scanned".
             try:
                 if any(v.mergeable for v in proc.smaps(pid)):
                     out.append(pid)
@@ -126,7 +126,7 @@ class FaultProbe:
         self.tables: dict[int, list[tuple[int, int]]] = {}
         if pid is not None:
             defines["FILTER_TGID"] = pid
-        # ksm:* tracepoints appeared in 6.4; without them every fault of a
+        # Without ksm:* tracepoints (features.FEATURES["ksm_tracepoints"]) every fault of a
         # mergeable process is checked against struct page (NO_KSM_TP).
         self.merge_events = checks.tracepoint_exists("ksm", "ksm_merge_with_ksm_page")
         if not self.merge_events:
