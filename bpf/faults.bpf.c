@@ -44,7 +44,7 @@
  * DIRECT_MAP_BASE VMEMMAP_BASE PGTABLE_L5 PID_MAX MAX_PROCS MAX_REGIONS
  * MERGED_BUCKET_BITS MERGED_WAYS [FILTER_TGID] [EXIT_GROUP_DEAD: 6.16+]
  * [KFUNC_RDONLY_CAST: placeholder helper number, see read_u64()]
- * [NO_KSM_TP: before 6.4, no ksm:* tracepoints]
+ * [NO_KSM_TP: no ksm:* tracepoints, see features.FEATURES["ksm_tracepoints"]]
  */
 #include <uapi/linux/ptrace.h>
 #include "faults.h"

@@ -34,7 +34,7 @@
 #define FLAG_ZERO 2
 #define DEFAULT_BATCH_PAGES 256u
 
-/* PAGEMAP_SCAN (Linux 6.7+; Debian 12's uapi headers are 6.1, hence defined here):
+/* PAGEMAP_SCAN (see features.FEATURES["pagemap_scan"]; Debian 12's uapi headers are 6.1, hence here):
  * present pages as address ranges, the zero page flagged, in one ioctl. */
 #define KN_PAGEMAP_SCAN _IOWR('f', 16, struct kn_pm_scan_arg)
 #define KN_PAGE_IS_PRESENT (1ULL << 3)

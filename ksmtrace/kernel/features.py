@@ -3,7 +3,8 @@
 Many hosts run kernels older than the one ksmtrace is developed on (Debian 12:
 6.1, which has KSM but none of the 6.4+ additions). Each feature is probed the
 way the kernel exposes it (a prctl answering, a tracefs directory, a sysfs
-file); ``since`` is the mainline release that added it, for messages only.
+file); ``since`` (the mainline release) and ``commit`` (the commit that added
+the interface) are for messages and for people checking a backport only.
 ``ksmtrace status`` reports the unavailable ones, and the test suite skips a
 test only when the probe says the kernel lacks what it needs (tests/conftest.py).
 """
@@ -27,10 +28,20 @@ from ksmtrace.kernel.ksm_sysfs import KSM_SYSFS
 
 @dataclass(frozen=True)
 class Feature:
+    """One kernel fact: what it is, the mainline release and commit that added it, and its probe.
+
+    ``commit`` is the 12-hex abbreviated hash and subject of the mainline commit
+    that introduced the interface, as in a Fixes: tag, or None where no source
+    could confirm the hash (then only ``since`` is known). It is the one place
+    the rest of ksmtrace points at instead of restating a version.
+    """
+
     name: str
     what: str
     since: str
     probe: Callable[[], bool]
+    # Last and defaulted so that a test can still build Feature(name, what, since, probe).
+    commit: str | None = None
 
 
 def _prctl_memory_merge() -> bool:
@@ -95,31 +106,191 @@ def _vmstat(name: str) -> Callable[[], bool]:
     return probe
 
 
+def _proc_self(name: str) -> Callable[[], bool]:
+    return Path(f"/proc/{os.getpid()}/{name}").exists
+
+
+# _IOWR('f', 16, struct pm_scan_arg): struct pm_scan_arg is 12 u64s (96 bytes).
+PAGEMAP_SCAN = (3 << 30) | (96 << 16) | (ord("f") << 8) | 16
+
+
+def _pagemap_scan() -> bool:
+    # A pagemap without the ioctl says ENOTTY; one with it rejects the zeroed
+    # argument (size 0) with EINVAL before looking at any memory.
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    arg = (ctypes.c_uint64 * 12)()
+    fd = os.open(f"/proc/{os.getpid()}/pagemap", os.O_RDONLY)
+    try:
+        ret = libc.ioctl(fd, ctypes.c_ulong(PAGEMAP_SCAN), arg)
+        return ret >= 0 or ctypes.get_errno() != errno.ENOTTY
+    finally:
+        os.close(fd)
+
+
+# The one table of kernel facts: other modules point here ("see
+# features.FEATURES[...]") rather than restate a version, so a correction is
+# made once. since = first mainline release with the interface; commit = the
+# commit that added it, as a Fixes: tag names it (the evidence for each is in
+# the message of the commit that added the column to this file).
 FEATURES: dict[str, Feature] = {
     f.name: f
     for f in (
-        Feature("ksm", "KSM (CONFIG_KSM)", "2.6.32", _sysfs("run")),
-        Feature("ksm_stat", "/proc/PID/ksm_stat", "6.1", lambda: Path("/proc/self/ksm_stat").exists()),
+        Feature(
+            "ksm",
+            "KSM (CONFIG_KSM)",
+            "2.6.32",
+            _sysfs("run"),
+            commit='31dbd01f3143 ("ksm: Kernel SamePage Merging")',
+        ),
+        Feature(
+            "ksm_swpin_copy",
+            "ksm_swpin_copy in /proc/vmstat",
+            "5.18",
+            _vmstat("ksm_swpin_copy"),
+            commit='4d45c3aff5eb ("mm/vmstat: add event for ksm swapping in copy")',
+        ),
+        Feature(
+            "ksm_merging_pages",
+            "/proc/PID/ksm_merging_pages",
+            "5.19",
+            _proc_self("ksm_merging_pages"),
+            commit='7609385337a4 ("ksm: count ksm merging pages for each process")',
+        ),
+        Feature(
+            "cow_ksm",
+            "cow_ksm in /proc/vmstat",
+            "5.19",
+            _vmstat("cow_ksm"),
+            commit='94bfe85bde18 ("mm/vmstat: add events for ksm cow")',
+        ),
+        Feature(
+            "ksm_stat",
+            "/proc/PID/ksm_stat",
+            "6.1",
+            _proc_self("ksm_stat"),
+            commit='cb4df4cae4f2 ("ksm: count allocated ksm rmap_items for each process")',
+        ),
         Feature(
             "prctl_memory_merge",
             "whole-process opt-in prctl(PR_SET_MEMORY_MERGE)",
             "6.4",
             _prctl_memory_merge,
+            commit='d7597f59d1d3 ("mm: add new api to enable ksm per process")',
         ),
-        Feature("ksm_tracepoints", "the ksm:* tracepoints", "6.4", _ksm_tracepoints),
+        Feature(
+            "ksm_tracepoints",
+            "the ksm:* tracepoints",
+            "6.4",
+            _ksm_tracepoints,
+            commit='739100c88f49 ("mm: add tracepoints to ksm")',
+        ),
+        Feature(
+            "general_profit",
+            "/sys/kernel/mm/ksm/general_profit",
+            "6.4",
+            _sysfs("general_profit"),
+            commit='d21077fbc2fc ("mm: add new KSM process and sysfs knobs")',
+        ),
+        # The same commit moved the merging-page count into ksm_stat: before
+        # 6.4 it is only in /proc/PID/ksm_merging_pages.
+        Feature(
+            "ksm_stat_merging_pages",
+            "ksm_merging_pages in ksm_stat",
+            "6.4",
+            _ksm_stat_field("ksm_merging_pages"),
+            commit='d21077fbc2fc ("mm: add new KSM process and sysfs knobs")',
+        ),
+        Feature(
+            "ksm_process_profit",
+            "ksm_process_profit in ksm_stat",
+            "6.4",
+            _ksm_stat_field("ksm_process_profit"),
+            commit='d21077fbc2fc ("mm: add new KSM process and sysfs knobs")',
+        ),
+        Feature(
+            "smaps_ksm",
+            "the KSM: line of /proc/PID/smaps",
+            "6.6",
+            _smaps_ksm,
+            commit='8b47933544a6 ("proc/ksm: add ksm stats to /proc/pid/smaps")',
+        ),
+        Feature(
+            "ksm_zero_pages",
+            "/sys/kernel/mm/ksm/ksm_zero_pages",
+            "6.6",
+            _sysfs("ksm_zero_pages"),
+            commit='e2942062e01d ("ksm: count all zero pages placed by KSM")',
+        ),
+        Feature(
+            "ksm_zero_pages_stat",
+            "ksm_zero_pages in ksm_stat",
+            "6.6",
+            _ksm_stat_field("ksm_zero_pages"),
+            commit='6080d19f0704 ("ksm: add ksm zero pages for each process")',
+        ),
+        Feature(
+            "pages_scanned",
+            "/sys/kernel/mm/ksm/pages_scanned",
+            "6.6",
+            _sysfs("pages_scanned"),
+            commit='b348b5fe2b5f ("mm/ksm: add pages scanned metric")',
+        ),
+        Feature(
+            "smart_scan",
+            "/sys/kernel/mm/ksm/smart_scan",
+            "6.7",
+            _sysfs("smart_scan"),
+            commit='5e924ff54d08 ("mm/ksm: add "smart" page scanning mode")',
+        ),
+        Feature(
+            "pages_skipped",
+            "/sys/kernel/mm/ksm/pages_skipped",
+            "6.7",
+            _sysfs("pages_skipped"),
+            commit='e5a689912689 ("mm/ksm: add pages_skipped metric")',
+        ),
+        Feature(
+            "pagemap_scan",
+            "the PAGEMAP_SCAN ioctl of /proc/PID/pagemap",
+            "6.7",
+            _pagemap_scan,
+            commit=(
+                '52526ca7fdb9 ("fs/proc/task_mmu: implement IOCTL to get and optionally clear'
+                ' info about PTEs")'
+            ),
+        ),
+        # The advisor itself is 4e5fa4f5eff6 ("mm/ksm: add ksm advisor"); the
+        # advisor_mode file probed here came with the next commit.
+        Feature(
+            "ksm_advisor",
+            "the KSM advisor (advisor_mode)",
+            "6.8",
+            _sysfs("advisor_mode"),
+            commit='66790e9a735b ("mm/ksm: add sysfs knobs for advisor")',
+        ),
         Feature(
             "process_madvise_self",
             "MADV_MERGEABLE through process_madvise() on one's own pidfd",
             "6.13",
             _process_madvise_self,
+            # "mm/madvise: unrestrict process_madvise() for current process":
+            # only linux-next hashes were found, none confirmed as mainline's.
+            commit=None,
         ),
-        Feature("general_profit", "/sys/kernel/mm/ksm/general_profit", "6.4", _sysfs("general_profit")),
-        Feature("ksm_merge_any_stat", "ksm_merge_any in ksm_stat", "6.4", _ksm_stat_field("ksm_merge_any")),
-        Feature("smaps_ksm", "the KSM: line of /proc/PID/smaps", "6.6", _smaps_ksm),
-        Feature("smart_scan", "/sys/kernel/mm/ksm/smart_scan", "6.7", _sysfs("smart_scan")),
-        Feature("ksm_advisor", "the KSM advisor (advisor_mode)", "6.8", _sysfs("advisor_mode")),
-        Feature("ksm_zero_pages", "/sys/kernel/mm/ksm/ksm_zero_pages", "6.10", _sysfs("ksm_zero_pages")),
-        Feature("cow_ksm", "cow_ksm in /proc/vmstat", "6.1", _vmstat("cow_ksm")),
+        Feature(
+            "ksm_merge_any_stat",
+            "ksm_merge_any in ksm_stat",
+            "6.14",
+            _ksm_stat_field("ksm_merge_any"),
+            commit='3ab76c767bc7 ("ksm: add ksm involvement information for each process")',
+        ),
+        Feature(
+            "ksm_mergeable_stat",
+            "ksm_mergeable in ksm_stat",
+            "6.14",
+            _ksm_stat_field("ksm_mergeable"),
+            commit='3ab76c767bc7 ("ksm: add ksm involvement information for each process")',
+        ),
     )
 }
 
@@ -143,5 +314,6 @@ def lacks(name: str) -> str:
 
 def report() -> dict[str, dict[str, object]]:
     return {
-        name: {"available": available(name), "what": f.what, "since": f.since} for name, f in FEATURES.items()
+        name: {"available": available(name), "what": f.what, "since": f.since, "commit": f.commit}
+        for name, f in FEATURES.items()
     }

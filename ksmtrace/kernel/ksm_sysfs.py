@@ -1,7 +1,7 @@
 """/sys/kernel/mm/ksm: the machine-wide KSM knobs and counters.
 
-The set of files differs between kernels (smart_scan arrived in 6.7, the
-advisor in 6.8, ksm_zero_pages in 6.10...), so nothing here lists them: every
+The set of files differs between kernels (features.FEATURES says which
+release added which file), so nothing here lists them: every
 file present is read, and a file is a *knob* when its mode lets root write it.
 """
 

@@ -2,7 +2,7 @@
 
 ``ksm_stat`` is refreshed only when ksmd rescans a page, so after
 copy-on-write broke a merge it still counts it (smaps ``KSM:`` is computed
-when read, but per VMA and only on 6.5+). pagemap gives each
+when read, but per VMA and only where features.FEATURES["smaps_ksm"]). pagemap gives each
 virtual page's frame and kpageflags says whether that frame is a KSM page
 (KPF_KSM): that is the state right now. Both need root (frames are hidden
 from others).

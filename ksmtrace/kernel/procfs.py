@@ -50,7 +50,7 @@ class Vma:
 
     @property
     def ksm_bytes(self) -> int | None:
-        """smaps ``KSM:`` (6.5+): bytes of this VMA backed by KSM pages."""
+        """smaps ``KSM:`` (features.FEATURES["smaps_ksm"]): bytes of this VMA backed by KSM pages."""
         return self.sizes.get("KSM")
 
     @property
@@ -88,7 +88,7 @@ class Vma:
 
 @dataclass(frozen=True)
 class KsmStat:
-    """/proc/PID/ksm_stat (6.1+, fields grew until 6.10)."""
+    """/proc/PID/ksm_stat; its fields grew release by release (the ksm_stat* rows of features.FEATURES)."""
 
     rmap_items: int = 0
     merging_pages: int = 0
@@ -308,7 +308,7 @@ class ProcFS:
 
     @wrap_proc_errors
     def ksm_stat(self, pid: int) -> KsmStat | None:
-        """None on kernels without ksm_stat (before 6.1)."""
+        """None on kernels without ksm_stat (features.FEATURES["ksm_stat"])."""
         path = self.root / str(pid) / "ksm_stat"
         if not path.exists():
             if not self.exists(pid):
@@ -316,7 +316,8 @@ class ProcFS:
             return None
         stat = parse_ksm_stat(path.read_text())
         if "ksm_merging_pages" not in stat.raw:
-            # 6.1-6.5: ksm_stat has only ksm_rmap_items; the count is in its own file (5.19+).
+            # ksm_stat before features.FEATURES["ksm_stat_merging_pages"] has only ksm_rmap_items;
+            # the count is then in its own file (features.FEATURES["ksm_merging_pages"]).
             legacy = self.root / str(pid) / "ksm_merging_pages"
             # Both files read empty for a task without an mm (exiting, kernel thread).
             words = legacy.read_text().split() if legacy.exists() else []

@@ -15,5 +15,5 @@ def read_vmstat(proc: Path = Path("/proc")) -> dict[str, int]:
 
 
 def ksm_vmstat(proc: Path = Path("/proc")) -> dict[str, int]:
-    """The KSM entries of vmstat; absent ones are left out (cow_ksm is 6.3+)."""
+    """The KSM entries of vmstat; absent ones are left out (see features.FEATURES["cow_ksm"])."""
     return {k: v for k, v in read_vmstat(proc).items() if k in ("cow_ksm", "ksm_swpin_copy")}

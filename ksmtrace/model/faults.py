@@ -33,7 +33,7 @@ class RegionRow:
     name: str
     mergeable: bool
     rates: dict[str, Rate]
-    ksm_bytes: int | None  # smaps "KSM:" (6.5+): merged bytes as of ksmd's last visit
+    ksm_bytes: int | None  # smaps "KSM:" (features.FEATURES["smaps_ksm"]): merged as of ksmd's last visit
 
     def as_dict(self) -> dict[str, object]:
         return {

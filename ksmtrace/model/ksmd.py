@@ -23,7 +23,7 @@ from ksmtrace.probes.ksmd import KsmdProbe, KsmdSnapshot
 class KsmdSample:
     t: float
     full_scans: int  # sysfs
-    pages_scanned: int | None  # sysfs (6.8+)
+    pages_scanned: int | None  # sysfs; see features.FEATURES["pages_scanned"]
     pages_sharing: int
     pages_shared: int
     cpu_ticks: int | None

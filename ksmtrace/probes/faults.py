@@ -117,7 +117,7 @@ class FaultProbe:
         self.tables: dict[int, list[tuple[int, int]]] = {}
         if pid is not None:
             defines["FILTER_TGID"] = pid
-        # ksm:* tracepoints appeared in 6.4; without them every fault of a
+        # Without ksm:* tracepoints (features.FEATURES["ksm_tracepoints"]) every fault of a
         # mergeable process is checked against struct page (NO_KSM_TP).
         self.merge_events = checks.tracepoint_exists("ksm", "ksm_merge_with_ksm_page")
         if not self.merge_events:

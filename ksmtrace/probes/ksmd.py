@@ -53,7 +53,7 @@ class KsmdSnapshot:
 
 
 def available() -> bool:
-    """The ksm:* tracepoints appeared in Linux 6.4; detect them, not the version."""
+    """Whether the ksm:* tracepoints exist (features.FEATURES["ksm_tracepoints"]): detected, not versioned."""
     return checks.tracepoint_exists("ksm", "ksm_start_scan") and checks.tracepoint_exists(
         "ksm", "ksm_merge_with_ksm_page"
     )
