@@ -11,7 +11,8 @@
  *
  * Defines (all optional):
  *   FILTER_PIDS {a,b,..} with FILTER_NPIDS n   only these tgids
- *   FILTER_COMM "name"                         only this comm (exact, 15 chars max)
+ *   FILTER_COMM, FILTER_COMM_LO, FILTER_COMM_HI  only this comm: its 16 bytes (at most
+ *                                              15 and NUL padding) as two native u64
  *   FILTER_CGROUP id, FILTER_CGROUP_LEVEL l    only callers in cgroup v2 `id` or below it
  *   COUNT_ALL_MADVISE                          count every madvise entry passing the filters
  *   MAX_INFLIGHT n                             size of the per-tid hash
@@ -97,14 +98,15 @@ static __always_inline bool caller_wanted(void)
 #endif
 #ifdef FILTER_COMM
 	{
-		char comm[OPTIN_COMM_LEN] = {};
-		const char want[] = FILTER_COMM;
+		/* Two word compares, not a byte loop: clang turned the unrolled
+		 * 16-byte loop into 16 independent branches, and the verifier walked
+		 * every combination of them (2^16 paths) until it hit its 1M
+		 * instruction limit (E2BIG) for any name of 15 characters. The
+		 * helper NUL-pads the buffer, so the whole 16 bytes are defined. */
+		u64 comm[OPTIN_COMM_LEN / 8] = {};
 		bpf_get_current_comm(comm, sizeof(comm));
-#pragma unroll
-		for (int i = 0; i < sizeof(want) && i < OPTIN_COMM_LEN; i++) {
-			if (comm[i] != want[i])
-				return false;
-		}
+		if (comm[0] != FILTER_COMM_LO || comm[1] != FILTER_COMM_HI)
+			return false;
 	}
 #endif
 #ifdef FILTER_CGROUP

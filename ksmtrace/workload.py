@@ -271,8 +271,14 @@ class WorkloadError(Exception):
 class Workload:
     """Driver side: start a workload process and send it commands."""
 
-    def __init__(self, prctl_before_exec: bool = False, comm: str | None = None) -> None:
-        argv = [sys.executable, "-m", "ksmtrace.workload"]
+    def __init__(
+        self, prctl_before_exec: bool = False, comm: str | None = None, executable: str | None = None
+    ) -> None:
+        """``executable``: the Python interpreter to run the workload with,
+        default this one. A copy of it under another name gives the process
+        that name as its comm (cut to 15 bytes by the kernel), /proc/PID/exe
+        and argv[0], as a real program of that name would have."""
+        argv = [executable or sys.executable, "-m", "ksmtrace.workload"]
         if prctl_before_exec:
             argv.append("--prctl-exec")
         if comm:

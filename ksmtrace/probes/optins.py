@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno as errno_mod
 import os
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -273,6 +274,24 @@ def pidfd_offsets(btf: btf_mod.Btf | None = None) -> dict[str, int]:
         return {}
 
 
+def kernel_comm(name: str) -> bytes:
+    """NAME as the kernel stores it in task->comm: at most 15 bytes, cut
+    byte-wise like the kernel cuts an executable's basename (a longer name
+    can never match otherwise)."""
+    raw = name.encode(errors="surrogateescape")[: COMM_LEN - 1]
+    if not raw or b"\0" in raw:
+        raise UsageError(f"cannot filter on comm {name!r}")
+    return raw
+
+
+def comm_words(name: str) -> tuple[int, int]:
+    """The 16 bytes bpf_get_current_comm() gives for a task named NAME (NUL
+    padded), read as the two u64 the BPF filter compares. Native byte order:
+    the program reads them on this machine."""
+    lo, hi = struct.unpack("=QQ", kernel_comm(name).ljust(COMM_LEN, b"\0"))
+    return lo, hi
+
+
 def build_defines(
     pids: list[int] | None = None,
     comm: str | None = None,
@@ -292,11 +311,10 @@ def build_defines(
         d["FILTER_PIDS"] = "{" + ",".join(str(p) for p in uniq) + "}"
         d["FILTER_NPIDS"] = len(uniq)
     if comm is not None:
-        # The kernel keeps 15 bytes of a comm; match what it would store.
-        name = comm.encode()[: COMM_LEN - 1]
-        if not name or b'"' in name or b"\\" in name:
-            raise UsageError(f"cannot filter on comm {comm!r}")
-        d["FILTER_COMM"] = '"' + name.decode(errors="replace") + '"'
+        lo, hi = comm_words(comm)
+        d["FILTER_COMM"] = 1
+        d["FILTER_COMM_LO"] = f"{lo:#x}ULL"
+        d["FILTER_COMM_HI"] = f"{hi:#x}ULL"
     if cgroup is not None:
         d["FILTER_CGROUP"] = cgroup.cgroup_id
         d["FILTER_CGROUP_LEVEL"] = cgroup.level

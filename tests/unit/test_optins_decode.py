@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import struct
 from pathlib import Path
 
 import pytest
@@ -68,10 +69,28 @@ def test_defines() -> None:
     empty = Btf([])  # no BTF members: the pidfd walk and fork/exec reads are left out
     d = build_defines(pids=[5, 3, 5], comm="a-very-long-process-name", btf=empty)
     assert d["FILTER_PIDS"] == "{3,5}" and d["FILTER_NPIDS"] == 2
-    assert d["FILTER_COMM"] == '"a-very-long-pro"'  # the kernel keeps 15 bytes
     assert "OFF_TASK_FILES" not in d and "OFF_TASK_MM" not in d
     with pytest.raises(UsageError):
-        build_defines(comm='a"b', btf=empty)
+        build_defines(comm="", btf=empty)
+    with pytest.raises(UsageError):
+        build_defines(comm="a\0b", btf=empty)
+
+
+def _words(d: dict[str, int | str]) -> bytes:
+    lo, hi = (int(str(d[k]).removesuffix("ULL"), 16) for k in ("FILTER_COMM_LO", "FILTER_COMM_HI"))
+    return struct.pack("=QQ", lo, hi)
+
+
+def test_comm_filter_is_the_kernels_16_bytes() -> None:
+    empty = Btf([])
+    # The kernel keeps 15 bytes and a NUL: a longer name is cut the same way.
+    assert _words(build_defines(comm="qemu-system-x86_64", btf=empty)) == b"qemu-system-x86\0"
+    assert _words(build_defines(comm="qemu-system-x86", btf=empty)) == b"qemu-system-x86\0"
+    assert _words(build_defines(comm="qemu", btf=empty)) == b"qemu" + b"\0" * 12
+    # Nothing is spliced into C source any more: quotes and backslashes are just bytes.
+    assert _words(build_defines(comm='a"b\\', btf=empty)) == b'a"b\\' + b"\0" * 12
+    # Cut byte-wise like the kernel, even inside a multi-byte character.
+    assert _words(build_defines(comm="é" * 8, btf=empty)) == "é".encode() * 7 + b"\xc3\0"
     with pytest.raises(UsageError):
         build_defines(pids=list(range(1, 100)), btf=empty)
     with pytest.raises(UsageError):
