@@ -39,9 +39,15 @@ def libc() -> ctypes.CDLL:
     return lib
 
 
+def kernel_comm_bytes(name: str) -> bytes:
+    """``name`` as the kernel keeps it in a task's comm: its first 15 bytes
+    (cut byte-wise, as the kernel cuts an executable's basename)."""
+    return name.encode(errors="surrogateescape")[:COMM_LEN]
+
+
 def kernel_comm(name: str) -> str:
-    """``name`` as the kernel would keep it in a task's comm."""
-    return name.encode()[:COMM_LEN].decode(errors="ignore")
+    """:func:`kernel_comm_bytes` as /proc/PID/comm reads back (ProcFS decodes with surrogateescape)."""
+    return kernel_comm_bytes(name).decode(errors="surrogateescape")
 
 
 def set_comm(name: str) -> None:

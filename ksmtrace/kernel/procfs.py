@@ -259,7 +259,8 @@ class ProcFS:
         return sorted(int(p.name) for p in self.root.iterdir() if p.name.isdigit())
 
     def _read(self, pid: int, name: str) -> str:
-        return (self.root / str(pid) / name).read_text()
+        # surrogateescape: a comm cut inside a multi-byte character is not valid UTF-8.
+        return (self.root / str(pid) / name).read_text(errors="surrogateescape")
 
     def exists(self, pid: int) -> bool:
         return (self.root / str(pid)).is_dir()

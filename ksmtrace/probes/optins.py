@@ -26,6 +26,7 @@ from typing import Any
 
 from ksmtrace.errors import UsageError
 from ksmtrace.kernel import btf as btf_mod
+from ksmtrace.kernel.abi import kernel_comm_bytes
 from ksmtrace.kernel.procfs import cgroup2_mount
 from ksmtrace.probes import loader
 
@@ -274,11 +275,10 @@ def pidfd_offsets(btf: btf_mod.Btf | None = None) -> dict[str, int]:
         return {}
 
 
-def kernel_comm(name: str) -> bytes:
-    """NAME as the kernel stores it in task->comm: at most 15 bytes, cut
-    byte-wise like the kernel cuts an executable's basename (a longer name
-    can never match otherwise)."""
-    raw = name.encode(errors="surrogateescape")[: COMM_LEN - 1]
+def filter_comm(name: str) -> bytes:
+    """NAME as the comm filter compares it (abi.kernel_comm_bytes: a longer
+    name could never match otherwise); refused when the kernel could not hold it."""
+    raw = kernel_comm_bytes(name)
     if not raw or b"\0" in raw:
         raise UsageError(f"cannot filter on comm {name!r}")
     return raw
@@ -288,7 +288,7 @@ def comm_words(name: str) -> tuple[int, int]:
     """The 16 bytes bpf_get_current_comm() gives for a task named NAME (NUL
     padded), read as the two u64 the BPF filter compares. Native byte order:
     the program reads them on this machine."""
-    lo, hi = struct.unpack("=QQ", kernel_comm(name).ljust(COMM_LEN, b"\0"))
+    lo, hi = struct.unpack("=QQ", filter_comm(name).ljust(COMM_LEN, b"\0"))
     return lo, hi
 
 
