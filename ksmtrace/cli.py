@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import signal
+import os
 import sys
 
 from ksmtrace import __version__
 from ksmtrace.commands import COMMANDS
 from ksmtrace.errors import KsmtraceError
+from ksmtrace.kernel import signals
 from ksmtrace.views import console
 
 DESCRIPTION = """\
@@ -42,25 +43,39 @@ def _default_command() -> list[str]:
     return ["status"] if take().processes else ["demo"]
 
 
+def _repair() -> None:
+    """Undo what a killed ksmtrace left changed (its journal under /run/ksmtrace), and say so."""
+    if os.geteuid() != 0:
+        return  # only root changes KSM settings, and only root can put them back
+    from ksmtrace.coordinator import actuator  # noqa: PLC0415
+
+    for line in actuator.repair():
+        console.note(f"ksmtrace: {line}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # SIGTERM ends long-running commands the way Ctrl-C does: cleanly.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    parser = build_parser()
+    # SIGINT, SIGTERM and SIGHUP end a command cleanly (ksmtrace.kernel.signals).
+    old_handlers = signals.install()
     try:
+        parser = build_parser()
         if not argv:
             argv = _default_command()
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return 2
+        _repair()
         return int(args.run(args) or 0)
     except KsmtraceError as exc:
         console.error(str(exc))
         return exc.exit_code
-    except KeyboardInterrupt:
-        return 0
+    except KeyboardInterrupt as exc:
+        return signals.exit_code(exc)
     except BrokenPipeError:
         # `ksmtrace ... | head`: the reader left; not an error.
         console.reader_left()
         return 0
+    finally:
+        # main() is also called in-process (tests): leave the caller's handlers as they were.
+        signals.uninstall(old_handlers)

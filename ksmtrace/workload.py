@@ -323,6 +323,11 @@ class Workload:
 
 
 def main(argv: list[str]) -> None:
+    # The parent drives this process and ends it by closing stdin; a Ctrl-C
+    # meant for the parent (the terminal signals the whole process group)
+    # must not kill it with a traceback halfway through a command.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if "--comm" in argv:
         abi.set_comm(argv[argv.index("--comm") + 1])
     if "--prctl-exec" in argv:

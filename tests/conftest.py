@@ -187,6 +187,11 @@ def ksm() -> Iterator[KsmControl]:
         finally:
             ctl.unmerge_all()
             ctl.saved.restore()
+            # A knob that does not come back would leak into every later test.
+            now = ksm_sysfs.read().knobs
+            want = {k: (0 if k == "run" and v == 2 else v) for k, v in ctl.saved.values.items()}
+            wrong = {k: (want[k], now.get(k)) for k in want if now.get(k) != want[k]}
+            assert not wrong, f"KSM knobs not restored (wanted, found): {wrong}"
 
 
 @pytest.fixture

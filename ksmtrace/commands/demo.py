@@ -19,8 +19,10 @@ import contextlib
 import time
 from typing import Any
 
+from ksmtrace.coordinator.actuator import KnobChange
 from ksmtrace.errors import KsmtraceError, TracingUnavailable, UsageError
 from ksmtrace.kernel import checks, features, ksm_sysfs, pagemap, vmstat
+from ksmtrace.kernel.signals import critical
 from ksmtrace.views import console
 from ksmtrace.views import demo as view
 from ksmtrace.workload import PAGE, Workload, WorkloadError
@@ -75,6 +77,14 @@ class _Probes:
         self.optins = self.faults = self.ksmd = None
         self.missing: list[str] = []
         self.why: dict[str, str] = {}
+        try:
+            self._load(pid, say, optins, faults, ksmd)
+        except BaseException:
+            # Interrupted while loading: detach what was attached already.
+            self.close()
+            raise
+
+    def _load(self, pid: int, say: Any, optins: Any, faults: Any, ksmd: Any) -> None:
         for name, make, lacking in (
             ("optins", lambda: optins.OptinProbe(pids=[pid]), None),
             (
@@ -99,10 +109,11 @@ class _Probes:
             setattr(self, name, probe)
 
     def close(self) -> None:
-        for p in (self.optins, self.faults, self.ksmd):
-            if p is not None:
-                with contextlib.suppress(Exception):
-                    p.close()
+        with critical():
+            for p in (self.optins, self.faults, self.ksmd):
+                if p is not None:
+                    with contextlib.suppress(Exception):
+                        p.close()
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -124,69 +135,75 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             console.lines(msg)
 
-    saved = ksm_sysfs.SavedSettings()
+    # Journaled before any knob changes: a SIGKILL leaves a journal the next
+    # ksmtrace command repairs (ksmtrace.coordinator.actuator).
+    knobs = KnobChange("demo")
     summary: dict[str, Any] = {}
     probes: _Probes | None = None
+    wl: Workload | None = None
     try:
-        with Workload(comm="ksmtrace-demo") as wl:
-            reg = wl.call("alloc", name="demo", pages=pages, kind="dup", seed=7)
-            addr, length = reg["addr"], reg["len"]
-            say(view.workload(wl.pid, addr, length))
-            if not args.no_probes:
-                say(view.loading())
-                probes = _Probes(wl.pid, say)
-            summary.update(pid=wl.pid, pages=pages, probes_missing=probes.missing if probes else None)
-            if probes and probes.why:
-                summary["probes_unavailable"] = probes.why
+        wl = Workload(comm="ksmtrace-demo")
+        reg = wl.call("alloc", name="demo", pages=pages, kind="dup", seed=7)
+        addr, length = reg["addr"], reg["len"]
+        say(view.workload(wl.pid, addr, length))
+        if not args.no_probes:
+            say(view.loading())
+            probes = _Probes(wl.pid, say)
+        summary.update(pid=wl.pid, pages=pages, probes_missing=probes.missing if probes else None)
+        if probes and probes.why:
+            summary["probes_unavailable"] = probes.why
 
-            res = wl.call("madvise", name="demo", advice="mergeable")
-            summary["madvise_ret"] = res["ret"]
-            events = probes.optins.poll(200) if probes and probes.optins else []
-            if probes and probes.optins:
-                summary["optin_events"] = [e.as_dict() for e in events]
-                for e in events:
-                    say(view.optin_seen(e))
-            else:
-                say(view.optin_unseen(wl.pid, addr, length, res["ret"]))
-            if probes and probes.faults:
-                probes.faults.set_regions(wl.pid, [(addr, addr + length)])
+        res = wl.call("madvise", name="demo", advice="mergeable")
+        summary["madvise_ret"] = res["ret"]
+        events = probes.optins.poll(200) if probes and probes.optins else []
+        if probes and probes.optins:
+            summary["optin_events"] = [e.as_dict() for e in events]
+            for e in events:
+                say(view.optin_seen(e))
+        else:
+            say(view.optin_unseen(wl.pid, addr, length, res["ret"]))
+        if probes and probes.faults:
+            probes.faults.set_regions(wl.pid, [(addr, addr + length)])
 
-            for k, v in (*BRISK, ("run", 1)):
-                ksm_sysfs.write(k, v)
-            say(view.knobs((("run", 1), *BRISK)))
-            merged = _wait_merged(args, say, wl.pid, addr, length, pages, probes)
-            summary.update(merged_pages=merged)
-            if probes and probes.ksmd:
-                counts = probes.ksmd.snapshot(pages=False).procs.get(wl.pid)
-                summary["ksmd_merges"] = counts.merges if counts else 0
-            if merged == 0:
-                raise KsmtraceError(
-                    "ksmd merged nothing within the timeout: is another tool "
-                    "holding /sys/kernel/mm/ksm/run at 0?"
-                )
+        knobs.set((*BRISK, ("run", 1)))
+        say(view.knobs((("run", 1), *BRISK)))
+        merged = _wait_merged(args, say, wl.pid, addr, length, pages, probes)
+        summary.update(merged_pages=merged)
+        if probes and probes.ksmd:
+            counts = probes.ksmd.snapshot(pages=False).procs.get(wl.pid)
+            summary["ksmd_merges"] = counts.merges if counts else 0
+        if merged == 0:
+            raise KsmtraceError(
+                "ksmd merged nothing within the timeout: is another tool "
+                "holding /sys/kernel/mm/ksm/run at 0?"
+            )
 
-            # Stop scanning (run=0 keeps merged pages merged): the written pages
-            # are identical to each other and a running ksmd would re-merge them.
-            ksm_sysfs.write("run", 0)
-            cow0 = vmstat.ksm_vmstat().get("cow_ksm")
-            step = max(1, int(round(1 / args.writes))) if args.writes > 0 else 0
-            written = wl.call("write", name="demo", step=step)["written"] if step else 0
-            cow1 = vmstat.ksm_vmstat().get("cow_ksm")
-            after = pagemap.range_pages(wl.pid, addr, addr + length).ksm
-            cow = None if cow0 is None or cow1 is None else cow1 - cow0
-            summary.update(written=written, cow_ksm_delta=cow, merged_after_writes=after)
-            ksm_cow = None
-            if probes and probes.faults:
-                snap = probes.faults.snapshot().procs.get(wl.pid)
-                ksm_cow = snap.total.ksm_cow if snap else 0
-                summary["ksm_cow_faults"] = ksm_cow
-            say(view.writes(wl.pid, written, ksm_cow, cow, after))
+        # Stop scanning (run=0 keeps merged pages merged): the written pages
+        # are identical to each other and a running ksmd would re-merge them.
+        knobs.set([("run", 0)])
+        cow0 = vmstat.ksm_vmstat().get("cow_ksm")
+        step = max(1, int(round(1 / args.writes))) if args.writes > 0 else 0
+        written = wl.call("write", name="demo", step=step)["written"] if step else 0
+        cow1 = vmstat.ksm_vmstat().get("cow_ksm")
+        after = pagemap.range_pages(wl.pid, addr, addr + length).ksm
+        cow = None if cow0 is None or cow1 is None else cow1 - cow0
+        summary.update(written=written, cow_ksm_delta=cow, merged_after_writes=after)
+        ksm_cow = None
+        if probes and probes.faults:
+            snap = probes.faults.snapshot().procs.get(wl.pid)
+            ksm_cow = snap.total.ksm_cow if snap else 0
+            summary["ksm_cow_faults"] = ksm_cow
+        say(view.writes(wl.pid, written, ksm_cow, cow, after))
     except WorkloadError as exc:
         raise KsmtraceError(f"demo workload failed: {exc}") from exc
     finally:
-        if probes is not None:
-            probes.close()
-        saved.restore()
+        # Nothing here may be cut short by a second signal (kernel.signals.critical).
+        with critical():
+            if probes is not None:
+                probes.close()
+            if wl is not None:
+                wl.close()
+            knobs.restore()
     if args.json:
         console.json(summary)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from typing import Any
 
@@ -102,10 +103,12 @@ def run(args: argparse.Namespace) -> int:
     if not have_ksmd:
         console.note(NO_KSM_TRACEPOINTS)
 
-    fp = faults_probe.FaultProbe(pid=kernel_pid)
-    kp = ksmd_probe.KsmdProbe(pid=kernel_pid) if have_ksmd else None
-    events = ProcEvents()
-    try:
+    # Each probe detaches itself when the stack unwinds, also when a signal
+    # lands while a later one is still loading.
+    with contextlib.ExitStack() as stack:
+        fp = stack.enter_context(faults_probe.FaultProbe(pid=kernel_pid))
+        kp = stack.enter_context(ksmd_probe.KsmdProbe(pid=kernel_pid)) if have_ksmd else None
+        events = stack.enter_context(ProcEvents())
         for tgid, ranges in initial_regions(proc, None if only is None else set(pids or ())).items():
             fp.set_regions(tgid, ranges)
         state = FaultsState(time.monotonic(), proc=proc)
@@ -132,11 +135,6 @@ def run(args: argparse.Namespace) -> int:
             keep.forget(gone)
             if kp:
                 kp.forget(gone)
-    finally:
-        events.close()
-        fp.close()
-        if kp:
-            kp.close()
     return 0
 
 

@@ -17,6 +17,7 @@ from ksmtrace.commands._common import add_filter_args, check_pids
 from ksmtrace.errors import AccessDenied, ProcessGone, UsageError
 from ksmtrace.kernel import checks
 from ksmtrace.kernel.procfs import ProcFS
+from ksmtrace.kernel.signals import ENDING
 from ksmtrace.model import inventory
 from ksmtrace.probes.optins import CgroupFilter, OptinProbe, resolve_cgroup
 from ksmtrace.views import console
@@ -110,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     # during the inventory or right after "Tracing..." still ends with the
     # ring buffer drained and the summary printed.
     try:
-        with _StopFlag() as stop:
+        stop = _StopFlag()
+        with stop:
             if not args.no_inventory:
                 inv = _inventory(pids, args.name, cgroup, proc)
                 if args.json:
@@ -138,26 +140,28 @@ def run(args: argparse.Namespace) -> int:
             console.lines(view.snoop_summary(st))
     finally:
         probe.close()
-    return 0
+    return 0 if stop.signum is None else 128 + stop.signum
 
 
 class _StopFlag:
-    """Ctrl-C and SIGTERM end the loop by a flag, not an exception.
+    """Ctrl-C, SIGTERM and SIGHUP end the loop by a flag, not an exception.
 
-    An exception raised by a signal handler while BCC runs our ring-buffer
-    callback would be swallowed by ctypes ("Exception ignored ...") and lose
-    the signal; a flag is seen at the next poll (every 100 ms).
+    The trace is meant to end this way: what is in the ring buffer is still
+    drained and the summary printed; the exit status then says which signal
+    ended it (128 + signal, as ksmtrace.kernel.signals does).
     """
 
     def __init__(self) -> None:
         self.set = False
+        self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
-    def _handler(self, *_: object) -> None:
+    def _handler(self, signum: int, _frame: object) -> None:
         self.set = True
+        self.signum = signum
 
     def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in ENDING:
             self._old[sig] = signal.signal(sig, self._handler)
         return self
 

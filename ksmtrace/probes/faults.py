@@ -20,6 +20,7 @@ from ksmtrace import native
 from ksmtrace.errors import AccessDenied, ProcessGone, TracingUnavailable
 from ksmtrace.kernel import btf, checks, pagemap, procfs
 from ksmtrace.kernel.procfs import ProcFS
+from ksmtrace.kernel.signals import critical
 from ksmtrace.probes import kaddr, loader
 
 MAX_PROCS = 8192  # process slots (1088 bytes each; slot 0 means "none")
@@ -325,11 +326,13 @@ class FaultProbe:
             self.tables.pop(tgid, None)
 
     def close(self) -> None:
-        for words in (self._slot_words, self._tag_words, self._bit_words):
-            words.release()
-        for m in (self._slot_of, self._procs, self._tags, self._bits):
-            m.close()
-        self.bpf.cleanup()
+        # Not cut in two by a signal: BCC would retry a half-done cleanup at exit and fail.
+        with critical():
+            for words in (self._slot_words, self._tag_words, self._bit_words):
+                words.release()
+            for m in (self._slot_of, self._procs, self._tags, self._bits):
+                m.close()
+            self.bpf.cleanup()
 
     def __enter__(self) -> FaultProbe:
         return self

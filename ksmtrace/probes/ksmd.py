@@ -8,6 +8,7 @@ from typing import Any
 
 from ksmtrace.errors import TracingUnavailable
 from ksmtrace.kernel import btf, checks, features
+from ksmtrace.kernel.signals import critical
 from ksmtrace.probes import loader
 
 MAX_PROCS = 8192
@@ -113,7 +114,9 @@ class KsmdProbe:
                 pass
 
     def close(self) -> None:
-        self.bpf.cleanup()
+        # Not cut in two by a signal: BCC would retry a half-done cleanup at exit and fail.
+        with critical():
+            self.bpf.cleanup()
 
     def __enter__(self) -> KsmdProbe:
         return self

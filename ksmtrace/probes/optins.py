@@ -28,6 +28,7 @@ from ksmtrace.errors import UsageError
 from ksmtrace.kernel import btf as btf_mod
 from ksmtrace.kernel.abi import kernel_comm_bytes
 from ksmtrace.kernel.procfs import cgroup2_mount
+from ksmtrace.kernel.signals import critical
 from ksmtrace.probes import loader
 
 SOURCE = "optins.bpf.c"
@@ -359,14 +360,19 @@ class OptinProbe:
         return 0
 
     def poll(self, timeout_ms: int = 100) -> list[OptinEvent]:
-        """Events that arrived within ``timeout_ms`` (all of them that are ready)."""
-        self._bpf.ring_buffer_poll(timeout_ms)
+        """Events that arrived within ``timeout_ms`` (all of them that are ready).
+
+        The ending signals wait until the poll returns: raised inside the
+        ring-buffer callback, ctypes would print and swallow them."""
+        with critical():
+            self._bpf.ring_buffer_poll(timeout_ms)
         out, self._pending = self._pending, []
         return out
 
     def drain(self) -> list[OptinEvent]:
         """Whatever is in the ring buffer now, without waiting."""
-        self._bpf.ring_buffer_consume()
+        with critical():
+            self._bpf.ring_buffer_consume()
         out, self._pending = self._pending, []
         return out
 
@@ -397,9 +403,10 @@ class OptinProbe:
         )
 
     def close(self) -> None:
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
+        with critical():
+            if self._bpf is not None:
+                self._bpf.cleanup()
+                self._bpf = None
 
     def __enter__(self) -> OptinProbe:
         return self

@@ -1,0 +1,1 @@
+"""Deciding and acting: the actuator (the only writer of machine-wide KSM state) and its journal."""

@@ -1,0 +1,143 @@
+"""Signals at random moments of every command that loads or changes something.
+
+Each trial starts a real ``ksmtrace`` command, waits a random time, sends
+SIGINT, SIGTERM or SIGHUP (or SIGKILL, below), and checks after it ended:
+KSM settings exactly as found, no journal left by a clean exit, the target
+process (where there is one) running and untraced, no traceback or
+"Exception ignored" on stderr, and the exit status a shell expects (0 when
+the command had finished, 128 + signal when a signal ended it, or death by
+the signal when it came before ksmtrace had started any work).
+
+KSMTRACE_SIGNAL_TRIALS sets the trials per command (default 27: 216 in
+all); KSMTRACE_SIGNAL_SEED replays a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ksmtrace.coordinator.journal import RUN_DIR
+from ksmtrace.kernel import features, ksm_sysfs
+from ksmtrace.kernel.procfs import ProcFS
+
+pytestmark = pytest.mark.system
+
+TRIALS = int(os.environ.get("KSMTRACE_SIGNAL_TRIALS", "27"))
+SEED = int(os.environ.get("KSMTRACE_SIGNAL_SEED", str(random.randrange(1 << 30))))
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# command -> (argv template, latest moment to signal it, seconds). The moments
+# cover start-up, BPF compile and load, and the work itself.
+COMMANDS = {
+    "demo": (["demo", "--size", "8", "--timeout", "10"], 6.0),
+    "faults": (["faults", "0.3"], 4.5),
+    "ksmd": (["ksmd", "0.3"], 3.0),
+    "snoop": (["snoop"], 3.0),
+    "estimate": (["estimate", "-p", "{pid}"], 1.2),
+    "merge": (["merge", "-p", "{pid}", "--range", "{range}"], 1.0),
+    "unmerge": (["unmerge", "-p", "{pid}"], 1.0),
+    "run": (["run", "--", "sleep", "2"], 1.0),  # after exec, sleep takes the signal itself
+}
+
+
+def _target_ok(pid: int) -> None:
+    """Alive, running, not traced: the command left nothing behind in it."""
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+    )
+    assert status["TracerPid"].strip() == "0", f"target {pid} left traced by {status['TracerPid']}"
+    state = ProcFS().stat(pid).state
+    assert state not in ("T", "t"), f"target {pid} left stopped (state {state})"
+
+
+def _trial(name: str, argv: list[str], sig: int, delay: float, knobs: dict, target: int | None) -> str:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ksmtrace", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(delay)
+    p.send_signal(sig)
+    try:
+        _, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise AssertionError(f"{name}: still running 60 s after {signal.Signals(sig).name}") from None
+    where = f"{name} {signal.Signals(sig).name} at {delay:.2f}s (seed {SEED})"
+    assert "Traceback" not in err and "Exception ignored" not in err, f"{where}: {err}"
+    assert p.returncode in (0, 128 + sig, -sig), f"{where}: exit {p.returncode}: {err}"
+    assert ksm_sysfs.read().knobs == knobs, f"{where}: KSM settings changed"
+    assert not (RUN_DIR / f"{p.pid}.json").exists(), f"{where}: journal left after a clean exit"
+    if target is not None:
+        _target_ok(target)
+    return "done" if p.returncode == 0 else "interrupted"
+
+
+def test_signals_at_random_moments(ksm, workload) -> None:
+    rng = random.Random(SEED)
+    commands = dict(COMMANDS)
+    if not features.available("prctl_memory_merge"):
+        del commands["run"]  # 'run' refuses at once there (a sentence, exit 1): nothing to interrupt
+    wl = workload(comm="sigtarget")
+    reg = wl.call("alloc", name="r", pages=256, kind="dup", seed=3)
+    wl.call("madvise", name="r")  # something for unmerge to unmerge
+    rng_text = f"{reg['addr']:x}-{reg['addr'] + reg['len']:x}"
+    knobs = ksm_sysfs.read().knobs
+    outcomes: dict[str, dict[str, int]] = {}
+    plan = [(name, sig) for name in commands for _ in range(TRIALS // len(SIGNALS) + 1) for sig in SIGNALS]
+    plan = [t for i, t in enumerate(plan) if i % (len(plan) // len(commands)) < TRIALS]
+    rng.shuffle(plan)
+    for name, sig in plan:
+        template, latest = commands[name]
+        argv = [a.format(pid=wl.pid, range=rng_text) for a in template]
+        got = _trial(name, argv, sig, rng.uniform(0, latest), knobs, wl.pid)
+        outcomes.setdefault(name, {}).setdefault(got, 0)
+        outcomes[name][got] += 1
+        if name == "unmerge" and got == "done":
+            wl.call("madvise", name="r")  # mergeable again for the next unmerge
+    print(f"signal trials (seed {SEED}): {json.dumps(outcomes)}")
+    assert sum(sum(v.values()) for v in outcomes.values()) == TRIALS * len(commands)
+    # The long-running commands must have been caught mid-work, not only before or after.
+    for name in ("demo", "faults", "snoop"):
+        assert outcomes[name].get("interrupted"), f"{name} was never interrupted: {outcomes[name]}"
+
+
+def test_sigkill_leaves_a_journal_the_next_command_repairs(ksm) -> None:
+    """demo killed at random moments: whatever it changed, the next command restores and says so."""
+    rng = random.Random(SEED)
+    knobs = ksm_sysfs.read().knobs
+    repaired = 0
+    for i in range(max(4, TRIALS // 3)):
+        argv = ["demo", "--size", "16", "--timeout", "10"] + (["--no-probes"] if i % 2 else [])
+        p = subprocess.Popen(
+            [sys.executable, "-m", "ksmtrace", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(rng.uniform(0.2, 4.0 if i % 2 else 7.0))
+        p.kill()
+        p.wait()
+        journal = RUN_DIR / f"{p.pid}.json"
+        left = journal.exists()
+        changed = ksm_sysfs.read().knobs != knobs
+        assert left or not changed, "KSM settings changed without a journal"
+        st = subprocess.run(
+            [sys.executable, "-m", "ksmtrace", "status", "-j"], capture_output=True, text=True, timeout=60
+        )
+        assert st.returncode == 0, st.stderr
+        assert ksm_sysfs.read().knobs == knobs, f"trial {i}: not restored after SIGKILL: {st.stderr}"
+        assert not journal.exists()
+        if left:
+            repaired += 1
+            lines = [ln for ln in st.stderr.splitlines() if f"(pid {p.pid})" in ln]
+            assert len(lines) == 1 and "ended without restoring KSM settings" in lines[0], st.stderr
+            if changed:
+                assert "->" in lines[0], lines[0]
+    assert repaired, "no trial killed the demo while it had settings changed"
