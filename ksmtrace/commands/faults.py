@@ -20,12 +20,17 @@ from ksmtrace.errors import AccessDenied, ProcessGone, TracingUnavailable
 from ksmtrace.kernel import checks, vmstat
 from ksmtrace.kernel.proc_events import ProcEvents
 from ksmtrace.kernel.procfs import ProcFS
-from ksmtrace.model import inventory, snapshot
+from ksmtrace.model import snapshot
 from ksmtrace.model.faults import FaultsReport, FaultsState
 from ksmtrace.probes import faults as faults_probe
 from ksmtrace.probes import ksmd as ksmd_probe
 from ksmtrace.views import console
 from ksmtrace.views import faults as view
+
+# Start-up reads bounded in time, the rest spread over the intervals (issue #14:
+# first report within 2 s whatever the number of mergeable processes).
+INITIAL_REGIONS_BUDGET_S = 0.3
+PRELOAD_SLICE = 0.1  # of each interval, while processes still wait for their preload
 
 NO_KSM_TRACEPOINTS = (
     "note: this kernel has no ksm:* tracepoints (Linux < 6.4): merges and unmerges per "
@@ -109,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         fp = stack.enter_context(faults_probe.FaultProbe(pid=kernel_pid))
         kp = stack.enter_context(ksmd_probe.KsmdProbe(pid=kernel_pid)) if have_ksmd else None
         events = stack.enter_context(ProcEvents())
-        for tgid, ranges in initial_regions(proc, None if only is None else set(pids or ())).items():
+        wanted = fp.initial if only is None else [p for p in fp.initial if p in set(pids or ())]
+        for tgid, ranges in initial_regions(proc, wanted, INITIAL_REGIONS_BUDGET_S).items():
             fp.set_regions(tgid, ranges)
         state = FaultsState(time.monotonic(), proc=proc)
         # Baseline: counts and cow_ksm read back to back, after every probe is
@@ -121,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             console.lines(started)
         for _ in intervals(args.interval, args.count):
+            # Earlier merges of processes not preloaded at start-up, a slice at a time.
+            fp.preload_pending(PRELOAD_SLICE * args.interval)
             gone = state.apply_events(events.read())
             snap = snapshot.take(proc, faults=_update(state, fp, kp, args, keep), processes=False)
             for tgid, ranges in state.wanted_regions.items():
@@ -151,10 +159,18 @@ def _update(
     return state.update(fsnap, ksnap, cow, keep=keep, regions=not args.no_regions)
 
 
-def initial_regions(proc: ProcFS, only: set[int] | None) -> dict[int, list[tuple[int, int]]]:
-    """Mergeable ranges of processes that opted in before tracing started."""
+def initial_regions(proc: ProcFS, pids: list[int], budget_s: float) -> dict[int, list[tuple[int, int]]]:
+    """Mergeable ranges of processes that opted in before tracing started, read
+    for at most ``budget_s``: the rest get theirs when they first fault or
+    merge (FaultsState reads their smaps then), so a host of a thousand
+    mergeable processes does not delay the first report by seconds."""
+    deadline = time.monotonic() + budget_s
     out: dict[int, list[tuple[int, int]]] = {}
-    for p in inventory.take(proc).processes:
-        if only is None or p.pid in only:
-            out[p.pid] = [(v.start, v.end) for v in p.regions]
+    for pid in pids:
+        if time.monotonic() > deadline:
+            break
+        try:
+            out[pid] = [(v.start, v.end) for v in proc.smaps(pid) if v.mergeable]
+        except (ProcessGone, AccessDenied):
+            continue
     return out

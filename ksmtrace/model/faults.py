@@ -19,10 +19,12 @@ from ksmtrace.errors import AccessDenied, ProcessGone
 from ksmtrace.kernel.proc_events import ProcEvent
 from ksmtrace.kernel.procfs import KsmStat, ProcFS, Vma
 from ksmtrace.model.rates import Rate, Rates
-from ksmtrace.probes.faults import FaultSnapshot
+from ksmtrace.probes.faults import FaultSnapshot, ProcFaults
 from ksmtrace.probes.ksmd import KsmdSnapshot
 
 COUNTERS = ("ksm_cow", "wp", "merges", "unmerges")
+# Quiet processes read again per update, round-robin (see FaultsState.update).
+REFRESH_PER_UPDATE = 8
 _ZERO = Rate(0, 0.0, 0)
 
 
@@ -96,6 +98,19 @@ class FaultsReport:
         }
 
 
+@dataclass
+class _Seen:
+    """One process as the last look at it found it."""
+
+    counts: dict[str, int]  # its cumulative counters then: unchanged means nothing to re-read
+    regions: bool  # whether smaps was read
+    vmas: list[Vma]
+    stat: KsmStat | None
+    region_counts: dict[tuple[int, int, int], dict[str, int]]
+    wp_mergeable: int
+    unattributed: int
+
+
 class FaultsState:
     def __init__(self, t0: float, cow_ksm0: int | None = None, proc: ProcFS | None = None) -> None:
         """``t0``: when the probes were loaded (their counters were zero then);
@@ -110,6 +125,9 @@ class FaultsState:
         # Mergeable ranges per process seen at the last update: the command
         # pushes them into the fault probe's region table.
         self.wanted_regions: dict[int, list[tuple[int, int]]] = {}
+        # What the last look at each process found (see update()).
+        self._seen: dict[int, _Seen] = {}
+        self._refresh_after = 0
         for r in (self.rates, self.region_rates, self.wp_mg_rates):
             r.start(t0)
         if cow_ksm0 is not None:
@@ -123,6 +141,7 @@ class FaultsState:
                 self.comms.pop(ev.tgid, None)  # re-read on next use
             elif ev.kind == "exit" and ev.pid == ev.tgid:
                 self.comms.pop(ev.tgid, None)
+                self._seen.pop(ev.tgid, None)
                 gone.add(ev.tgid)
             elif ev.kind == "fork" and ev.tgid in gone:
                 gone.discard(ev.tgid)  # pid reused within one interval
@@ -136,6 +155,64 @@ class FaultsState:
                 return "?"
         return self.comms[pid]
 
+    def _refresh_order(self, stale: list[int]) -> list[int]:
+        """The next few quiet processes, round-robin, to read again (ksm_stat's
+        profit moves when ksmd rescans; new VMAs appear without faults)."""
+        if not stale:
+            return []
+        stale.sort()
+        i = bisect.bisect_right(stale, self._refresh_after)
+        pick = (stale[i:] + stale[:i])[:REFRESH_PER_UPDATE]
+        self._refresh_after = pick[-1]
+        return pick
+
+    def _look(
+        self,
+        tgid: int,
+        counts: dict[str, int],
+        pf: ProcFaults | None,
+        pages: list[tuple[int, int, int]],
+        regions: bool,
+    ) -> _Seen:
+        """Read one process's mappings and ksm_stat and attribute its counts to regions."""
+        try:
+            vmas = self.proc.smaps(tgid) if regions else []
+            stat = self.proc.ksm_stat(tgid)
+        except (ProcessGone, AccessDenied):
+            # Exited during the interval: its counts still belong in this
+            # report (they are part of cow_ksm), only its regions are gone.
+            vmas, stat = [], None
+        region_counts: dict[tuple[int, int, int], dict[str, int]] = {}
+        ranges = sorted(pf.regions) if pf else []
+        mg_wp = 0
+        if pf:
+            for (a, b), fc in pf.regions.items():
+                row = region_counts.setdefault((tgid, a, b), dict.fromkeys(COUNTERS, 0))
+                row["ksm_cow"] += fc.ksm_cow
+                row["wp"] += fc.wp
+                mg_wp += fc.wp
+            if pf.other.wp:
+                row = region_counts.setdefault((tgid, 0, 0), dict.fromkeys(COUNTERS, 0))
+                row["ksm_cow"] += pf.other.ksm_cow
+                row["wp"] += pf.other.wp
+        starts = [r[0] for r in ranges]
+        vstarts = [v.start for v in vmas]
+        unattributed = 0
+        for addr, m, u in pages:
+            i = bisect.bisect_right(starts, addr) - 1
+            if i >= 0 and addr < ranges[i][1]:
+                key = (tgid, *ranges[i])
+            else:
+                j = bisect.bisect_right(vstarts, addr) - 1
+                if j < 0 or addr >= vmas[j].end:
+                    unattributed += 1
+                    continue
+                key = (tgid, vmas[j].start, vmas[j].end)
+            row = region_counts.setdefault(key, dict.fromkeys(COUNTERS, 0))
+            row["merges"] += m
+            row["unmerges"] += u
+        return _Seen(dict(counts), regions, vmas, stat, region_counts, mg_wp, unattributed)
+
     def update(
         self,
         faults: FaultSnapshot,
@@ -144,6 +221,11 @@ class FaultsState:
         keep: Callable[[int, str], bool] = lambda pid, comm: True,
         regions: bool = True,
     ) -> FaultsReport:
+        """One interval's report. Work is proportional to what happened: only
+        processes whose counters moved (or that are new) have their smaps and
+        ksm_stat read again; the others keep what was read before, and a few
+        of them are refreshed per update (REFRESH_PER_UPDATE), so that a
+        host of a thousand quiet mergeable processes costs little."""
         t = faults.t
         per: dict[int, dict[str, int]] = {}
         for tgid, c in faults.procs.items():
@@ -155,69 +237,45 @@ class FaultsState:
                 per.setdefault(tgid, dict.fromkeys(COUNTERS, 0)).update(merges=k.merges, unmerges=k.unmerges)
         rates = self.rates.update(t, per)
 
-        region_counts: dict[tuple[int, int, int], dict[str, int]] = {}
-        wp_mg: dict[int, dict[str, int]] = {}
-        vmas_of: dict[int, list[Vma]] = {}
-        stats: dict[int, KsmStat | None] = {}
-        unattributed: dict[int, int] = {}
         self.wanted_regions = {}
         merged_pages: dict[int, list[tuple[int, int, int]]] = {}
         if ksmd is not None:
             for (tgid, addr), (m, u) in ksmd.pages.items():
                 merged_pages.setdefault(tgid, []).append((addr, m, u))
-        for tgid in per:
-            comm = self._comm(tgid)
-            if not keep(tgid, comm):
-                continue
-            try:
-                vmas = self.proc.smaps(tgid) if regions else []
-                stats[tgid] = self.proc.ksm_stat(tgid)
-            except (ProcessGone, AccessDenied):
-                # Exited during the interval: its counts still belong in this
-                # report (they are part of cow_ksm), only its regions are gone.
-                vmas, stats[tgid] = [], None
-            vmas_of[tgid] = vmas
-            self.wanted_regions[tgid] = [(v.start, v.end) for v in vmas if v.mergeable]
-            pf = faults.procs.get(tgid)
-            ranges = sorted(pf.regions) if pf else []
-            mg_wp = 0
-            if pf:
-                for (a, b), fc in pf.regions.items():
-                    row = region_counts.setdefault((tgid, a, b), dict.fromkeys(COUNTERS, 0))
-                    row["ksm_cow"] += fc.ksm_cow
-                    row["wp"] += fc.wp
-                    mg_wp += fc.wp
-                if pf.other.wp:
-                    row = region_counts.setdefault((tgid, 0, 0), dict.fromkeys(COUNTERS, 0))
-                    row["ksm_cow"] += pf.other.ksm_cow
-                    row["wp"] += pf.other.wp
-            starts = [r[0] for r in ranges]
-            vstarts = [v.start for v in vmas]
-            for addr, m, u in merged_pages.get(tgid, []):
-                i = bisect.bisect_right(starts, addr) - 1
-                if i >= 0 and addr < ranges[i][1]:
-                    key = (tgid, *ranges[i])
-                else:
-                    j = bisect.bisect_right(vstarts, addr) - 1
-                    if j < 0 or addr >= vmas[j].end:
-                        unattributed[tgid] = unattributed.get(tgid, 0) + 1
-                        continue
-                    key = (tgid, vmas[j].start, vmas[j].end)
-                row = region_counts.setdefault(key, dict.fromkeys(COUNTERS, 0))
-                row["merges"] += m
-                row["unmerges"] += u
-            wp_mg[tgid] = {"wp": mg_wp}
+        stale = [tgid for tgid in self._seen if tgid in per and self._seen[tgid].counts == per[tgid]]
+        refresh = set(self._refresh_order(stale))
+        shown: list[int] = []
+        for tgid, counts in per.items():
+            seen = self._seen.get(tgid)
+            if seen is None or seen.counts != counts or tgid in refresh or seen.regions != regions:
+                comm = self._comm(tgid)
+                if not keep(tgid, comm):
+                    continue
+                seen = self._look(tgid, counts, faults.procs.get(tgid), merged_pages.get(tgid, []), regions)
+                self._seen[tgid] = seen
+                self.wanted_regions[tgid] = [(v.start, v.end) for v in seen.vmas if v.mergeable]
+            if any(counts.values()):
+                shown.append(tgid)
+        region_counts: dict[tuple[int, int, int], dict[str, int]] = {}
+        wp_mg: dict[int, dict[str, int]] = {}
+        for tgid, seen in self._seen.items():
+            if tgid in per:
+                region_counts.update(seen.region_counts)
+                wp_mg[tgid] = {"wp": seen.wp_mergeable}
         rrates = self.region_rates.update(t, region_counts)
         mrates = self.wp_mg_rates.update(t, wp_mg)
+        by_tgid: dict[int, list[tuple[int, int, dict[str, Rate]]]] = {}
+        for (rt, a, b), rr in rrates.items():
+            by_tgid.setdefault(rt, []).append((a, b, rr))
 
         rows: list[ProcessRow] = []
-        for tgid, vmas in vmas_of.items():
+        for tgid in shown:
+            seen = self._seen[tgid]
+            vmas = seen.vmas
             by_start = {v.start: v for v in vmas}
             vstarts = [v.start for v in vmas]
             regs = []
-            for (rt, a, b), rr in rrates.items():
-                if rt != tgid:
-                    continue
+            for a, b, rr in by_tgid.get(tgid, []):
                 if (a, b) == (0, 0):
                     regs.append(RegionRow(0, 0, "(other)", False, rr, None))
                     continue
@@ -228,7 +286,7 @@ class FaultsState:
                 ksm_bytes = v.ksm_bytes if v and (v.start, v.end) == (a, b) else None
                 regs.append(RegionRow(a, b, name, mergeable, rr, ksm_bytes))
             regs.sort(key=lambda r: (r.start == 0, r.start))
-            st = stats.get(tgid)
+            st = seen.stat
             rows.append(
                 ProcessRow(
                     pid=tgid,
@@ -238,7 +296,7 @@ class FaultsState:
                     profit_bytes=st.process_profit if st else None,
                     merging_pages=st.merging_pages if st else None,
                     regions=regs,
-                    unattributed=unattributed.get(tgid, 0),
+                    unattributed=seen.unattributed,
                 )
             )
         rows.sort(key=lambda r: (-r.rates["ksm_cow"].per_s, -r.rates["ksm_cow"].total, r.pid))

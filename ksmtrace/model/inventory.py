@@ -171,7 +171,8 @@ def take(proc: ProcFS | None = None, pids: list[int] | None = None) -> Inventory
             inv.exited += 1
         except AccessDenied:
             inv.denied += 1
-    inv.processes = [_with_origins(p, _ParentView(proc, inv.processes)) for p in inv.processes]
+    parents = _ParentView(proc, inv.processes)  # one view for all: per process it was O(n^2)
+    inv.processes = [_with_origins(p, parents) for p in inv.processes]
     return inv
 
 

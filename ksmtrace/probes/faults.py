@@ -43,6 +43,10 @@ _STATS = (
 _HEADER = struct.Struct("<IIQIIQQ")
 _REGION = struct.Struct("<QQQQ")
 _OFF_WALK_ALL, _OFF_HAS_MERGED = 16, 20
+# walk_all = 2: set by user space until a process's earlier merges are preloaded
+# (the BPF side sets 1, for a full bucket, and that one is never cleared).
+PRELOAD_PENDING = 2
+PRELOAD_BUDGET_S = 0.3  # at start-up; the rest a slice per interval (preload_pending)
 KFUNC_PLACEHOLDER = 0x7FFE  # helper number the loader rewrites into bpf_rdonly_cast (bpf/faults.bpf.c)
 _GOLDEN = 0x9E3779B97F4A7C15  # the multiplier of merged_bucket() in bpf/faults.bpf.c
 
@@ -116,6 +120,9 @@ class FaultProbe:
             "PID_MAX": self.pid_max,
         }
         self.tables: dict[int, list[tuple[int, int]]] = {}
+        # slot -> (its bytes, tgid, decoded) at the last snapshot; tgids whose region table grew since
+        self._decoded: dict[int, tuple[bytes, int, ProcFaults]] = {}
+        self._retabled: set[int] = set()
         if pid is not None:
             defines["FILTER_TGID"] = pid
         # Without ksm:* tracepoints (features.FEATURES["ksm_tracepoints"]) every fault of a
@@ -136,6 +143,7 @@ class FaultProbe:
         self._slot_words = native.SharedWords(self._slot_of)
         self._tag_words = native.SharedWords(self._tags)
         self._bit_words = native.SharedWords(self._bits)
+        self._proc_words = native.SharedWords(self._procs)
         free = self.bpf["free_slots"]
         for s in range(1, self.max_procs):
             free.push(ctypes.c_uint32(s))
@@ -146,7 +154,20 @@ class FaultProbe:
         if pid is not None:
             pids = [p for p in pids if p == pid]
         self.mark(pids)
-        self.preloaded = self.preload_merged(pids) if self.merge_events else 0
+        self.initial = list(pids)
+        # Their pages merged before we attached must enter the merged set
+        # (preload: smaps + pagemap per process). On a host of a thousand
+        # mergeable processes that takes seconds, so it runs within a time
+        # budget now and the rest later (preload_pending, each interval);
+        # until a process is preloaded, each of its write-protect faults is
+        # checked against struct page instead (walk_all), which is exact.
+        self.preloaded = 0
+        self._pending: list[int] = []
+        if self.merge_events:
+            for tgid in pids:
+                self._walk_all_until_preloaded(tgid)
+            self._pending = list(pids)
+            self.preload_pending(PRELOAD_BUDGET_S)
 
     def _load(self, defines: dict[str, int | str]) -> Any:
         """Build with helper-free kernel reads where the kernel takes them
@@ -202,7 +223,16 @@ class FaultProbe:
     def walk_all(self, tgid: int) -> None:
         """This process's KSM pages are not all in the merged set: check every
         write-protect fault of it against struct page instead (exact, slower)."""
-        self._set_flag(tgid, _OFF_WALK_ALL)
+        slot = self._track(tgid)
+        if slot:
+            # Atomically: the BPF side and _preloaded() touch the same word.
+            off = slot * SLOT_SIZE + _OFF_WALK_ALL
+            word = struct.unpack_from("<Q", self._procs, off)[0]
+            while True:
+                seen = self._proc_words.cmpxchg(off, word, (word & ~0xFFFFFFFF) | 1)
+                if seen == word:
+                    return
+                word = seen
 
     def mark(self, tgids: Iterable[int]) -> None:
         """Track these processes (they may be mergeable) from now on."""
@@ -225,6 +255,40 @@ class FaultProbe:
                 return idx
         return -1
 
+    def _walk_all_until_preloaded(self, tgid: int) -> None:
+        """walk_all = PRELOAD_PENDING, unless the BPF side set it already (a full bucket)."""
+        slot = self._track(tgid)
+        if not slot:
+            return
+        off = slot * SLOT_SIZE + _OFF_WALK_ALL  # the 8-byte word of walk_all (low) and has_merged (high)
+        word = struct.unpack_from("<Q", self._procs, off)[0]
+        while word & 0xFFFFFFFF == 0:
+            seen = self._proc_words.cmpxchg(off, word, word | PRELOAD_PENDING)
+            if seen == word:
+                return
+            word = seen
+
+    def _preloaded(self, tgid: int) -> None:
+        """Back to the merged set for this process: clear walk_all if it is still ours."""
+        slot = self._slot(tgid)
+        if not slot:
+            return
+        off = slot * SLOT_SIZE + _OFF_WALK_ALL
+        word = struct.unpack_from("<Q", self._procs, off)[0]
+        while word & 0xFFFFFFFF == PRELOAD_PENDING:
+            seen = self._proc_words.cmpxchg(off, word, word & ~0xFFFFFFFF)
+            if seen == word:
+                return
+            word = seen
+
+    def preload_pending(self, budget_s: float) -> int:
+        """Preload processes still waiting, for at most ``budget_s``; returns how many still wait."""
+        deadline = time.monotonic() + budget_s
+        while self._pending and time.monotonic() < deadline:
+            tgid = self._pending.pop(0)
+            self.preloaded += self.preload_merged([tgid])
+        return len(self._pending)
+
     def preload_merged(self, pids: Iterable[int]) -> int:
         """Enter pages that are KSM now (pagemap + kpageflags) into the merged set."""
         n = 0
@@ -240,18 +304,24 @@ class FaultProbe:
                         n += 1
             except (ProcessGone, AccessDenied):
                 continue
-            if not chunks or not self._track(pid):
+            if not self._track(pid):
                 continue
+            complete = True
             for chunk, words in chunks.items():
                 idx = self._claim(pid << TAG_CHUNK_BITS | chunk)
                 if idx < 0:
                     self.walk_all(pid)
+                    complete = False
                     continue
                 for i, w in enumerate(words):
                     if w:
                         # ksmd may be setting bits of the same word right now.
                         self._bit_words.atomic_or(idx * 64 + i * 8, w)
-            self._set_flag(pid, _OFF_HAS_MERGED)
+            if chunks:
+                self._set_flag(pid, _OFF_HAS_MERGED)
+            if complete:
+                # Pages merged since we attached come from the merge tracepoint.
+                self._preloaded(pid)
         return n
 
     # ---- regions and counters --------------------------------------------
@@ -269,6 +339,7 @@ class FaultProbe:
             return
         first = len(table)
         table.extend(sorted(new, key=lambda r: r[0] - r[1])[:room])  # largest first
+        self._retabled.add(tgid)  # its regions dict must be built again
         for i in range(first, len(table)):
             start, end = table[i]
             off = slot * SLOT_SIZE + 64 + i * _REGION.size
@@ -277,32 +348,54 @@ class FaultProbe:
             struct.pack_into("<Q", self._procs, off, start)
 
     def snapshot(self) -> FaultSnapshot:
+        """Every tracked process's counters. A slot whose bytes did not change
+        since the last snapshot is not decoded again (a thousand quiet
+        processes would cost milliseconds per interval otherwise)."""
         t = time.monotonic()
         procs = {}
         buf = self._procs
-        for slot in range(1, self.max_procs):
-            base = slot * SLOT_SIZE
-            tgid, _state, _pgd, _walk, _has, owp, oksm = _HEADER.unpack_from(buf, base)
-            if not tgid:
-                continue
-            table = self.tables.get(tgid, [])
-            other = FaultCounts(owp, oksm)
-            slots = []
-            for i in range(MAX_REGIONS):
-                start, _end, wp, ksm_cow = _REGION.unpack_from(buf, base + 64 + i * _REGION.size)
-                if not start:
-                    break
-                slots.append(FaultCounts(wp, ksm_cow))
-            procs[tgid] = ProcFaults(
-                total=FaultCounts(
-                    other.wp + sum(r.wp for r in slots), other.ksm_cow + sum(r.ksm_cow for r in slots)
-                ),
-                other=other,
-                regions={rng: slots[i] for i, rng in enumerate(table) if i < len(slots)},
-            )
+        words = memoryview(buf).cast("I")
+        cache: dict[int, tuple[bytes, int, ProcFaults]] = {}
+        try:
+            for slot in range(1, self.max_procs):
+                base = slot * SLOT_SIZE
+                tgid = words[base // 4]
+                if not tgid:
+                    continue
+                raw = bytes(buf[base : base + SLOT_SIZE])
+                old = self._decoded.get(slot)
+                if old is not None and old[0] == raw and old[1] == tgid and tgid not in self._retabled:
+                    procs[tgid] = old[2]
+                    cache[slot] = old
+                    continue
+                pf = self._decode(raw, tgid)
+                procs[tgid] = pf
+                cache[slot] = (raw, tgid, pf)
+        finally:
+            words.release()
+        self._decoded = cache
+        self._retabled.clear()
         st = self.bpf["stats"]
         stats = {name: int(sum(st[st.Key(i)])) for i, name in enumerate(_STATS)}
         return FaultSnapshot(t, procs, stats)
+
+    def _decode(self, raw: bytes, tgid: int) -> ProcFaults:
+        _tgid, _state, _pgd, _walk, _has, owp, oksm = _HEADER.unpack_from(raw, 0)
+        table = self.tables.get(tgid, [])
+        other = FaultCounts(owp, oksm)
+        slots = []
+        for i in range(MAX_REGIONS):
+            start, _end, wp, ksm_cow = _REGION.unpack_from(raw, 64 + i * _REGION.size)
+            if not start:
+                break
+            slots.append(FaultCounts(wp, ksm_cow))
+        return ProcFaults(
+            total=FaultCounts(
+                other.wp + sum(r.wp for r in slots), other.ksm_cow + sum(r.ksm_cow for r in slots)
+            ),
+            other=other,
+            regions={rng: slots[i] for i, rng in enumerate(table) if i < len(slots)},
+        )
 
     def forget(self, tgids: set[int]) -> None:
         """Free exited processes' slots and merged chunks: their pids can be reused."""
@@ -328,7 +421,7 @@ class FaultProbe:
     def close(self) -> None:
         # Not cut in two by a signal: BCC would retry a half-done cleanup at exit and fail.
         with critical():
-            for words in (self._slot_words, self._tag_words, self._bit_words):
+            for words in (self._slot_words, self._tag_words, self._bit_words, self._proc_words):
                 words.release()
             for m in (self._slot_of, self._procs, self._tags, self._bits):
                 m.close()

@@ -78,6 +78,8 @@ class KsmdProbe:
         if pid is not None:
             defines["FILTER_TGID"] = pid
         self.bpf: Any = loader.load("ksmd.bpf.c", defines)
+        self._pages_key: tuple[int, int, int] | None = None
+        self._page_counts: dict[tuple[int, int], tuple[int, int]] = {}
 
     def snapshot(self, pages: bool = True) -> KsmdSnapshot:
         t = time.monotonic()
@@ -88,15 +90,30 @@ class KsmdProbe:
         }
         s = self.bpf["scan"][0]
         scan = ScanState(**{f.name: int(getattr(s, f.name)) for f in fields(ScanState)})
-        page_counts = (
-            {
-                (int(k.tgid), int(k.page) << PAGE_SHIFT): (int(v.merges), int(v.unmerges))
-                for k, v in self.bpf["pages"].items()
-            }
-            if pages
-            else {}
+        return KsmdSnapshot(t, procs, scan, self._pages(procs, scan) if pages else {})
+
+    def _pages(
+        self, procs: dict[int, KsmProcCounts], scan: ScanState
+    ) -> dict[tuple[int, int], tuple[int, int]]:
+        """The per-page map, read again only when a merge or unmerge happened
+        since the last read (every page event also counts in its process):
+        reading tens of thousands of entries key by key costs a core-second."""
+        key = (
+            sum(c.merges for c in procs.values()),
+            sum(c.unmerges for c in procs.values()),
+            scan.page_drops,
         )
-        return KsmdSnapshot(t, procs, scan, page_counts)
+        if key != self._pages_key:
+            table = self.bpf["pages"]
+            try:
+                items = list(table.items_lookup_batch())  # one syscall per batch (5.6+)
+            except Exception:  # noqa: BLE001 (BCC raises plain Exception where batches are refused)
+                items = table.items()
+            self._page_counts = {
+                (int(k.tgid), int(k.page) << PAGE_SHIFT): (int(v.merges), int(v.unmerges)) for k, v in items
+            }
+            self._pages_key = key
+        return self._page_counts
 
     def forget(self, tgids: set[int]) -> None:
         if not tgids:
@@ -107,6 +124,7 @@ class KsmdProbe:
                 del procs[procs.Key(tgid)]
             except KeyError:
                 pass
+        self._pages_key = None  # entries go: read the map again next time
         for k in [k for k in pages.keys() if int(k.tgid) in tgids]:
             try:
                 del pages[k]
