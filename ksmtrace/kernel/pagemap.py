@@ -23,8 +23,11 @@ KPF_KSM = 1 << 21
 KPF_ZERO_PAGE = 1 << 24
 # 2 MiB of pagemap entries per read: large reads are ~10x faster than small.
 _CHUNK_PAGES = 262144
-# kpageflags windows: frames within this distance are read in one pread.
+# kpageflags windows: at most this many entries per pread, and a new window
+# where the next frame is more than _GAP away (reading the flags of frames
+# between costs more than another pread: the kernel computes every entry).
 _WINDOW = 4096
+_GAP = 16
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,9 @@ def frame_flags(frames: list[int], proc: Path = Path("/proc")) -> dict[int, int]
         while i < len(ordered):
             lo = ordered[i]
             j = i
-            while j + 1 < len(ordered) and ordered[j + 1] - lo < _WINDOW:
+            while (
+                j + 1 < len(ordered) and ordered[j + 1] - lo < _WINDOW and ordered[j + 1] - ordered[j] <= _GAP
+            ):
                 j += 1
             hi = ordered[j]
             raw = os.pread(fd, (hi - lo + 1) * 8, lo * 8)

@@ -18,7 +18,7 @@ from typing import Any
 
 from ksmtrace import native
 from ksmtrace.errors import AccessDenied, ProcessGone, TracingUnavailable
-from ksmtrace.kernel import btf, checks, pagemap, procfs
+from ksmtrace.kernel import btf, checks, ksm_sysfs, pagemap, procfs
 from ksmtrace.kernel.procfs import ProcFS
 from ksmtrace.kernel.signals import critical
 from ksmtrace.probes import kaddr, loader
@@ -163,7 +163,9 @@ class FaultProbe:
         # checked against struct page instead (walk_all), which is exact.
         self.preloaded = 0
         self._pending: list[int] = []
-        if self.merge_events:
+        # Read after attaching: with no KSM page on the host now, every later
+        # one comes through the merge tracepoint and there is nothing to preload.
+        if self.merge_events and ksm_sysfs.read().get("pages_shared", 1) != 0:
             for tgid in pids:
                 self._walk_all_until_preloaded(tgid)
             self._pending = list(pids)
