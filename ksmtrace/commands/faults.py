@@ -30,7 +30,7 @@ from ksmtrace.views import faults as view
 # Start-up reads bounded in time, the rest spread over the intervals (issue #14:
 # first report within 2 s whatever the number of mergeable processes).
 INITIAL_REGIONS_BUDGET_S = 0.3
-PRELOAD_SLICE = 0.1  # of each interval, while processes still wait for their preload
+PRELOAD_SLICE = 0.25  # of each interval, while processes still wait for their preload
 
 NO_KSM_TRACEPOINTS = (
     "note: this kernel has no ksm:* tracepoints (Linux < 6.4): merges and unmerges per "
