@@ -133,7 +133,8 @@ def run(counts: list[int], steady: int, warmup: int) -> None:
                 kids.wait()
             rows.append((n, f, wall, ocpu, orss, listed))
             print(
-                f"{n:5d} processes: faults attached {f['attached_s']:.2f}s, first report {f['first_report_s']:.2f}s, "
+                f"{n:5d} processes: faults attached {f['attached_s']:.2f}s, "
+                f"first report {f['first_report_s']:.2f}s, "
                 f"{f['cpu_pct']:.2f}% CPU per 1s interval, RSS {f['rss_kib'] / 1024:.0f} MiB "
                 f"({f['shown']} with counts); optins {wall:.2f}s wall {ocpu:.2f}s CPU, "
                 f"{listed} listed",
