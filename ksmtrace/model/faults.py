@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ksmtrace.errors import AccessDenied, ProcessGone
 from ksmtrace.kernel.proc_events import ProcEvent
@@ -211,7 +211,16 @@ class FaultsState:
             row = region_counts.setdefault(key, dict.fromkeys(COUNTERS, 0))
             row["merges"] += m
             row["unmerges"] += u
-        return _Seen(dict(counts), regions, vmas, stat, region_counts, mg_wp, unattributed)
+        # Kept until the next look: only the mappings rows can name (mergeable,
+        # or holding counted regions), without smaps' other sizes. A thousand
+        # processes' full smaps held ~80 KiB each.
+        keys = [(a, b) for (_, a, b) in region_counts if a]
+        kept = [
+            replace(v, sizes={"KSM": v.sizes["KSM"]} if "KSM" in v.sizes else {})
+            for v in vmas
+            if v.mergeable or any(a < v.end and b > v.start for a, b in keys)
+        ]
+        return _Seen(dict(counts), regions, kept, stat, region_counts, mg_wp, unattributed)
 
     def update(
         self,
