@@ -29,6 +29,28 @@ class AttachRefused(KsmtraceError):
     exit_code = 77
 
 
+class TargetTraced(AttachRefused):
+    """Another tracer (a debugger, strace) holds the target: a thread has one tracer."""
+
+
+class TargetNot64Bit(KsmtraceError):
+    exit_code = 2
+
+
+class TargetExecuted(KsmtraceError):
+    """The process runs another program than the one whose ranges were checked."""
+
+
+# A thread chosen for the injection may exit before it stops; the madvise acts on
+# the whole process, so another thread serves as well. Bounded: a process whose
+# threads all live shorter than an attach is refused in words, not chased forever.
+THREAD_ATTEMPTS = 8
+
+# image_id() of each pid as check_target() saw it: an exec (or a reused pid) between
+# the checks and the injection is then refused instead of advising a stranger's memory.
+_checked_image: dict[int, int] = {}
+
+
 @dataclass(frozen=True)
 class Injection:
     pid: int
@@ -41,6 +63,7 @@ class Injection:
     restarts: int
     signals_kept: int
     micros: float
+    attempts: int = 1  # threads tried: more than one when a chosen thread exited first
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -54,6 +77,7 @@ class Injection:
             "restarts": self.restarts,
             "signals_kept": self.signals_kept,
             "micros": round(self.micros, 1),
+            "attempts": self.attempts,
         }
 
 
@@ -65,17 +89,99 @@ def require_x86_64() -> None:
         )
 
 
-def pick_thread(pid: int, proc: Path = Path("/proc")) -> int:
-    """The main thread, unless it already exited (a zombie leader): then any live thread."""
-    tids = sorted(int(t) for t in os.listdir(proc / str(pid) / "task"))
+def live_threads(pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """Threads of ``pid`` that are neither dead nor zombies, the main thread first; [] if none."""
+    try:
+        tids = sorted(int(t) for t in os.listdir(proc / str(pid) / "task"))
+    except OSError:
+        return []  # gone (and reaped) already
+    live = []
     for tid in [pid] + [t for t in tids if t != pid]:
         try:
             state = (proc / str(pid) / "task" / str(tid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
+        except (OSError, IndexError):
             continue
-        if state not in ("Z", "X"):
-            return tid
-    raise ProcessGone(pid, "no live thread")
+        if state not in ("Z", "X", "x"):
+            live.append(tid)
+    return live
+
+
+def pick_thread(pid: int, proc: Path = Path("/proc")) -> int:
+    """The main thread, unless it already exited (a zombie leader): then any live thread."""
+    live = live_threads(pid, proc)
+    if not live:
+        raise ProcessGone(pid, "no live thread")
+    return live[0]
+
+
+def _status_fields(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def tracer_of(pid: int, tid: int | None = None) -> int:
+    """The pid tracing thread ``tid`` of ``pid`` (its main thread by default), 0 if none."""
+    fields = _status_fields(Path(f"/proc/{pid}/task/{tid or pid}/status"))
+    try:
+        return int(fields.get("TracerPid", "0").strip())
+    except ValueError:
+        return 0
+
+
+def exe_elf_kind(pid: int) -> str | None:
+    """'x86_64', 'i386', 'x32' or another ELF description of /proc/PID/exe; None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/exe", "rb") as f:
+            hdr = f.read(20)
+    except OSError:
+        return None  # exited, a kernel thread, or refused: the attach will tell
+    if len(hdr) < 20 or hdr[:4] != b"\x7fELF":
+        return None
+    machine = int.from_bytes(hdr[18:20], "little")
+    klass = {1: 32, 2: 64}.get(hdr[4], 0)
+    if machine == 62:
+        return "x86_64" if klass == 64 else "x32"
+    if machine == 3:
+        return "i386"
+    return f"ELF{klass} machine {machine}"
+
+
+def refuse_unsupported(pid: int, tid: int | None = None) -> None:
+    """Refuse, in words, targets the injection cannot serve: another ABI, another tracer."""
+    kind = exe_elf_kind(pid)
+    if kind is not None and kind != "x86_64":
+        raise TargetNot64Bit(_not_64bit(pid, kind))
+    for who in dict.fromkeys([pid, tid or pid]):
+        tracer = tracer_of(pid, who)
+        if tracer:
+            raise TargetTraced(_traced(pid, who, tracer))
+
+
+def _not_64bit(pid: int, kind: str) -> str:
+    what = {"i386": "a 32-bit (i386)", "x32": "an x32 (32-bit pointers)"}.get(kind, f"a {kind}")
+    return (
+        f"pid {pid} ({_comm(pid)}) runs {what} program, not x86_64: ksmtrace injects madvise with "
+        "the x86_64 syscall ABI, and a compat task's registers and syscall numbers differ; "
+        "start it with 'ksmtrace run -- CMD' to opt it in instead"
+    )
+
+
+def _traced(pid: int, tid: int, tracer: int) -> str:
+    who = f"pid {pid}" if tid == pid else f"pid {pid} (thread {tid})"
+    return (
+        f"{who} is being traced by pid {tracer} ({_comm(tracer)}): a thread can have only one tracer, "
+        "so ksmtrace cannot attach; detach the debugger (or stop strace) and run again"
+    )
 
 
 def check_target(pid: int, proc: ProcFS | None = None) -> list[Vma]:
@@ -88,8 +194,15 @@ def check_target(pid: int, proc: ProcFS | None = None) -> list[Vma]:
     status = proc.status(pid)
     if status.is_kernel_thread:
         raise UsageError(f"pid {pid} ({status.comm}) is a kernel thread: it has no user memory to merge")
+    refuse_unsupported(pid)
+    # Read before the mappings, so any exec after it shows as a different image.
+    live = live_threads(pid)
+    image = native.image_id(live[0]) if live else 0
     try:
-        return proc.smaps(pid)
+        vmas = proc.smaps(pid)
+        if image:
+            _checked_image[pid] = image
+        return vmas
     except AccessDenied:
         if os.geteuid() != 0:
             raise
@@ -119,37 +232,39 @@ def check_range(pid: int, vmas: list[Vma], start: int, end: int, merging: bool) 
     return covering
 
 
-def madvise(pid: int, start: int, end: int, advice: int, timeout_ms: int = 2000) -> Injection:
-    """Run madvise(start, end - start, advice) inside ``pid``; raise KsmtraceError on any failure."""
+def madvise(
+    pid: int, start: int, end: int, advice: int, timeout_ms: int = 2000, image: int | None = None
+) -> Injection:
+    """Run madvise(start, end - start, advice) inside ``pid``; raise KsmtraceError on any failure.
+
+    ``image``: the process's :func:`ksmtrace.native.image_id` when its ranges were
+    checked (default: as :func:`check_target` saw it, else as it is now). A process
+    that has executed another program since is refused (:class:`TargetExecuted`).
+    If the chosen thread exits first, another thread is chosen.
+    """
     require_x86_64()
-    tid = pick_thread(pid)
-    try:
-        res = native.inject_madvise(tid, start, end - start, advice, timeout_ms)
-    except OSError as exc:
-        e = exc.errno
-        if e == errno.ESRCH:
-            raise ProcessGone(pid) from None
-        if e == errno.EPERM:
-            raise AttachRefused(
-                f"cannot attach to pid {pid}: already traced (a debugger, strace?) or not "
-                "permitted (needs root / CAP_SYS_PTRACE)"
-            ) from None
-        if e == errno.ETIMEDOUT:
-            raise KsmtraceError(
-                f"pid {pid} did not stop within {timeout_ms} ms (uninterruptible sleep?); "
-                "it was left untouched and is not traced"
-            ) from None
-        if e == errno.ENOEXEC:
-            raise KsmtraceError(
-                f"pid {pid} is a 32-bit process: remote opt-in supports 64-bit only"
-            ) from None
-        if e == errno.ENOENT:
-            raise KsmtraceError(f"pid {pid} has no syscall instruction to borrow (no vDSO?)") from None
-        if e == errno.EDEADLK:
-            raise UsageError(f"pid {pid} is ksmtrace itself: refusing to inject into it") from None
-        if e == errno.ENOSYS:
-            require_x86_64()
-        raise KsmtraceError(f"injecting into pid {pid} failed: {exc.strerror}") from None
+    if image is None:
+        image = _checked_image.get(pid) or 0
+    attempts = 0
+    while attempts < THREAD_ATTEMPTS:
+        attempts += 1
+        tid = pick_thread(pid)
+        refuse_unsupported(pid, tid)
+        if not image:
+            image = native.image_id(tid)
+        try:
+            res = native.inject_madvise(tid, start, end - start, advice, timeout_ms, image)
+        except OSError as exc:
+            err = _failure(exc, pid, tid, image, timeout_ms)
+            if err is None:
+                continue  # that thread exited, the process lives on: another one
+            raise err from None
+        break
+    else:
+        raise KsmtraceError(
+            f"pid {pid}: {THREAD_ATTEMPTS} threads in a row exited before they could be stopped; "
+            "the injection did not complete (the process is running and untraced): run again"
+        )
     ret = res["ret"]
     if ret < 0:
         why = {
@@ -172,4 +287,60 @@ def madvise(pid: int, start: int, end: int, advice: int, timeout_ms: int = 2000)
         restarts=res["restarts"],
         signals_kept=res["signals_kept"],
         micros=res["elapsed_ns"] / 1000,
+        attempts=attempts,
     )
+
+
+# What a process that died during the attempt may have made the attempt fail with.
+_GONE_ERRNOS = frozenset(
+    (errno.ESRCH, errno.EPERM, errno.ETIMEDOUT, errno.ENOENT, errno.ESTALE, errno.EFAULT)
+)
+
+
+def _failure(exc: OSError, pid: int, tid: int, image: int, timeout_ms: int) -> KsmtraceError | None:
+    """The sentence for a failed injection, read from what /proc says now; None: retry
+    with another thread (only that thread went away)."""
+    e = exc.errno
+    live = live_threads(pid)
+    if not live and e in _GONE_ERRNOS:
+        # It died at some point of the attempt; whatever the attempt saw, that is the news.
+        return ProcessGone(pid)
+    now = native.image_id(live[0]) if live else 0
+    if e == errno.ESTALE or (e == errno.ESRCH and image and now and now != image):
+        return TargetExecuted(
+            f"pid {pid} executed a new program ({_comm(pid)}) since its ranges were checked "
+            "(or the pid now belongs to another process): its memory is not the memory that was "
+            "checked, so nothing was done; check the ranges again and rerun"
+        )
+    if e == errno.ESRCH:
+        return None
+    if e == errno.EPERM:
+        for who in dict.fromkeys([tid, pid]):
+            tracer = tracer_of(pid, who)
+            if tracer:
+                return TargetTraced(_traced(pid, who, tracer))
+        if tid not in live:
+            return None  # the thread was exiting: attach refuses a dying thread too
+        return AttachRefused(
+            f"cannot attach to pid {pid} ({_comm(pid)}): not permitted (ksmtrace needs root or "
+            "CAP_SYS_PTRACE, and a security module may refuse)"
+        )
+    if e == errno.ETIMEDOUT:
+        return KsmtraceError(
+            f"pid {pid} did not stop within {timeout_ms} ms (uninterruptible sleep?); "
+            "it was left untouched and is not traced"
+        )
+    if e == errno.ENOEXEC:
+        return TargetNot64Bit(_not_64bit(pid, exe_elf_kind(pid) or "32-bit"))
+    if e == errno.ENOENT:
+        return KsmtraceError(f"pid {pid} has no syscall instruction to borrow (no vDSO?)")
+    if e == errno.EFAULT:
+        return KsmtraceError(
+            f"pid {pid}: the borrowed syscall instruction faulted (its mappings changed during the "
+            "injection); its registers were put back and it runs on untraced: run again"
+        )
+    if e == errno.EDEADLK:
+        return UsageError(f"pid {pid} is ksmtrace itself: refusing to inject into it")
+    if e == errno.ENOSYS:
+        require_x86_64()
+    return KsmtraceError(f"injecting into pid {pid} failed: {exc.strerror}")

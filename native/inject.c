@@ -20,6 +20,14 @@
  * delivered by the detach with its original siginfo, any more are re-sent
  * with tgkill (no fixed limit: under load dozens arrive in one injection).
  *
+ * The target may die, exit the chosen thread or exec at any moment. Exec and
+ * exit are traced (PTRACE_O_TRACEEXEC/TRACEEXIT), so neither can happen
+ * unseen while we are attached: an exec stop means the addresses we were given
+ * belong to a program that no longer exists (-ESTALE, nothing done); an exit
+ * stop means the thread is going (-ESRCH: the caller may pick another one).
+ * The caller's view of the target (its image id, see kn_image_id) is compared
+ * after the attach, which closes the window between its checks and our attach.
+ *
  * Until the registers are changed, giving up is free: the ptrace work runs in
  * a short-lived thread whose exit detaches the target (exit_ptrace) even when
  * it never stopped. Once the syscall runs we wait for it: abandoning it would
@@ -66,6 +74,7 @@ struct job {
 	uint64_t addr, len;
 	int advice;
 	int timeout_ms;
+	uint64_t image;
 	struct kn_inject_result *res;
 	int rc;
 	int thread_tid;
@@ -95,6 +104,85 @@ static int tgid_of(int tid)
 			break;
 	fclose(f);
 	return tgid;
+}
+
+/* The state letter of /proc/TID/stat ('R', 'S', 'Z', ...), or 0 when it is gone. */
+static char task_state(int tid)
+{
+	char path[64], line[512], *p;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", tid);
+	f = fopen(path, "re");
+	if (!f)
+		return 0;
+	p = fgets(line, sizeof(line), f) ? strrchr(line, ')') : NULL;
+	fclose(f);
+	return p && p[1] == ' ' ? p[2] : 0;
+}
+
+/* Dead, a zombie, or exiting (its memory already gone): nothing to inject into. */
+static int task_gone(int tid)
+{
+	char st = task_state(tid);
+
+	return st == 0 || st == 'Z' || st == 'X' || st == 'x';
+}
+
+/*
+ * A number that changes when the process behind tid executes a new program
+ * (or the pid is reused): the layout fields of /proc/TID/stat (code, stack,
+ * argument and environment addresses) are those of the mm, and ASLR moves
+ * them on every exec. 0 when the task has no mm (exiting) or is gone.
+ */
+static uint64_t image_id(int tid)
+{
+	/* 1-based field numbers of /proc/PID/stat (proc(5)) */
+	static const int fields[] = { 26, 27, 28, 45, 46, 47, 48, 49, 50, 51 };
+	char path[64], line[1024], *p, *save = NULL;
+	uint64_t h = 1469598103934665603ull, any = 0;
+	size_t k = 0;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", tid);
+	f = fopen(path, "re");
+	if (!f)
+		return 0;
+	p = fgets(line, sizeof(line), f) ? strrchr(line, ')') : NULL;
+	fclose(f);
+	if (!p)
+		return 0;
+	/* after ") " comes field 3 */
+	p = strtok_r(p + 1, " \n", &save);
+	for (int field = 3; p && k < sizeof(fields) / sizeof(fields[0]); field++) {
+		if (field == fields[k]) {
+			uint64_t v = strtoull(p, NULL, 10);
+
+			any |= v;
+			h = (h ^ v) * 1099511628211ull;
+			k++;
+		}
+		p = strtok_r(NULL, " \n", &save);
+	}
+	return any && k == sizeof(fields) / sizeof(fields[0]) ? (h ? h : 1) : 0;
+}
+
+/* ELFCLASS64 x86-64 (1), anything else (0), unknown (-1): /proc/TID/exe's header. */
+static int exe_is_x86_64(int tid)
+{
+	unsigned char hdr[20];
+	char path[64];
+	int fd, n;
+
+	snprintf(path, sizeof(path), "/proc/%d/exe", tid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	n = (int)read(fd, hdr, sizeof(hdr));
+	close(fd);
+	if (n < 20 || memcmp(hdr, "\177ELF", 4) != 0)
+		return -1;
+	return hdr[4] == 2 && (hdr[18] | hdr[19] << 8) == 62; /* EI_CLASS 2, e_machine EM_X86_64 */
 }
 
 /* Address of a 0f 05 (syscall) in mapping [lo, hi) of pid, or 0. */
@@ -194,21 +282,29 @@ static void hold_signal(int tid, int sig, struct held *h)
 	h->extra_sig[h->extra++] = sig;
 }
 
-/* Re-send what is still held (tgkill); the target gets it once it runs. */
-static void release_held(int tid, struct held *h)
+/* Re-send what is still held (tgkill); the target gets it once it runs. A thread that
+ * is exiting would take them with it: then they go to the process (any thread takes
+ * them), which is all a process-directed signal asked for. */
+static void release_held(int tid, struct held *h, int to_process)
 {
 	int tgid = (h->sig || h->extra) ? tgid_of(tid) : -1;
 
+	if (tgid < 0) {
+		h->sig = 0;
+		h->extra = 0;
+		return; /* gone: nobody left to deliver to */
+	}
 	if (h->sig)
-		syscall(SYS_tgkill, tgid, tid, h->sig);
+		to_process ? kill(tgid, h->sig) : (int)syscall(SYS_tgkill, tgid, tid, h->sig);
 	for (int i = 0; i < h->extra; i++)
-		syscall(SYS_tgkill, tgid, tid, h->extra_sig[i]);
+		to_process ? kill(tgid, h->extra_sig[i])
+			   : (int)syscall(SYS_tgkill, tgid, tid, h->extra_sig[i]);
 	h->sig = 0;
 	h->extra = 0;
 }
 
 /* Detach; in a signal-delivery-stop the first held signal goes with it (original siginfo). */
-static void detach(int tid, struct held *h, int in_signal_stop)
+static void detach(int tid, struct held *h, int in_signal_stop, int exiting)
 {
 	int sig = 0;
 
@@ -217,7 +313,28 @@ static void detach(int tid, struct held *h, int in_signal_stop)
 		h->sig = 0;
 	}
 	ptrace(PTRACE_DETACH, tid, 0, (void *)(long)sig);
-	release_held(tid, h);
+	release_held(tid, h, exiting);
+}
+
+/* Two bytes at addr of tid are a syscall instruction (read, never written). */
+static int is_syscall_insn(int tid, uint64_t addr)
+{
+	unsigned char b[2];
+
+	return kn_read_remote(tid, addr, b, 2) == 0 && b[0] == 0x0f && b[1] == 0x05;
+}
+
+/* Our single step faulted on the borrowed instruction (a synchronous, kernel-made signal
+ * at its address): the mapping changed under us. Any other signal is the target's. */
+static int step_faulted(int tid, int sig, uint64_t sysaddr)
+{
+	struct user_regs_struct now;
+	siginfo_t si;
+
+	if (sig != SIGSEGV && sig != SIGBUS && sig != SIGILL)
+		return 0;
+	return ptrace(PTRACE_GETSIGINFO, tid, 0, &si) == 0 && si.si_code > 0 &&
+	       ptrace(PTRACE_GETREGS, tid, 0, &now) == 0 && now.rip == sysaddr;
 }
 
 static int inject(struct job *j)
@@ -226,14 +343,28 @@ static int inject(struct job *j)
 	struct user_regs_struct saved, regs;
 	struct held *held = &j->held;
 	uint64_t t0 = mono_ns(), sysaddr;
-	int status, r, sig;
+	int status, r, sig, event;
 
-	/* Attach first: it is what refuses kernel threads and already-traced targets. */
-	if (ptrace(PTRACE_SEIZE, j->tid, 0, 0) != 0)
+	/* Before attaching: a compat (32-bit) task has other registers and syscall numbers. */
+	if (exe_is_x86_64(j->tid) == 0)
+		return -ENOEXEC;
+	/* Attach first: it is what refuses kernel threads and already-traced targets. Exec and
+	 * exit stop the thread from now on, so neither can slip by unseen. */
+	if (ptrace(PTRACE_SEIZE, j->tid, 0, (void *)(long)(PTRACE_O_TRACEEXEC | PTRACE_O_TRACEEXIT)) != 0)
 		return -errno;
+	/* An exec from now on stops this thread (or kills it, when another thread execs):
+	 * comparing the image once here covers the caller's checks up to the syscall. */
+	if (j->image) {
+		uint64_t now = image_id(j->tid);
+
+		if (!now)
+			return -ESRCH; /* no mm: exiting; our thread's exit detaches */
+		if (now != j->image)
+			return -ESTALE;
+	}
 	sysaddr = find_syscall_insn(j->tid);
 	if (!sysaddr)
-		return tgid_of(j->tid) < 0 ? -ESRCH : -ENOENT; /* thread exit detaches */
+		return task_gone(j->tid) ? -ESRCH : -ENOENT; /* a dying task has no maps left */
 	res->syscall_addr = sysaddr;
 	if (ptrace(PTRACE_INTERRUPT, j->tid, 0, 0) != 0)
 		return -errno; /* thread exit detaches */
@@ -245,22 +376,41 @@ static int inject(struct job *j)
 			return r; /* -ETIMEDOUT: nothing changed yet; our thread's exit detaches */
 		if (!WIFSTOPPED(status))
 			continue;
-		if (status >> 16 == PTRACE_EVENT_STOP)
+		event = status >> 16;
+		if (event == PTRACE_EVENT_STOP)
 			break;
-		hold_signal(j->tid, WSTOPSIG(status), held);
+		if (event == PTRACE_EVENT_EXEC || event == PTRACE_EVENT_EXIT) {
+			/* A new program (our addresses mean nothing there) or a leaving thread:
+			 * let it go on untouched. */
+			detach(j->tid, held, 0, event == PTRACE_EVENT_EXIT);
+			return event == PTRACE_EVENT_EXEC ? -ESTALE : -ESRCH;
+		}
+		if (event == 0)
+			hold_signal(j->tid, WSTOPSIG(status), held);
 		if (ptrace(PTRACE_CONT, j->tid, 0, 0) != 0)
 			return -ESRCH;
 	}
 
 	if (ptrace(PTRACE_GETREGS, j->tid, 0, &saved) != 0) {
-		detach(j->tid, held, 0);
+		detach(j->tid, held, 0, 0);
 		return -ESRCH;
 	}
 	res->interrupted_rax = (int64_t)saved.rax;
 	res->stop_kind = (int64_t)saved.orig_rax != -1;
 	if (saved.cs != USER64_CS) {
-		detach(j->tid, held, 0);
-		return -ENOEXEC; /* a 32-bit process: other syscall numbers and ABI */
+		detach(j->tid, held, 0, 0);
+		return -ENOEXEC; /* running 32-bit code: other syscall numbers and ABI */
+	}
+	/* Found before the stop, while the target ran: still there? (A remapped vDSO, say.) */
+	if (!is_syscall_insn(j->tid, sysaddr)) {
+		sysaddr = find_syscall_insn(j->tid);
+		res->syscall_addr = sysaddr;
+		if (!sysaddr) {
+			int gone = task_gone(j->tid);
+
+			detach(j->tid, held, 0, 0);
+			return gone ? -ESRCH : -ENOENT;
+		}
 	}
 
 	regs = saved;
@@ -280,7 +430,8 @@ static int inject(struct job *j)
 			if (r < 0)
 				return r;
 			sig = WSTOPSIG(status);
-			if (status >> 16 == 0 && sig == SIGTRAP) {
+			event = status >> 16;
+			if (event == 0 && sig == SIGTRAP) {
 				struct user_regs_struct now;
 				siginfo_t si;
 
@@ -290,7 +441,21 @@ static int inject(struct job *j)
 					break;
 				}
 			}
-			if (status >> 16 == 0)
+			if (event == PTRACE_EVENT_EXIT || event == PTRACE_EVENT_EXEC) {
+				/* Cannot come from madvise; whatever made it, the old registers
+				 * mean nothing to a leaving thread or a new program. */
+				detach(j->tid, held, 0, event == PTRACE_EVENT_EXIT);
+				return event == PTRACE_EVENT_EXEC ? -ESTALE : -ESRCH;
+			}
+			if (event == 0 && step_faulted(j->tid, sig, sysaddr)) {
+				/* Stepping again would fault again, forever: put everything back,
+				 * drop our own fault, and say so. */
+				if (ptrace(PTRACE_SETREGS, j->tid, 0, &saved) != 0)
+					return -ESRCH;
+				detach(j->tid, held, 0, 0);
+				return -EFAULT;
+			}
+			if (event == 0)
 				hold_signal(j->tid, sig, held);
 			/* A late interrupt or group stop, or a held signal: step on. */
 			if (ptrace(PTRACE_SINGLESTEP, j->tid, 0, 0) != 0)
@@ -307,7 +472,7 @@ static int inject(struct job *j)
 	if (ptrace(PTRACE_SETREGS, j->tid, 0, &saved) != 0)
 		return -ESRCH;
 	res->signals_kept = (held->sig != 0) + held->extra;
-	detach(j->tid, held, 1);
+	detach(j->tid, held, 1, 0);
 	res->elapsed_ns = (int64_t)(mono_ns() - t0);
 	return 0;
 }
@@ -320,7 +485,7 @@ static void *inject_thread(void *arg)
 	j->rc = inject(j);
 	/* Paths that gave up (timeout, target died) may still hold signals: queue them again
 	 * (a tracee that never stopped is detached when this thread exits, and then gets them). */
-	release_held(j->tid, &j->held);
+	release_held(j->tid, &j->held, task_gone(j->tid));
 	free(j->held.extra_sig);
 	return NULL;
 }
@@ -337,10 +502,15 @@ static void wait_reaped(int thread_tid)
 		usleep(500);
 }
 
-int kn_inject_madvise(int tid, uint64_t addr, uint64_t len, int advice, int timeout_ms,
+uint64_t kn_image_id(int tid)
+{
+	return image_id(tid);
+}
+
+int kn_inject_madvise(int tid, uint64_t addr, uint64_t len, int advice, int timeout_ms, uint64_t image,
 		      struct kn_inject_result *res)
 {
-	struct job j = { tid, addr, len, advice, timeout_ms > 0 ? timeout_ms : 1000, res, 0, { 0 } };
+	struct job j = { tid, addr, len, advice, timeout_ms > 0 ? timeout_ms : 1000, image, res, 0, 0, { 0 } };
 	pthread_t th;
 	int err;
 
@@ -360,10 +530,16 @@ int kn_inject_madvise(int tid, uint64_t addr, uint64_t len, int advice, int time
 
 #else /* !__x86_64__ */
 
-int kn_inject_madvise(int tid, uint64_t addr, uint64_t len, int advice, int timeout_ms,
+uint64_t kn_image_id(int tid)
+{
+	(void)tid;
+	return 0;
+}
+
+int kn_inject_madvise(int tid, uint64_t addr, uint64_t len, int advice, int timeout_ms, uint64_t image,
 		      struct kn_inject_result *res)
 {
-	(void)tid, (void)addr, (void)len, (void)advice, (void)timeout_ms;
+	(void)tid, (void)addr, (void)len, (void)advice, (void)timeout_ms, (void)image;
 	memset(res, 0, sizeof(*res));
 	return -ENOSYS;
 }
