@@ -44,7 +44,7 @@ class TargetExecuted(KsmtraceError):
 # A thread chosen for the injection may exit before it stops; the madvise acts on
 # the whole process, so another thread serves as well. Bounded: a process whose
 # threads all live shorter than an attach is refused in words, not chased forever.
-THREAD_ATTEMPTS = 8
+THREAD_ATTEMPTS = 16
 
 # image_id() of each pid as check_target() saw it: an exec (or a reused pid) between
 # the checks and the injection is then refused instead of advising a stranger's memory.
@@ -90,28 +90,50 @@ def require_x86_64() -> None:
 
 
 def live_threads(pid: int, proc: Path = Path("/proc")) -> list[int]:
-    """Threads of ``pid`` that are neither dead nor zombies, the main thread first; [] if none."""
-    try:
-        tids = sorted(int(t) for t in os.listdir(proc / str(pid) / "task"))
-    except OSError:
-        return []  # gone (and reaped) already
-    live = []
-    for tid in [pid] + [t for t in tids if t != pid]:
+    """Threads of ``pid`` that are neither dead nor zombies, the main thread first; [] if none.
+
+    A process whose threads come and go can have every listed thread gone by the time
+    its state is read while a newer one, not listed, runs: then it is listed again.
+    """
+    for _ in range(20):
         try:
-            state = (proc / str(pid) / "task" / str(tid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state not in ("Z", "X", "x"):
-            live.append(tid)
-    return live
+            tids = sorted(int(t) for t in os.listdir(proc / str(pid) / "task"))
+        except OSError:
+            return []  # gone (and reaped) already
+        live = []
+        for tid in [pid] + [t for t in tids if t != pid]:
+            try:
+                state = (
+                    (proc / str(pid) / "task" / str(tid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                )
+            except (OSError, IndexError):
+                continue
+            if state not in ("Z", "X", "x"):
+                live.append(tid)
+        if live or tids == [pid]:
+            return live  # someone lives, or only the (dead) main thread is left
+    return []
+
+
+PF_KTHREAD = 0x00200000
+
+
+def is_kernel_thread(pid: int) -> bool:
+    """The kernel's own flag (/proc/PID/stat field 9), true of kernel threads only."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return bool(int(fields[6]) & PF_KTHREAD)
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 def pick_thread(pid: int, proc: Path = Path("/proc")) -> int:
-    """The main thread, unless it already exited (a zombie leader): then any live thread."""
+    """The main thread, unless it already exited (a zombie leader): then the newest live
+    thread (the highest tid: of threads that come and go, the likeliest to last)."""
     live = live_threads(pid, proc)
     if not live:
         raise ProcessGone(pid, "no live thread")
-    return live[0]
+    return live[0] if live[0] == pid else max(live)
 
 
 def _status_fields(path: Path) -> dict[str, str]:
@@ -192,12 +214,16 @@ def check_target(pid: int, proc: ProcFS | None = None) -> list[Vma]:
     if not proc.exists(pid):
         raise UsageError(f"pid {pid} does not exist")
     status = proc.status(pid)
-    if status.is_kernel_thread:
+    # A zombie (or a process whose main thread exited) has no VmSize in its status, as a
+    # kernel thread has not: ask the kernel's own flag, then whether any thread lives.
+    if is_kernel_thread(pid):
         raise UsageError(f"pid {pid} ({status.comm}) is a kernel thread: it has no user memory to merge")
+    live = live_threads(pid)
+    if not live:
+        raise ProcessGone(pid)  # a zombie's (empty) maps would read as "not mapped"
     refuse_unsupported(pid)
     # Read before the mappings, so any exec after it shows as a different image.
-    live = live_threads(pid)
-    image = native.image_id(live[0]) if live else 0
+    image = native.image_id(live[0])
     try:
         vmas = proc.smaps(pid)
         if image:
@@ -221,6 +247,8 @@ def check_range(pid: int, vmas: list[Vma], start: int, end: int, merging: bool) 
             break
         at = max(at, v.end)
     if at < end:
+        if not live_threads(pid):
+            raise ProcessGone(pid)  # its maps were read empty because it was exiting
         raise UsageError(f"range {start:#x}-{end:#x} is not mapped in pid {pid} (hole at {at:#x})")
     if merging:
         for v in covering:
@@ -306,7 +334,9 @@ def _failure(exc: OSError, pid: int, tid: int, image: int, timeout_ms: int) -> K
         # It died at some point of the attempt; whatever the attempt saw, that is the news.
         return ProcessGone(pid)
     now = native.image_id(live[0]) if live else 0
-    if e == errno.ESTALE or (e == errno.ESRCH and image and now and now != image):
+    # ESRCH: another thread's exec killed ours; EPERM: the attach met the exec half done.
+    changed = bool(image and now and now != image)
+    if e == errno.ESTALE or (e in (errno.ESRCH, errno.EPERM) and changed):
         return TargetExecuted(
             f"pid {pid} executed a new program ({_comm(pid)}) since its ranges were checked "
             "(or the pid now belongs to another process): its memory is not the memory that was "
@@ -319,8 +349,8 @@ def _failure(exc: OSError, pid: int, tid: int, image: int, timeout_ms: int) -> K
             tracer = tracer_of(pid, who)
             if tracer:
                 return TargetTraced(_traced(pid, who, tracer))
-        if tid not in live:
-            return None  # the thread was exiting: attach refuses a dying thread too
+        if tid not in live or not now:
+            return None  # the thread was exiting, or the exec half done: attach refuses both
         return AttachRefused(
             f"cannot attach to pid {pid} ({_comm(pid)}): not permitted (ksmtrace needs root or "
             "CAP_SYS_PTRACE, and a security module may refuse)"

@@ -233,23 +233,49 @@ static uint64_t find_syscall_insn(int pid)
 	return found;
 }
 
-/* waitpid with a deadline (0: none). Returns tid, -ETIMEDOUT or -ESRCH. */
+/*
+ * The next stop of tid, as a waitpid status, with a deadline (0: none). Returns tid,
+ * -ETIMEDOUT, or -ESRCH when it died (or is no longer ours: an exec by another thread
+ * releases a traced leader silently).
+ *
+ * A death is only looked at (WNOWAIT), never reaped: reaping a traced zombie whose
+ * parent is the process calling us (a test, a benchmark, a launcher that injects into
+ * its own child) takes its exit status away from that parent, whose wait() then gets
+ * ECHILD (Python's subprocess reports exit code 0 for a SIGKILLed child). Left alone,
+ * the zombie goes back to its parent when our thread exits (exit_ptrace).
+ */
 static int wait_stop(int tid, int *status, uint64_t deadline)
 {
-	long nap = 10000; /* ns */
+	/* Polled with naps (a blocking wait cannot time out): short ones, since every nap
+	 * past the stop is time the target spends stopped. */
+	long nap = 5000; /* ns */
 
 	for (;;) {
-		int r = waitpid(tid, status, __WALL | (deadline ? WNOHANG : 0));
+		siginfo_t si;
+		int r;
 
-		if (r == tid) {
-			if (WIFEXITED(*status) || WIFSIGNALED(*status))
-				return -ESRCH;
-			return r;
+		/* A stop is taken at once (WSTOPPED without WEXITED cannot reap). */
+		si.si_pid = 0;
+		r = waitid(P_PID, (id_t)tid, &si, WSTOPPED | __WALL | WNOHANG);
+		if (r == 0 && si.si_pid == tid) {
+			/* si_status is the stop's exit_code: signal | event << 8, as in waitpid */
+			*status = (si.si_status << 8) | 0x7f;
+			return tid;
 		}
+		if (r < 0 && errno != EINTR)
+			return -ESRCH;
+		/* Nothing yet: wait for a stop or a death without consuming either. */
+		si.si_pid = 0;
+		r = waitid(P_PID, (id_t)tid, &si, WEXITED | WSTOPPED | WNOWAIT | __WALL | (deadline ? WNOHANG : 0));
 		if (r < 0 && errno == EINTR)
 			continue;
 		if (r < 0)
 			return -ESRCH;
+		if (si.si_pid == tid) {
+			if (si.si_code == CLD_EXITED || si.si_code == CLD_KILLED || si.si_code == CLD_DUMPED)
+				return -ESRCH;
+			continue; /* a stop: taken above */
+		}
 		if (mono_ns() >= deadline)
 			return -ETIMEDOUT;
 		{
@@ -257,7 +283,7 @@ static int wait_stop(int tid, int *status, uint64_t deadline)
 
 			nanosleep(&ts, NULL);
 		}
-		if (nap < 1000000)
+		if (nap < 100000)
 			nap *= 2;
 	}
 }
@@ -362,9 +388,10 @@ static int inject(struct job *j)
 		if (now != j->image)
 			return -ESTALE;
 	}
+	/* Looked for while the target runs, to keep the stop short. None found may only mean
+	 * that it is dying (SIGKILLed: memory already going, /proc still says running): the
+	 * stop below tells, and the search is made again on the stopped thread. */
 	sysaddr = find_syscall_insn(j->tid);
-	if (!sysaddr)
-		return task_gone(j->tid) ? -ESRCH : -ENOENT; /* a dying task has no maps left */
 	res->syscall_addr = sysaddr;
 	if (ptrace(PTRACE_INTERRUPT, j->tid, 0, 0) != 0)
 		return -errno; /* thread exit detaches */
@@ -402,7 +429,7 @@ static int inject(struct job *j)
 		return -ENOEXEC; /* running 32-bit code: other syscall numbers and ABI */
 	}
 	/* Found before the stop, while the target ran: still there? (A remapped vDSO, say.) */
-	if (!is_syscall_insn(j->tid, sysaddr)) {
+	if (!sysaddr || !is_syscall_insn(j->tid, sysaddr)) {
 		sysaddr = find_syscall_insn(j->tid);
 		res->syscall_addr = sysaddr;
 		if (!sysaddr) {
