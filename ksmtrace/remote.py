@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,6 +286,7 @@ def madvise(
         except OSError as exc:
             err = _failure(exc, pid, tid, image, timeout_ms)
             if err is None:
+                _await_thread_end(pid, tid)
                 continue  # that thread exited, the process lives on: another one
             raise err from None
         break
@@ -319,9 +321,18 @@ def madvise(
     )
 
 
+def _await_thread_end(pid: int, tid: int, timeout: float = 1.0) -> None:
+    """Let a thread that the injection saw leaving finish leaving (an exiting thread is
+    listed as running until its memory is torn down), so that the next attempt picks
+    another thread, or finds the process gone, instead of the same dying one."""
+    end = time.monotonic() + timeout
+    while tid in live_threads(pid) and time.monotonic() < end:
+        time.sleep(0.0002)
+
+
 # What a process that died during the attempt may have made the attempt fail with.
 _GONE_ERRNOS = frozenset(
-    (errno.ESRCH, errno.EPERM, errno.ETIMEDOUT, errno.ENOENT, errno.ESTALE, errno.EFAULT)
+    (errno.ESRCH, errno.EPERM, errno.ETIMEDOUT, errno.ENOENT, errno.ESTALE, errno.EFAULT, errno.ENOEXEC)
 )
 
 

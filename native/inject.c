@@ -20,6 +20,8 @@
  * delivered by the detach with its original siginfo, any more are re-sent
  * with tgkill (no fixed limit: under load dozens arrive in one injection).
  *
+ * A compat (32-bit) task is recognised by its regset once stopped, and let go.
+ *
  * The target may die, exit the chosen thread or exec at any moment. Exec and
  * exit are traced (PTRACE_O_TRACEEXEC/TRACEEXIT), so neither can happen
  * unseen while we are attached: an exec stop means the addresses we were given
@@ -34,6 +36,7 @@
  * leave the target on foreign registers.
  */
 #define _GNU_SOURCE
+#include <elf.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -41,6 +44,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -48,6 +52,7 @@
 #include "internal.h"
 
 #ifdef __x86_64__
+#include <sys/auxv.h>
 #include <sys/ptrace.h>
 #include <sys/uio.h>
 #include <sys/user.h>
@@ -167,24 +172,6 @@ static uint64_t image_id(int tid)
 	return any && k == sizeof(fields) / sizeof(fields[0]) ? (h ? h : 1) : 0;
 }
 
-/* ELFCLASS64 x86-64 (1), anything else (0), unknown (-1): /proc/TID/exe's header. */
-static int exe_is_x86_64(int tid)
-{
-	unsigned char hdr[20];
-	char path[64];
-	int fd, n;
-
-	snprintf(path, sizeof(path), "/proc/%d/exe", tid);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return -1;
-	n = (int)read(fd, hdr, sizeof(hdr));
-	close(fd);
-	if (n < 20 || memcmp(hdr, "\177ELF", 4) != 0)
-		return -1;
-	return hdr[4] == 2 && (hdr[18] | hdr[19] << 8) == 62; /* EI_CLASS 2, e_machine EM_X86_64 */
-}
-
 /* Address of a 0f 05 (syscall) in mapping [lo, hi) of pid, or 0. */
 static uint64_t scan_for_syscall(int pid, uint64_t lo, uint64_t hi)
 {
@@ -204,12 +191,53 @@ static uint64_t scan_for_syscall(int pid, uint64_t lo, uint64_t hi)
 	return 0;
 }
 
+/*
+ * The vDSO's syscall instruction, found through the aux vector (AT_SYSINFO_EHDR) and
+ * the vDSO's own ELF program headers, or 0. Much cheaper than /proc/PID/maps, which
+ * the kernel writes out mapping by mapping (~80 us of the target's time otherwise).
+ */
+static uint64_t vdso_syscall_insn(int pid)
+{
+	unsigned char page[4096];
+	uint64_t aux[2], base = 0;
+	char path[64];
+	Elf64_Ehdr eh;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/%d/auxv", pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	while (read(fd, aux, sizeof(aux)) == (ssize_t)sizeof(aux) && aux[0] != AT_NULL)
+		if (aux[0] == AT_SYSINFO_EHDR)
+			base = aux[1];
+	close(fd);
+	if (!base || kn_read_remote(pid, base, page, sizeof(page)) != 0)
+		return 0;
+	memcpy(&eh, page, sizeof(eh));
+	if (memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0 || eh.e_ident[EI_CLASS] != ELFCLASS64 ||
+	    eh.e_phentsize != sizeof(Elf64_Phdr) || eh.e_phoff + (uint64_t)eh.e_phnum * sizeof(Elf64_Phdr) > sizeof(page))
+		return 0;
+	for (int i = 0; i < eh.e_phnum; i++) {
+		Elf64_Phdr ph;
+
+		memcpy(&ph, page + eh.e_phoff + (size_t)i * sizeof(ph), sizeof(ph));
+		/* The vDSO is linked at 0: its executable segment is at base + p_vaddr. */
+		if (ph.p_type == PT_LOAD && (ph.p_flags & PF_X) && ph.p_memsz && ph.p_memsz < (1u << 20))
+			return scan_for_syscall(pid, base + ph.p_vaddr, base + ph.p_vaddr + ph.p_filesz);
+	}
+	return 0;
+}
+
 /* A syscall instruction in the vDSO, else in any other executable mapping. */
 static uint64_t find_syscall_insn(int pid)
 {
 	char path[64], line[512];
-	uint64_t found = 0;
+	uint64_t found = vdso_syscall_insn(pid);
 	FILE *f;
+
+	if (found)
+		return found;
 
 	snprintf(path, sizeof(path), "/proc/%d/maps", pid);
 	for (int pass = 0; pass < 2 && !found; pass++) {
@@ -246,9 +274,11 @@ static uint64_t find_syscall_insn(int pid)
  */
 static int wait_stop(int tid, int *status, uint64_t deadline)
 {
-	/* Polled with naps (a blocking wait cannot time out): short ones, since every nap
-	 * past the stop is time the target spends stopped. */
-	long nap = 5000; /* ns */
+	/* Polled with naps (a blocking wait cannot time out): 10 us ones for the first
+	 * 2 ms, since every nap past the stop is time the target spends stopped, then
+	 * longer ones for a target that does not stop soon (those rarely stop at all). */
+	long nap = 10000; /* ns */
+	uint64_t relax = mono_ns() + 2000000;
 
 	for (;;) {
 		siginfo_t si;
@@ -283,7 +313,7 @@ static int wait_stop(int tid, int *status, uint64_t deadline)
 
 			nanosleep(&ts, NULL);
 		}
-		if (nap < 100000)
+		if (nap < 500000 && mono_ns() > relax)
 			nap *= 2;
 	}
 }
@@ -342,6 +372,22 @@ static void detach(int tid, struct held *h, int in_signal_stop, int exiting)
 	release_held(tid, h, exiting);
 }
 
+/*
+ * The stopped thread is a 64-bit task running 64-bit code. The general regset the
+ * kernel keeps for it is 32-bit (68 bytes, not 216) for a compat task (an i386
+ * program): its syscalls take other numbers and registers. A 64-bit program running
+ * 32-bit code at the moment has a compat code segment.
+ */
+static int is_64bit_task(int tid, const struct user_regs_struct *regs)
+{
+	struct user_regs_struct r;
+	struct iovec iov = { &r, sizeof(r) };
+
+	if (ptrace(PTRACE_GETREGSET, tid, (void *)NT_PRSTATUS, &iov) != 0)
+		return -1; /* died since the stop: not a statement about its ABI */
+	return iov.iov_len == sizeof(r) && regs->cs == USER64_CS;
+}
+
 /* Two bytes at addr of tid are a syscall instruction (read, never written). */
 static int is_syscall_insn(int tid, uint64_t addr)
 {
@@ -371,9 +417,6 @@ static int inject(struct job *j)
 	uint64_t t0 = mono_ns(), sysaddr;
 	int status, r, sig, event;
 
-	/* Before attaching: a compat (32-bit) task has other registers and syscall numbers. */
-	if (exe_is_x86_64(j->tid) == 0)
-		return -ENOEXEC;
 	/* Attach first: it is what refuses kernel threads and already-traced targets. Exec and
 	 * exit stop the thread from now on, so neither can slip by unseen. */
 	if (ptrace(PTRACE_SEIZE, j->tid, 0, (void *)(long)(PTRACE_O_TRACEEXEC | PTRACE_O_TRACEEXIT)) != 0)
@@ -424,9 +467,10 @@ static int inject(struct job *j)
 	}
 	res->interrupted_rax = (int64_t)saved.rax;
 	res->stop_kind = (int64_t)saved.orig_rax != -1;
-	if (saved.cs != USER64_CS) {
+	r = is_64bit_task(j->tid, &saved);
+	if (r <= 0) {
 		detach(j->tid, held, 0, 0);
-		return -ENOEXEC; /* running 32-bit code: other syscall numbers and ABI */
+		return r < 0 ? -ESRCH : -ENOEXEC; /* a compat task: other registers, syscall numbers */
 	}
 	/* Found before the stop, while the target ran: still there? (A remapped vDSO, say.) */
 	if (!sysaddr || !is_syscall_insn(j->tid, sysaddr)) {
@@ -509,6 +553,9 @@ static void *inject_thread(void *arg)
 	struct job *j = arg;
 
 	j->thread_tid = (int)syscall(SYS_gettid);
+	/* wait_stop naps a few microseconds at a time; the default 50 us timer slack would
+	 * stretch every nap (and the target's stop) by that much. This thread only. */
+	prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
 	j->rc = inject(j);
 	/* Paths that gave up (timeout, target died) may still hold signals: queue them again
 	 * (a tracee that never stopped is detached when this thread exits, and then gets them). */
