@@ -12,8 +12,9 @@ Targets (tests/targets/injtarget.c, built here) check themselves while they run:
              EINTR read is an error (its handlers are SA_RESTART)
     threads  two busy threads, a sleeper and a pipe reader; the main thread in join
 
-A separate process sends them SIGRTMIN (queued: every one must arrive), SIGUSR1
-and SIGCHLD (standard: they coalesce, so only counted) every ~100 us. Each
+A separate process sends them SIGRTMIN (queued: every one must arrive; half of
+them by sigqueue() with a payload the target checks), SIGUSR1 and SIGCHLD
+(standard: they coalesce, so only counted) every ~100 us. Each
 injection is madvise(MADV_MERGEABLE) then, next time on the same target,
 MADV_UNMERGEABLE, into a random thread of a random target.
 
@@ -48,19 +49,27 @@ MODES = ("busy", "sleep", "pipe", "threads")
 # The signal sender, a process of its own (as a real signal source would be): SIGTERM
 # ends it and it prints what it sent, per pid and signal.
 SENDER = r"""
-import json, os, random, signal, sys, time
+import ctypes, json, os, random, signal, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
 pids = [int(p) for p in sys.argv[1:]]
-sigs = [signal.SIGRTMIN, signal.SIGRTMIN, signal.SIGUSR1, signal.SIGCHLD]
-sent = {p: {"rt": 0, "usr1": 0, "chld": 0} for p in pids}
-names = {signal.SIGRTMIN: "rt", signal.SIGUSR1: "usr1", signal.SIGCHLD: "chld"}
+# SIGRTMIN by kill() and by sigqueue() with a payload the target checks (0x5a5a0000 | n).
+kinds = ["rt", "rtq", "usr1", "chld"]
+sent = {p: {k: 0 for k in kinds} for p in pids}
 stop = []
 signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
 r = random.Random(7)
 print("sending", flush=True)
+n = 0
 while not stop:
-    p, s = r.choice(pids), r.choice(sigs)
-    os.kill(p, s)
-    sent[p][names[s]] += 1
+    p, k = r.choice(pids), r.choice(kinds)
+    if k == "rtq":
+        n = (n + 1) & 0xffff
+        # sigqueue(pid, sig, union sigval): the int member, passed as a pointer-sized value
+        if libc.sigqueue(p, signal.SIGRTMIN, ctypes.c_void_p(0x5A5A0000 | n)) != 0:
+            sys.exit(f"sigqueue: errno {ctypes.get_errno()}")
+    else:
+        os.kill(p, {"rt": signal.SIGRTMIN, "usr1": signal.SIGUSR1, "chld": signal.SIGCHLD}[k])
+    sent[p][k] += 1
     time.sleep(0.0001)
 print(json.dumps(sent), flush=True)
 """
@@ -136,6 +145,7 @@ def run(n: int, seed: int) -> dict[str, object]:
         )
         assert sender.stdout and sender.stdout.readline().strip() == "sending"
         latencies: list[float] = []
+        slowest: list[tuple[float, str, dict[str, int]]] = []
         inj_errors: Counter[str] = Counter()
         left: list[str] = []
         per_mode: Counter[str] = Counter()
@@ -157,6 +167,7 @@ def run(n: int, seed: int) -> dict[str, object]:
                 )
                 per_mode[t.mode] += 1
                 latencies.append(res["elapsed_ns"] / 1000)
+                slowest = sorted([*slowest, (latencies[-1], t.mode, res)], key=lambda x: -x[0])[:3]
                 in_syscall += bool(res["stop_kind"])
                 restarts += res["restarts"]
                 held += res["signals_kept"]
@@ -172,7 +183,10 @@ def run(n: int, seed: int) -> dict[str, object]:
             reports = {t.mode: (t.finish(), sent[t.pid]) for t in targets}
     lat = sorted(latencies)
     target_errors = {m: r["errors"] for m, (r, _) in reports.items() if r["errors"] or r["rc"]}
-    lost = {m: s["rt"] - r["signals"] for m, (r, s) in reports.items() if s["rt"] != r["signals"]}
+    lost = {m: s["rt"] + s["rtq"] - r["signals"] for m, (r, s) in reports.items()}
+    lost = {m: n for m, n in lost.items() if n}
+    # A sigqueue()d signal that arrives without its payload (re-sent as a plain one).
+    stripped = {m: s["rtq"] - r["payloads"] for m, (r, s) in reports.items() if s["rtq"] != r["payloads"]}
     return {
         "injections": len(latencies),
         "per_target": dict(per_mode),
@@ -186,8 +200,16 @@ def run(n: int, seed: int) -> dict[str, object]:
             "target_first_error": {m: r["first_error"] for m, (r, _) in reports.items() if r["first_error"]},
             "injection": dict(inj_errors),
             "rt_signals_lost": lost,
+            "rt_payloads_lost": stripped,
         },
-        "error_count": sum(target_errors.values()) + sum(inj_errors.values()) + sum(lost.values()),
+        "error_count": sum(target_errors.values())
+        + sum(inj_errors.values())
+        + sum(lost.values())
+        + sum(stripped.values()),
+        "slowest": [
+            {"us": round(us, 1), "target": m, **{k: res[k] for k in ("stop_kind", "restarts", "signals_kept")}}  # noqa: E501
+            for us, m, res in slowest
+        ],
         "left_stopped_or_traced": len(left),
         "left_detail": left[:10],
         "latency_us": {
@@ -198,8 +220,10 @@ def run(n: int, seed: int) -> dict[str, object]:
         },
         "signals": {
             m: {
-                "rt_sent": s["rt"],
+                "rt_sent": s["rt"] + s["rtq"],
                 "rt_received": r["signals"],
+                "rt_with_payload_sent": s["rtq"],
+                "rt_with_payload_received": r["payloads"],
                 "usr1_sent": s["usr1"],
                 "usr1_received": r["usr1"],
                 "chld_sent": s["chld"],
@@ -229,8 +253,10 @@ def show(r: dict[str, object]) -> None:
     print(f"  target self-checks failed: {errs['target_self_check'] or 0} {errs['target_first_error'] or ''}")
     print(f"  injections failed or wrong return: {errs['injection'] or 0}")
     print(f"  queued signals lost: {errs['rt_signals_lost'] or 0}")
+    print(f"  queued signals that lost their payload: {errs['rt_payloads_lost'] or 0}")
     print(f"left stopped or traced: {r['left_stopped_or_traced']} {r['left_detail'] or ''}")
     print(f"latency (us):    p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}")
+    print(f"  slowest: {r['slowest']}")
     print("signals (sent/received):")
     sigs = r["signals"]
     work = r["target_work"]
@@ -238,6 +264,7 @@ def show(r: dict[str, object]) -> None:
     for m, s in sigs.items():
         print(
             f"  {m:8} SIGRTMIN {s['rt_sent']}/{s['rt_received']}"
+            f" (with payload {s['rt_with_payload_sent']}/{s['rt_with_payload_received']})"
             f"  SIGUSR1 {s['usr1_sent']}/{s['usr1_received']}"
             f"  SIGCHLD {s['chld_sent']}/{s['chld_received']}   work {work[m]}"
         )

@@ -17,8 +17,9 @@
  * registers carry orig_rax = -1 so that this logic leaves them alone.
  *
  * Signals that arrive while we hold the thread are held back: the first is
- * delivered by the detach with its original siginfo, any more are re-sent
- * with tgkill (no fixed limit: under load dozens arrive in one injection).
+ * delivered by the detach with its original siginfo, any more are queued again
+ * with their siginfo where the kernel allows it (see resend), else by tgkill
+ * (no fixed limit: under load dozens arrive in one injection).
  *
  * A compat (32-bit) task is recognised by its regset once stopped, and let go.
  *
@@ -63,15 +64,14 @@
 
 /*
  * Foreign signals dequeued while we hold the thread: the first goes back with
- * the detach (original siginfo), the rest are re-sent with tgkill (the
- * siginfo then names us: the kernel lets no one forge another sender). None
+ * the detach (original siginfo), the rest are queued again (see resend). None
  * may be lost: a busy target under load can see dozens in one injection.
  */
 struct held {
 	int sig;
 	siginfo_t info;
 	int extra, extra_cap;
-	int *extra_sig;
+	siginfo_t *extra_info; /* si_signo says which */
 };
 
 struct job {
@@ -320,41 +320,68 @@ static int wait_stop(int tid, int *status, uint64_t deadline)
 
 static void hold_signal(int tid, int sig, struct held *h)
 {
-	if (!h->sig && ptrace(PTRACE_GETSIGINFO, tid, 0, &h->info) == 0) {
+	siginfo_t info;
+
+	if (ptrace(PTRACE_GETSIGINFO, tid, 0, &info) != 0) {
+		memset(&info, 0, sizeof(info)); /* si_code 0: re-sent by plain tgkill */
+		info.si_signo = sig;
+	}
+	if (!h->sig) {
 		h->sig = sig;
+		h->info = info;
 		return;
 	}
 	if (h->extra == h->extra_cap) {
 		int ncap = h->extra_cap ? h->extra_cap * 2 : 16;
-		int *n = realloc(h->extra_sig, sizeof(int) * (size_t)ncap);
+		siginfo_t *n = realloc(h->extra_info, sizeof(siginfo_t) * (size_t)ncap);
 
 		if (!n) {
 			syscall(SYS_tgkill, tgid_of(tid), tid, sig); /* queued now: better early than lost */
 			return;
 		}
-		h->extra_sig = n;
+		h->extra_info = n;
 		h->extra_cap = ncap;
 	}
-	h->extra_sig[h->extra++] = sig;
+	info.si_signo = sig;
+	h->extra_info[h->extra++] = info;
 }
 
-/* Re-send what is still held (tgkill); the target gets it once it runs. A thread that
- * is exiting would take them with it: then they go to the process (any thread takes
+/*
+ * Queue a held signal again. Where the kernel lets us queue the original siginfo
+ * (si_code < 0 but not SI_TKILL: sigqueue(), POSIX timers, mq_notify) it is kept, so
+ * an RT signal's payload (si_value) and sender survive; seen lost under load before,
+ * when every extra went by tgkill. Signals from kill() and the kernel (si_code >= 0)
+ * may not be forged by anyone: those go by tgkill, which keeps the signal but names
+ * us as its sender.
+ */
+static void resend(int tgid, int tid, int to_process, int sig, siginfo_t *info)
+{
+	if (info->si_code < 0 && info->si_code != SI_TKILL) {
+		long r = to_process ? syscall(SYS_rt_sigqueueinfo, tgid, sig, info)
+				    : syscall(SYS_rt_tgsigqueueinfo, tgid, tid, sig, info);
+
+		if (r == 0)
+			return;
+	}
+	if (to_process)
+		kill(tgid, sig);
+	else
+		syscall(SYS_tgkill, tgid, tid, sig);
+}
+
+/* Re-send what is still held; the target gets it once it runs. A thread that is
+ * exiting would take them with it: then they go to the process (any thread takes
  * them), which is all a process-directed signal asked for. */
 static void release_held(int tid, struct held *h, int to_process)
 {
 	int tgid = (h->sig || h->extra) ? tgid_of(tid) : -1;
 
-	if (tgid < 0) {
-		h->sig = 0;
-		h->extra = 0;
-		return; /* gone: nobody left to deliver to */
-	}
-	if (h->sig)
-		to_process ? kill(tgid, h->sig) : (int)syscall(SYS_tgkill, tgid, tid, h->sig);
-	for (int i = 0; i < h->extra; i++)
-		to_process ? kill(tgid, h->extra_sig[i])
-			   : (int)syscall(SYS_tgkill, tgid, tid, h->extra_sig[i]);
+	if (tgid >= 0) {
+		if (h->sig)
+			resend(tgid, tid, to_process, h->sig, &h->info);
+		for (int i = 0; i < h->extra; i++)
+			resend(tgid, tid, to_process, h->extra_info[i].si_signo, &h->extra_info[i]);
+	} /* else gone: nobody left to deliver to */
 	h->sig = 0;
 	h->extra = 0;
 }
@@ -560,7 +587,7 @@ static void *inject_thread(void *arg)
 	/* Paths that gave up (timeout, target died) may still hold signals: queue them again
 	 * (a tracee that never stopped is detached when this thread exits, and then gets them). */
 	release_held(j->tid, &j->held, task_gone(j->tid));
-	free(j->held.extra_sig);
+	free(j->held.extra_info);
 	return NULL;
 }
 

@@ -22,8 +22,9 @@
  *              so that the test can look at the old program first)
  *   dieafter:  sleeps; a thread watches /proc/self/ksm_stat and exits the process
  *              the moment the process has become mergeable (one madvise done)
- * SIGRTMIN (queued, never merged) is counted, so a lost signal shows; SIGUSR1 and
- * SIGCHLD (standard, so they coalesce) are counted too.
+ * SIGRTMIN (queued, never merged) is counted, so a lost signal shows, and when it was
+ * sent with sigqueue() its payload is checked; SIGUSR1 and SIGCHLD (standard, so they
+ * coalesce) are counted too.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -70,6 +71,22 @@ static void error(const char *what, long a, long b)
 		snprintf(first_error, sizeof(first_error), "%s (%ld, %ld)", what, a, b);
 	errors++;
 	pthread_mutex_unlock(&err_lock);
+}
+
+/* Payload every sigqueue()d SIGRTMIN carries (the benchmark's sender): a signal held
+ * back during an injection and sent again must arrive with it, not with zeros. */
+#define PAYLOAD_MAGIC 0x5a5a0000
+static atomic_long payloads_seen;
+
+static void on_rt(int sig, siginfo_t *si, void *uc)
+{
+	(void)sig, (void)uc;
+	signals_seen++;
+	if (si->si_code == SI_QUEUE) {
+		payloads_seen++;
+		if ((si->si_value.sival_int & 0xffff0000) != PAYLOAD_MAGIC)
+			error("queued signal lost its payload (value, code)", si->si_value.sival_int, si->si_code);
+	}
 }
 
 static void on_sig(int sig)
@@ -343,9 +360,11 @@ int main(int argc, char **argv)
 	self_exe_secs = argc > 2 ? argv[2] : "5";
 	delay_us = argc > 3 ? atol(argv[3]) : 0;
 	memset(&sa, 0, sizeof(sa));
+	sa.sa_sigaction = on_rt;
+	sa.sa_flags = SA_RESTART | SA_SIGINFO;
+	sigaction(SIGRTMIN, &sa, NULL);
 	sa.sa_handler = on_sig;
 	sa.sa_flags = SA_RESTART;
-	sigaction(SIGRTMIN, &sa, NULL);
 	sigaction(SIGUSR1, &sa, NULL);
 	sa.sa_flags = SA_RESTART | SA_NOCLDSTOP;
 	sigaction(SIGCHLD, &sa, NULL);
@@ -441,9 +460,9 @@ static void report(const char *mode)
 	if (checksum() != expected)
 		error("buffer checksum changed at exit", 0, 0);
 	printf("{\"mode\": \"%s\", \"errors\": %ld, \"checks\": %ld, \"sleeps\": %ld, \"short_sleeps\": %ld, "
-	       "\"records\": %ld, \"signals\": %ld, \"usr1\": %ld, \"chld\": %ld, \"threads\": %ld, "
+	       "\"records\": %ld, \"signals\": %ld, \"payloads\": %ld, \"usr1\": %ld, \"chld\": %ld, \"threads\": %ld, "
 	       "\"first_error\": \"%s\"}\n",
 	       mode, (long)errors, (long)checks, (long)sleeps, (long)short_sleeps, (long)records,
-	       (long)signals_seen, (long)usr1_seen, (long)chld_seen, (long)threads_started, first_error);
+	       (long)signals_seen, (long)payloads_seen, (long)usr1_seen, (long)chld_seen, (long)threads_started, first_error);
 	fflush(stdout);
 }
