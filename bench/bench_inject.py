@@ -21,7 +21,8 @@ MADV_UNMERGEABLE, into a random thread of a random target.
 Reported: injections done; errors of three kinds (target self-checks, injections
 that failed or returned anything but 0, RT signals lost); threads left stopped
 or traced (checked every 500 injections and at the end: must be 0); latency
-percentiles of one injection (attach to detach, measured in the native worker).
+percentiles of one injection (attach to detach, measured in the native worker)
+and of the part the target spent stopped (the stop to the detach).
 Exit status 0 only with no error and nothing left stopped or traced.
 """
 
@@ -146,6 +147,7 @@ def run(n: int, seed: int) -> dict[str, object]:
         assert sender.stdout and sender.stdout.readline().strip() == "sending"
         latencies: list[float] = []
         slowest: list[tuple[float, str, dict[str, int]]] = []
+        held_times: list[float] = []  # the target's pause: stop to detach
         inj_errors: Counter[str] = Counter()
         left: list[str] = []
         per_mode: Counter[str] = Counter()
@@ -167,6 +169,7 @@ def run(n: int, seed: int) -> dict[str, object]:
                 )
                 per_mode[t.mode] += 1
                 latencies.append(res["elapsed_ns"] / 1000)
+                held_times.append(res["held_ns"] / 1000)
                 slowest = sorted([*slowest, (latencies[-1], t.mode, res)], key=lambda x: -x[0])[:3]
                 in_syscall += bool(res["stop_kind"])
                 restarts += res["restarts"]
@@ -182,6 +185,7 @@ def run(n: int, seed: int) -> dict[str, object]:
             sent = {int(k): v for k, v in json.loads(sent_out.strip().splitlines()[-1]).items()}
             reports = {t.mode: (t.finish(), sent[t.pid]) for t in targets}
     lat = sorted(latencies)
+    held_lat = sorted(held_times)
     target_errors = {m: r["errors"] for m, (r, _) in reports.items() if r["errors"] or r["rc"]}
     lost = {m: s["rt"] + s["rtq"] - r["signals"] for m, (r, s) in reports.items()}
     lost = {m: n for m, n in lost.items() if n}
@@ -207,11 +211,22 @@ def run(n: int, seed: int) -> dict[str, object]:
         + sum(lost.values())
         + sum(stripped.values()),
         "slowest": [
-            {"us": round(us, 1), "target": m, **{k: res[k] for k in ("stop_kind", "restarts", "signals_kept")}}  # noqa: E501
+            {
+                "us": round(us, 1),
+                "target": m,
+                "stop_wait_us": round(res["stop_wait_ns"] / 1000, 1),
+                "held_us": round(res["held_ns"] / 1000, 1),
+                **{k: res[k] for k in ("stop_kind", "restarts", "signals_kept")},
+            }
             for us, m, res in slowest
         ],
         "left_stopped_or_traced": len(left),
         "left_detail": left[:10],
+        "held_us": {
+            "p50": round(percentile(held_lat, 0.50), 1),
+            "p99": round(percentile(held_lat, 0.99), 1),
+            "max": round(held_lat[-1] if held_lat else 0.0, 1),
+        },
         "latency_us": {
             "p50": round(percentile(lat, 0.50), 1),
             "p90": round(percentile(lat, 0.90), 1),
@@ -256,6 +271,9 @@ def show(r: dict[str, object]) -> None:
     print(f"  queued signals that lost their payload: {errs['rt_payloads_lost'] or 0}")
     print(f"left stopped or traced: {r['left_stopped_or_traced']} {r['left_detail'] or ''}")
     print(f"latency (us):    p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}")
+    held = r["held_us"]
+    assert isinstance(held, dict)
+    print(f"  of which the target was stopped: p50 {held['p50']}  p99 {held['p99']}  max {held['max']}")
     print(f"  slowest: {r['slowest']}")
     print("signals (sent/received):")
     sigs = r["signals"]

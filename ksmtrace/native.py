@@ -130,6 +130,8 @@ INJECT_FIELDS = (
     "signals_kept",
     "interrupted_rax",
     "elapsed_ns",
+    "stop_wait_ns",
+    "held_ns",
 )
 
 

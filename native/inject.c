@@ -441,7 +441,7 @@ static int inject(struct job *j)
 	struct kn_inject_result *res = j->res;
 	struct user_regs_struct saved, regs;
 	struct held *held = &j->held;
-	uint64_t t0 = mono_ns(), sysaddr;
+	uint64_t t0 = mono_ns(), t_int = 0, t_stop = 0, sysaddr;
 	int status, r, sig, event;
 
 	/* Attach first: it is what refuses kernel threads and already-traced targets. Exec and
@@ -463,6 +463,7 @@ static int inject(struct job *j)
 	 * stop below tells, and the search is made again on the stopped thread. */
 	sysaddr = find_syscall_insn(j->tid);
 	res->syscall_addr = sysaddr;
+	t_int = mono_ns();
 	if (ptrace(PTRACE_INTERRUPT, j->tid, 0, 0) != 0)
 		return -errno; /* thread exit detaches */
 
@@ -488,6 +489,8 @@ static int inject(struct job *j)
 			return -ESRCH;
 	}
 
+	t_stop = mono_ns();
+	res->stop_wait_ns = (int64_t)(t_stop - t_int);
 	if (ptrace(PTRACE_GETREGS, j->tid, 0, &saved) != 0) {
 		detach(j->tid, held, 0, 0);
 		return -ESRCH;
@@ -572,6 +575,7 @@ static int inject(struct job *j)
 	res->signals_kept = (held->sig != 0) + held->extra;
 	detach(j->tid, held, 1, 0);
 	res->elapsed_ns = (int64_t)(mono_ns() - t0);
+	res->held_ns = (int64_t)(mono_ns() - t_stop);
 	return 0;
 }
 

@@ -90,6 +90,8 @@ struct kn_inject_result {
 	int32_t signals_kept;    /* foreign signals held back and re-delivered */
 	int64_t interrupted_rax; /* rax of the target when it stopped */
 	int64_t elapsed_ns;
+	int64_t stop_wait_ns;    /* of which: from PTRACE_INTERRUPT to the stop */
+	int64_t held_ns;         /* of which: from the stop to the detach (the target's pause) */
 };
 
 /* A number that changes when the process of thread tid executes a new program
