@@ -132,6 +132,7 @@ INJECT_FIELDS = (
     "elapsed_ns",
     "stop_wait_ns",
     "held_ns",
+    "seccomp_trapped",
 )
 
 

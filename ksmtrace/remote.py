@@ -180,10 +180,17 @@ def exe_elf_kind(pid: int) -> str | None:
 
 
 def refuse_unsupported(pid: int, tid: int | None = None) -> None:
-    """Refuse, in words, targets the injection cannot serve: another ABI, another tracer."""
+    """Refuse, in words, targets the injection cannot serve: another ABI, another tracer,
+    strict seccomp (where the injected madvise would kill it)."""
     kind = exe_elf_kind(pid)
     if kind is not None and kind != "x86_64":
         raise TargetNot64Bit(_not_64bit(pid, kind))
+    seccomp = _status_fields(Path(f"/proc/{pid}/task/{tid or pid}/status")).get("Seccomp", "").strip()
+    if seccomp == "1":
+        raise AttachRefused(
+            f"pid {pid} ({_comm(pid)}) runs in seccomp strict mode: any syscall but read, write, "
+            "exit and sigreturn kills it, so an injected madvise would; leaving it alone"
+        )
     for who in dict.fromkeys([pid, tid or pid]):
         tracer = tracer_of(pid, who)
         if tracer:
@@ -296,6 +303,11 @@ def madvise(
             "the injection did not complete (the process is running and untraced): run again"
         )
     ret = res["ret"]
+    if res["seccomp_trapped"]:
+        raise KsmtraceError(
+            f"pid {pid}: its seccomp filter traps madvise (SIGSYS), so it cannot be opted in from "
+            "outside; the trap was kept from it and it runs on untouched"
+        )
     if ret < 0:
         why = {
             errno.ENOMEM: "part of the range is not mapped",

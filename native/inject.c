@@ -436,6 +436,17 @@ static int step_faulted(int tid, int sig, uint64_t sysaddr)
 	       ptrace(PTRACE_GETREGS, tid, 0, &now) == 0 && now.rip == sysaddr;
 }
 
+/* A SIGSYS that seccomp raised for the syscall at sysaddr, i.e. for our madvise. */
+static int our_seccomp_trap(int tid, int sig, uint64_t sysaddr)
+{
+	siginfo_t si;
+
+	if (sig != SIGSYS || ptrace(PTRACE_GETSIGINFO, tid, 0, &si) != 0)
+		return 0;
+	return si.si_code == 1 /* SYS_SECCOMP */ && si.si_syscall == SYS_madvise &&
+	       (uint64_t)(uintptr_t)si.si_call_addr == sysaddr + 2;
+}
+
 static int inject(struct job *j)
 {
 	struct kn_inject_result *res = j->res;
@@ -556,6 +567,15 @@ static int inject(struct job *j)
 				detach(j->tid, held, 0, 0);
 				return -EFAULT;
 			}
+			if (event == 0 && our_seccomp_trap(j->tid, sig, sysaddr)) {
+				/* A seccomp filter trapped our madvise: the SIGSYS is ours, not the
+				 * target's (its handler would meet a syscall it never made). Drop it;
+				 * the step trap follows. */
+				res->seccomp_trapped = 1;
+				if (ptrace(PTRACE_SINGLESTEP, j->tid, 0, 0) != 0)
+					return -ESRCH;
+				continue;
+			}
 			if (event == 0)
 				hold_signal(j->tid, sig, held);
 			/* A late interrupt or group stop, or a held signal: step on. */
@@ -570,6 +590,8 @@ static int inject(struct job *j)
 		break;
 	}
 
+	if (res->seccomp_trapped)
+		res->ret = -ENOSYS; /* it never ran: rax still holds the number we put there */
 	if (ptrace(PTRACE_SETREGS, j->tid, 0, &saved) != 0)
 		return -ESRCH;
 	res->signals_kept = (held->sig != 0) + held->extra;

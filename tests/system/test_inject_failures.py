@@ -500,3 +500,40 @@ def test_held_signals_keep_their_payload(target_bin: Path) -> None:
     assert rc == 0 and rep["errors"] == 0, rep  # the target checks each payload
     assert rep["signals"] == sent[0] and rep["payloads"] == sent[0], (rep, sent[0])
     assert held >= 10  # the path under test ran: signals were held and sent again
+
+
+# ---- seccomp ----------------------------------------------------------------------
+
+
+def test_seccomp_trapping_madvise_is_said_and_its_sigsys_kept_from_the_target(target_bin: Path) -> None:
+    """A filter that traps madvise (SECCOMP_RET_TRAP): the SIGSYS our injection caused
+    must not reach the target (its handler counts any SIGSYS as an error)."""
+    t = Target(target_bin, "seccomp", 30)
+    try:
+        res = run_cli(*merge_args(t))
+        assert_cli_sentence(res, t.pid, 1, r"seccomp filter traps madvise")
+        out = native.inject_madvise(t.pid, t.addr, t.len, UNMERGE, 2000)
+        assert out["seccomp_trapped"] == 1 and out["ret"] == -errno.ENOSYS, out
+        assert_running_untraced(t.pid)
+    finally:
+        os.kill(t.pid, signal.SIGTERM)
+    rc, lines = t.finish()
+    assert rc == 0 and '"errors": 0' in lines[-1], lines
+
+
+def test_seccomp_strict_target_is_refused_not_killed(target_bin: Path) -> None:
+    """In strict mode madvise is fatal: refused before any attach, the target lives."""
+    t = Target(target_bin, "strict", 30)
+    try:
+        wait_for(
+            lambda: remote._status_fields(Path(f"/proc/{t.pid}/status")).get("Seccomp", "").strip() == "1",
+            "strict mode",
+        )
+        res = run_cli(*merge_args(t))
+        assert_cli_sentence(res, t.pid, 77, r"seccomp strict mode")
+        assert t.alive()
+        assert_running_untraced(t.pid)
+    finally:
+        t.proc.kill()  # strict mode: no clean way out but the one at the end of its loop
+    rc, _ = t.finish()
+    assert rc == -9  # killed by us just now, not by an injected madvise

@@ -22,6 +22,9 @@
  *              so that the test can look at the old program first)
  *   dieafter:  sleeps; a thread watches /proc/self/ksm_stat and exits the process
  *              the moment the process has become mergeable (one madvise done)
+ *   seccomp:   busy, under a seccomp filter that traps madvise (SIGSYS; its handler
+ *              counts it as an error: this program never calls madvise)
+ *   strict:    busy, in seccomp strict mode (only read/write/exit/sigreturn)
  * SIGRTMIN (queued, never merged) is counted, so a lost signal shows, and when it was
  * sent with sigqueue() its payload is checked; SIGUSR1 and SIGCHLD (standard, so they
  * coalesce) are counted too.
@@ -35,7 +38,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -350,6 +357,43 @@ static void *watch_mergeable(void *arg)
 	return NULL;
 }
 
+static void on_sigsys(int sig)
+{
+	(void)sig;
+	error("SIGSYS: a madvise it never made was trapped", 0, 0);
+}
+
+/* madvise -> SECCOMP_RET_TRAP, everything else allowed (x86_64 only: a test target). */
+static int trap_madvise(void)
+{
+	struct sock_filter f[] = {
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_madvise, 0, 1),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRAP),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+	};
+	struct sock_fprog prog = { sizeof(f) / sizeof(f[0]), f };
+
+	signal(SIGSYS, on_sigsys);
+	return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog);
+}
+
+/* Strict mode allows write and exit only: spin, then say so and leave. */
+static void strict_spin(double secs)
+{
+	static const char msg[] = "{\"mode\": \"strict\", \"errors\": 0}\n";
+	/* No clock (its vDSO may fall back to a syscall): ~0.5 ns per round, counted. */
+	volatile uint64_t n = (uint64_t)(secs * 4e8);
+
+	if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_STRICT) != 0)
+		_exit(2);
+	while (n)
+		n = n - 1;
+	if (write(1, msg, sizeof(msg) - 1) < 0)
+		syscall(SYS_exit, 3);
+	syscall(SYS_exit, 0); /* exit_group is not allowed in strict mode */
+}
+
 int main(int argc, char **argv)
 {
 	const char *mode = argc > 1 ? argv[1] : "busy";
@@ -437,6 +481,12 @@ int main(int argc, char **argv)
 
 		pthread_create(&t, NULL, watch_mergeable, NULL);
 		sleeper((void *)5);
+	} else if (!strcmp(mode, "seccomp")) {
+		if (trap_madvise() != 0)
+			return 2;
+		busy(NULL);
+	} else if (!strcmp(mode, "strict")) {
+		strict_spin(secs);
 	} else if (!strcmp(mode, "vfork")) {
 		pid_t c = vfork();
 
