@@ -216,6 +216,7 @@ def run(n: int, seed: int) -> dict[str, object]:
                 "target": m,
                 "stop_wait_us": round(res["stop_wait_ns"] / 1000, 1),
                 "held_us": round(res["held_ns"] / 1000, 1),
+                "madvise_us": round(res["syscall_ns"] / 1000, 1),
                 **{k: res[k] for k in ("stop_kind", "restarts", "signals_kept")},
             }
             for us, m, res in slowest

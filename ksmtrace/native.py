@@ -133,6 +133,7 @@ INJECT_FIELDS = (
     "stop_wait_ns",
     "held_ns",
     "seccomp_trapped",
+    "syscall_ns",
 )
 
 

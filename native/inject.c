@@ -452,7 +452,7 @@ static int inject(struct job *j)
 	struct kn_inject_result *res = j->res;
 	struct user_regs_struct saved, regs;
 	struct held *held = &j->held;
-	uint64_t t0 = mono_ns(), t_int = 0, t_stop = 0, sysaddr;
+	uint64_t t0 = mono_ns(), t_int = 0, t_stop = 0, t_step, sysaddr;
 	int status, r, sig, event;
 
 	/* Attach first: it is what refuses kernel threads and already-traced targets. Exec and
@@ -533,6 +533,7 @@ static int inject(struct job *j)
 	regs.rsi = j->len;
 	regs.rdx = (unsigned long long)j->advice;
 
+	t_step = mono_ns();
 	for (int attempt = 0;; attempt++) {
 		if (ptrace(PTRACE_SETREGS, j->tid, 0, &regs) != 0 ||
 		    ptrace(PTRACE_SINGLESTEP, j->tid, 0, 0) != 0)
@@ -590,6 +591,7 @@ static int inject(struct job *j)
 		break;
 	}
 
+	res->syscall_ns = (int64_t)(mono_ns() - t_step);
 	if (res->seccomp_trapped)
 		res->ret = -ENOSYS; /* it never ran: rax still holds the number we put there */
 	if (ptrace(PTRACE_SETREGS, j->tid, 0, &saved) != 0)

@@ -93,6 +93,7 @@ struct kn_inject_result {
 	int64_t stop_wait_ns;    /* of which: from PTRACE_INTERRUPT to the stop */
 	int64_t held_ns;         /* of which: from the stop to the detach (the target's pause) */
 	int32_t seccomp_trapped; /* a seccomp filter trapped the madvise (its SIGSYS dropped) */
+	int64_t syscall_ns;      /* of held_ns: from the single step to its trap (madvise itself) */
 };
 
 /* A number that changes when the process of thread tid executes a new program
