@@ -130,17 +130,30 @@ INJECT_FIELDS = (
     "signals_kept",
     "interrupted_rax",
     "elapsed_ns",
+    "stop_wait_ns",
+    "held_ns",
+    "seccomp_trapped",
+    "syscall_ns",
 )
 
 
-def inject_madvise(tid: int, addr: int, length: int, advice: int, timeout_ms: int = 1000) -> dict[str, int]:
+def image_id(tid: int) -> int:
+    """A number that changes when the process of ``tid`` executes a new program (0: unknown)."""
+    return int(lib.kn_image_id(tid))
+
+
+def inject_madvise(
+    tid: int, addr: int, length: int, advice: int, timeout_ms: int = 1000, image: int = 0
+) -> dict[str, int]:
     """madvise(addr, length, advice) inside thread ``tid`` by ptrace syscall injection.
 
     Raises OSError when the injection itself failed (the target is then
     untouched and not traced); the madvise result is ``ret`` (0 or -errno).
+    ``image``: :func:`image_id` as seen when the range was checked; ESTALE if
+    the process has executed a new program since (0: do not compare).
     """
     res = ffi.new("struct kn_inject_result *")
-    check(lib.kn_inject_madvise(tid, addr, length, advice, timeout_ms, res), f"inject into {tid}")
+    check(lib.kn_inject_madvise(tid, addr, length, advice, timeout_ms, image, res), f"inject into {tid}")
     return {f: int(getattr(res, f)) for f in INJECT_FIELDS}
 
 

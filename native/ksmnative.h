@@ -90,13 +90,26 @@ struct kn_inject_result {
 	int32_t signals_kept;    /* foreign signals held back and re-delivered */
 	int64_t interrupted_rax; /* rax of the target when it stopped */
 	int64_t elapsed_ns;
+	int64_t stop_wait_ns;    /* of which: from PTRACE_INTERRUPT to the stop */
+	int64_t held_ns;         /* of which: from the stop to the detach (the target's pause) */
+	int32_t seccomp_trapped; /* a seccomp filter trapped the madvise (its SIGSYS dropped) */
+	int64_t syscall_ns;      /* of held_ns: from the single step to its trap (madvise itself) */
 };
 
+/* A number that changes when the process of thread tid executes a new program
+ * (its memory layout; ASLR moves it on every exec); 0 when unknown (no mm). */
+uint64_t kn_image_id(int tid);
+
 /* madvise(addr, len, advice) inside thread tid. Returns 0 (see res->ret) or
- * -errno when the injection itself failed: -EPERM attach refused, -ESRCH gone,
- * -ETIMEDOUT no stop within timeout_ms, -ENOEXEC not a 64-bit x86 process,
- * -ENOSYS not x86_64, -EDEADLK the caller itself, -ENOENT no syscall instruction. */
-int kn_inject_madvise(int tid, uint64_t addr, uint64_t len, int advice, int timeout_ms,
+ * -errno when the injection itself failed: -EPERM attach refused, -ESRCH the
+ * thread is gone or exiting (the process may live on), -ETIMEDOUT no stop
+ * within timeout_ms, -ENOEXEC not a 64-bit x86 process, -ESTALE the process
+ * executed a new program (image differs from `image`, or it exec'd while we
+ * were attached), -EFAULT the borrowed syscall instruction faulted (mapping
+ * changed under us), -ENOSYS not x86_64, -EDEADLK the caller itself, -ENOENT
+ * no syscall instruction. image 0: do not compare. In every failure the target
+ * is left running on its own registers and untraced. */
+int kn_inject_madvise(int tid, uint64_t addr, uint64_t len, int advice, int timeout_ms, uint64_t image,
 		      struct kn_inject_result *res);
 /* Atomics on BPF_F_MMAPABLE maps shared with BPF programs (shared.c);
  * offset in bytes, 8-byte aligned. cmpxchg returns the value it saw. */

@@ -20,8 +20,10 @@ log() { printf 'install: %s\n' "$*" >&2; }
 DEB_PACKAGES=(
   python3-bpfcc bpfcc-tools bpftool "linux-headers-$ARCH"
   python3 python3-venv python3-dev gcc libc6-dev libxxhash-dev
-  linux-perf procps util-linux
+  linux-perf procps util-linux strace
 )
+# gcc -m32: the injection tests build a 32-bit (i386) target to see it refused in words.
+[[ "$ARCH" == amd64 ]] && DEB_PACKAGES+=(gcc-multilib)
 if [[ "${1:-}" == "--print-deb-packages" ]]; then
   printf '%s\n' "${DEB_PACKAGES[@]}"; exit 0
 fi

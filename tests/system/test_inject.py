@@ -200,7 +200,7 @@ def test_already_traced_target_is_refused_and_left_alone(target_bin: Path) -> No
     )
     try:
         assert holder.stdout and holder.stdout.readline().strip() == "held"
-        with pytest.raises(KsmtraceError, match="already traced"):
+        with pytest.raises(KsmtraceError, match=rf"pid {t.pid} is being traced by pid {holder.pid} \(python"):
             remote.madvise(t.pid, t.addr, t.addr + t.len, remote.MADV_MERGEABLE)
     finally:
         holder.kill()
