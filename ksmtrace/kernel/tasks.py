@@ -42,7 +42,7 @@ PF_KTHREAD = 0x00200000
 def is_kernel_thread(pid: int) -> bool:
     """The kernel's own flag (/proc/PID/stat field 9), true of kernel threads only."""
     try:
-        fields = PROC / str(pid) / "stat".read_text().rsplit(")", 1)[1].split()
+        fields = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
         return bool(int(fields[6]) & PF_KTHREAD)
     except (OSError, IndexError, ValueError):
         return False
@@ -58,7 +58,7 @@ def status_fields(path: Path) -> dict[str, str]:
 
 def comm_or_unknown(pid: int) -> str:
     try:
-        return PROC / str(pid) / "comm".read_text().strip()
+        return (PROC / str(pid) / "comm").read_text().strip()
     except OSError:
         return "?"
 
