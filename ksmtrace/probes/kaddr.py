@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from ksmtrace.errors import TracingUnavailable
 from ksmtrace.kernel import abi, btf, pagemap, procfs
+from ksmtrace.kernel.signals import critical
 from ksmtrace.probes import loader
 
 PAGEMAP_PRESENT = 1 << 63
@@ -137,7 +138,8 @@ def layout(timeout: float = 3.0) -> KernelLayout:
             time.sleep(0.01)
         dmap, vmemmap, walk_pfn = int(res.direct_map_base), int(res.vmemmap_base), int(res.walk_pfn)
     finally:
-        bpf.cleanup()
+        with critical():  # BCC retries a cleanup cut in two at exit, and fails
+            bpf.cleanup()
         libc.munlock(ctypes.c_void_p(va), ctypes.c_size_t(mmap.PAGESIZE))
         del anchor
         page.close()

@@ -16,6 +16,7 @@ from typing import Any
 
 from ksmtrace.errors import TracingUnavailable
 from ksmtrace.kernel import bcc_env, checks
+from ksmtrace.kernel.signals import critical
 
 
 def bpf_dir() -> Path:
@@ -57,18 +58,25 @@ def detach_all(bpf: Any) -> list[tuple[str, bytes]]:
     loaded, maps keep their counts); returns what :func:`reattach` needs.
     Benchmarks toggle probes this way instead of recompiling."""
     done: list[tuple[str, bytes]] = []
-    for tp in list(bpf.raw_tracepoint_fds):
-        bpf.detach_raw_tracepoint(tp=tp)
-        done.append(("raw", tp))
-    for tp in list(bpf.tracepoint_fds):
-        bpf.detach_tracepoint(tp=tp)
-        done.append(("tp", tp))
+    # Whole, or BCC's exit-time cleanup finds a closed fd it still lists.
+    with critical():
+        for tp in list(bpf.raw_tracepoint_fds):
+            bpf.detach_raw_tracepoint(tp=tp)
+            done.append(("raw", tp))
+        for tp in list(bpf.tracepoint_fds):
+            bpf.detach_tracepoint(tp=tp)
+            done.append(("tp", tp))
     return done
 
 
 def reattach(bpf: Any, detached: list[tuple[str, bytes]]) -> None:
     """Undo :func:`detach_all` (BCC's auto-attach names: raw_tracepoint__TP,
     tracepoint__CAT__EVENT)."""
+    with critical():
+        _reattach(bpf, detached)
+
+
+def _reattach(bpf: Any, detached: list[tuple[str, bytes]]) -> None:
     for kind, tp in detached:
         if kind == "raw":
             bpf.attach_raw_tracepoint(tp=tp, fn_name=b"raw_tracepoint__" + tp)
@@ -112,7 +120,7 @@ def _kfunc_class(bcc: Any, kfuncs: dict[int, int]) -> Any:
             try:
                 super().__init__(*args, **kwargs)
             except Exception:
-                with contextlib.suppress(Exception):
+                with critical(), contextlib.suppress(Exception):
                     self.cleanup()
                 raise
 

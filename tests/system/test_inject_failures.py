@@ -33,6 +33,7 @@ import pytest
 
 from ksmtrace import native, remote
 from ksmtrace.errors import KsmtraceError, ProcessGone
+from ksmtrace.kernel import tasks
 
 pytestmark = pytest.mark.system
 
@@ -526,7 +527,7 @@ def test_seccomp_strict_target_is_refused_not_killed(target_bin: Path) -> None:
     t = Target(target_bin, "strict", 30)
     try:
         wait_for(
-            lambda: remote._status_fields(Path(f"/proc/{t.pid}/status")).get("Seccomp", "").strip() == "1",
+            lambda: tasks.seccomp_mode(t.pid) == "1",
             "strict mode",
         )
         res = run_cli(*merge_args(t))
