@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from ksmtrace.kernel import checks
+from ksmtrace.errors import KsmUnavailable
+from ksmtrace.kernel import checks, ksm_sysfs
 
 pytestmark = pytest.mark.system
 KSMTRACE = [sys.executable, "-m", "ksmtrace"]
@@ -26,7 +26,8 @@ def _status() -> dict:
     return json.loads(out.stdout)["features"]
 
 
-def test_status_reports_features_as_the_kernel_behaves() -> None:
+@pytest.mark.ksm
+def test_status_reports_features_as_the_kernel_behaves(ksm) -> None:
     feats = _status()
     assert feats["ksm"]["available"]
     # PR_SET_MEMORY_MERGE: the launcher works exactly when status says it is there.
@@ -38,9 +39,20 @@ def test_status_reports_features_as_the_kernel_behaves() -> None:
         assert "Traceback" not in run.stderr
     tracefs = checks.ensure_tracefs()
     assert feats["ksm_tracepoints"]["available"] == (tracefs / "events" / "ksm").is_dir()
-    ksm = Path("/sys/kernel/mm/ksm")
-    assert feats["smart_scan"]["available"] == (ksm / "smart_scan").exists()
-    assert feats["ksm_advisor"]["available"] == (ksm / "advisor_mode").exists()
+    # The knobs: where status says a feature is there, the kernel takes a new
+    # value and reads it back; where not, it has no such setting to write.
+    # (ksm fixture: the knobs come back as they were.)
+    for name, knob, values in (
+        ("smart_scan", "smart_scan", (0, 1)),
+        ("ksm_advisor", "advisor_mode", ("scan-time", "none")),
+    ):
+        if feats[name]["available"]:
+            for value in values:
+                ksm.set(**{knob: value})
+                assert ksm_sysfs.read().knobs[knob] == value, (knob, value)
+        else:
+            with pytest.raises(KsmUnavailable):
+                ksm.set(**{knob: values[0]})
 
 
 def test_status_table_names_what_is_missing() -> None:
