@@ -351,7 +351,8 @@ def test_ksmd_command_without_ksm_tracepoints(ksm, workload, monkeypatch, capsys
     assert full_scans() == scans0
     assert [(r["merges_per_s"], r["rounds"]) for r in recs] == [(None, 0), (None, 0)]
     # ksmd scanning a small region (a full scan every wake-up): rounds come from
-    # full_scans alone, every interval has some, and no more than ksmd completed.
+    # full_scans alone, some were counted, and no more than ksmd completed. (Not
+    # every 0.3 s interval has one: on a loaded 2-core machine ksmd may not run.)
     w = workload()
     w.call("alloc", name="r", pages=64, kind="dup", seed=2)
     w.call("madvise", name="r")
@@ -360,8 +361,8 @@ def test_ksmd_command_without_ksm_tracepoints(ksm, workload, monkeypatch, capsys
     assert cli.main(["ksmd", "-j", "0.3", "2"]) == 0
     scans1 = full_scans()
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(recs) == 2 and all(r["rounds"] > 0 for r in recs), recs
-    assert sum(r["rounds"] for r in recs) <= scans1 - scans0
+    assert len(recs) == 2, recs
+    assert 0 < sum(r["rounds"] for r in recs) <= scans1 - scans0, (recs, scans1 - scans0)
 
 
 def test_merged_set_full_falls_back_to_checking_every_fault(ksm, workload) -> None:  # type: ignore[no-untyped-def]
