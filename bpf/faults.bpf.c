@@ -288,6 +288,10 @@ static __always_inline int on_fault(u64 addr, u64 error_code, int kernel_mode)
 	}
 	if (ksm && kernel_mode)
 		stat_inc(FS_KERNEL_MODE);
+	/* Which path counted it (tests check the fast one is in use): only on
+	 * KSM COW faults, which are rare, so no cost on ordinary ones. */
+	if (ksm)
+		stat_inc(hit ? FS_COW_FAST : FS_COW_WALKED);
 
 	if (!c->region[0].start) {
 		stat_inc(FS_NO_TABLE);

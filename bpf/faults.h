@@ -72,7 +72,9 @@ enum fault_stat {
 	FS_KERNEL_MODE = 3,	/* KSM COW taken in kernel mode (copy_to_user) */
 	FS_MERGED_DROPS = 4,	/* merged-page set full (a chunk): that process checks every fault */
 	FS_STALE = 5,		/* merged-page entries found stale at a fault */
-	FS_NSTATS = 6,
+	FS_COW_FAST = 6,	/* KSM COW counted from a merged-set hit (the fast path) */
+	FS_COW_WALKED = 7,	/* KSM COW counted by checking every fault (walk_all, NO_KSM_TP) */
+	FS_NSTATS = 8,
 };
 
 #endif

@@ -6,6 +6,10 @@
 #
 #   --print-deb-packages   print the Debian packages (one a line) and exit:
 #                          vagrant/build-box.sh bakes them into its offline box
+#   --with-vagrant         also install Debian's vagrant and vagrant-libvirt (as
+#                          vagrant/run-vm-tests.sh does), so tests/unit/test_vagrant.py
+#                          can validate vagrant/Vagrantfile; implied by CI=true,
+#                          where that test fails rather than skip without them
 #   KSMTRACE_WHEELHOUSE=DIR install Python packages only from DIR (pip
 #                          --no-index --find-links): for machines without PyPI,
 #                          such as the offline VM of vagrant/run-vm-tests.sh
@@ -26,6 +30,14 @@ DEB_PACKAGES=(
 [[ "$ARCH" == amd64 ]] && DEB_PACKAGES+=(gcc-multilib)
 if [[ "${1:-}" == "--print-deb-packages" ]]; then
   printf '%s\n' "${DEB_PACKAGES[@]}"; exit 0
+fi
+# Not in the list above: the offline box of build-box.sh does not need them,
+# and a plain install stays small and fast.
+with_vagrant=0
+[[ "${1:-}" == "--with-vagrant" ]] && with_vagrant=1
+case "${CI:-}" in 1|true|TRUE|True|yes) with_vagrant=1 ;; esac
+if ((with_vagrant)); then
+  DEB_PACKAGES+=(vagrant vagrant-libvirt)
 fi
 
 missing=()

@@ -22,6 +22,15 @@
   an error, not a skip.
 * ``@pytest.mark.vm`` (tests/system/test_vm.py) boots a Debian 12 VM and runs
   the suite inside it: it runs with --vm or CI=true, and is deselected otherwise.
+* Deselection cannot hide system tests from CI: the system tests collected
+  are counted before any deselection (-k, -m, --deselect, --lf), and under
+  --strict-system / CI=true the session fails if any of them did not run.
+  A skip because the kernel lacks a feature counts as run (it reached the
+  kernel check); the vm test never counts as missing, because it runs only
+  where asked for (--vm, and not deselected: the VM's own run inside the
+  guest deselects it with -m 'not vm').
+* ``wait_for(cond, timeout, what)`` (a fixture too): poll a condition with a
+  deadline instead of sleeping and hoping.
 """
 
 from __future__ import annotations
@@ -43,13 +52,19 @@ LOCK = (
 )
 FIXTURES = Path(__file__).parent / "fixtures"
 _LACKS = pytest.StashKey[list]()
+# System tests the session collected (nodeid -> vm-marked), before any deselection.
+_HELD = pytest.StashKey[dict]()
+# System tests whose setup began: they ran (or failed, or were skipped for a reason
+# that --strict-system judges itself).
+_STARTED = pytest.StashKey[set]()
+_MISSING = pytest.StashKey[list]()
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--strict-system",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=IN_CI,
         help="fail (not skip) system tests that cannot run; default on when CI=true",
     )
@@ -70,7 +85,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: boots a VM (slow); runs with --vm or CI=true")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # tryfirst: before pytest's own -k/-m/--deselect hooks take items away, so
+    # what the suite holds is counted, not what survived the command line.
+    config.stash[_HELD] = {
+        i.nodeid: i.get_closest_marker("vm") is not None for i in items if i.get_closest_marker("system")
+    }
     if config.getoption("--vm"):
         return
     vm = [i for i in items if i.get_closest_marker("vm")]
@@ -107,6 +128,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     outcome = yield
     report = outcome.get_result()
+    if report.when == "setup":
+        item.config.stash.setdefault(_STARTED, set()).add(item.nodeid)
     if report.skipped and call.excinfo is not None and call.excinfo.errisinstance(KernelLacks):
         lacking = item.config.stash.setdefault(_LACKS, [])
         lacking.append((item.nodeid, str(call.excinfo.value)))
@@ -118,9 +141,45 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         item.config._ksmtrace_system_ran = getattr(item.config, "_ksmtrace_system_ran", 0) + 1
 
 
+def missing_system_tests(config: pytest.Config) -> list[str]:
+    """System tests collected but never started; the vm test is asked for
+    explicitly (--vm, not deselected), so its absence is never a gap."""
+    held = config.stash.get(_HELD, {})
+    started = config.stash.get(_STARTED, set())
+    return [nodeid for nodeid, vm in held.items() if not vm and nodeid not in started]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    missing = missing_system_tests(config)
+    config.stash[_MISSING] = missing
+    if missing and config.getoption("--strict-system"):
+        # A green run must mean every system test ran: -k/-m/--deselect (or -x
+        # stopping early) that left some out turns success into failure.
+        if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     ran = getattr(config, "_ksmtrace_system_ran", 0)
-    terminalreporter.write_line(f"ksmtrace: {ran} system tests ran against the real kernel")
+    held = [n for n, vm in config.stash.get(_HELD, {}).items() if not vm]
+    terminalreporter.write_line(
+        f"ksmtrace: {ran} system tests ran against the real kernel ({len(held)} collected, vm test aside)"
+    )
+    missing = config.stash.get(_MISSING, [])
+    if missing:
+        strict = config.getoption("--strict-system")
+        terminalreporter.write_line(
+            f"ksmtrace: {len(missing)} collected system tests did not run"
+            + (" (--strict-system / CI: this fails the session):" if strict else " (deselected?):"),
+            red=strict,
+            yellow=not strict,
+        )
+        for nodeid in missing[:50]:
+            terminalreporter.write_line(f"  not run: {nodeid}")
+        if len(missing) > 50:
+            terminalreporter.write_line(f"  ... and {len(missing) - 50} more")
     lacking = config.stash.get(_LACKS, [])
     if lacking:
         terminalreporter.write_line(
@@ -128,6 +187,24 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         )
         for nodeid, why in lacking:
             terminalreporter.write_line(f"  {nodeid}: {why}")
+
+
+def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
+    """Poll ``cond`` until it returns something true (returned) or ``timeout``
+    seconds pass (AssertionError naming ``what`` and the last value seen)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {got!r})")
+        time.sleep(interval)
+
+
+@pytest.fixture(name="wait_for")
+def wait_for_fixture() -> Callable[..., object]:
+    return wait_for
 
 
 class KsmControl:

@@ -37,6 +37,8 @@ _STATS = (
     "kernel_mode_ksm_cow",
     "merged_drops",
     "stale_merged",
+    "ksm_cow_fast",  # counted from a merged-set hit
+    "ksm_cow_walked",  # counted by checking every fault of the process
 )
 # struct proc_slot header (bpf/faults.h): tgid, state, pgd, walk_all,
 # has_merged, other.wp, other.ksm_cow; then per region start, end, wp, ksm_cow.

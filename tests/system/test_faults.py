@@ -21,6 +21,7 @@ import pytest
 
 from ksmtrace.kernel import features, pagemap, vmstat
 from ksmtrace.kernel.proc_events import ProcEvents
+from ksmtrace.kernel.procfs import ProcFS
 from ksmtrace.kernel.taskstats import DelayAcct, TaskStats
 from ksmtrace.model.faults import FaultsState
 from ksmtrace.probes.faults import FaultCounts, FaultProbe
@@ -69,12 +70,24 @@ def _traced(s0, s1, pids=None) -> int:  # type: ignore[no-untyped-def]
     return total
 
 
+def _assert_path(fp, s0, s1, fast: bool) -> None:  # type: ignore[no-untyped-def]
+    """Which path counted the KSM COW faults between two snapshots (all processes).
+    ``fast``: pages the merged-page set knows (merge events, preload) must be
+    counted from set hits wherever the kernel has ksm:* tracepoints, not by
+    checking every fault; otherwise (no tracepoints, walk_all processes) the
+    check of every fault counts them all."""
+    hits = s1.stats["ksm_cow_fast"] - s0.stats["ksm_cow_fast"]
+    walked = s1.stats["ksm_cow_walked"] - s0.stats["ksm_cow_walked"]
+    total = _traced(s0, s1)
+    assert (hits, walked) == ((total, 0) if fast and fp.merge_events else (0, total)), (hits, walked, total)
+
+
 def _region_row(report, pid: int, addr: int):  # type: ignore[no-untyped-def]
     proc = next(p for p in report.processes if p.pid == pid)
     return proc, next(r for r in proc.regions if r.start == addr)
 
 
-def test_ksm_cow_exact_per_process_and_region(ksm, workload) -> None:  # type: ignore[no-untyped-def]
+def test_ksm_cow_exact_per_process_and_region(ksm, workload, wait_for) -> None:  # type: ignore[no-untyped-def]
     dup, unique, zero = _layout()
     # Merges per process and region come from the ksm:* tracepoints (6.4+);
     # without them the COW counts are checked all the same.
@@ -85,6 +98,8 @@ def test_ksm_cow_exact_per_process_and_region(ksm, workload) -> None:  # type: i
         FaultProbe() as fp,
         KsmdProbe() if has_ksm_tp else contextlib.nullcontext() as kp,
     ):
+        # The probe sees merge events exactly where the kernel has the tracepoints.
+        assert fp.merge_events == has_ksm_tp
         t0 = time.monotonic()
         state = FaultsState(t0, vmstat.ksm_vmstat()["cow_ksm"])
         # Started after DelayAcct: the kernel gives a task its accounting record at fork.
@@ -106,8 +121,9 @@ def test_ksm_cow_exact_per_process_and_region(ksm, workload) -> None:  # type: i
                 c = merged.procs[w.pid]
                 assert c.merges - c.unmerges == live.ksm, (w.pid, c, live.ksm)
 
-        a.call("fork")  # unique pages become fork-COW pages for a
-        time.sleep(0.2)
+        child = a.call("fork")["child"]  # unique pages become fork-COW pages for a
+        # The child's own faults after fork are over once it sleeps in pause().
+        wait_for(lambda: ProcFS().stat(child).state == "S", 5, f"forked child {child} to sleep")
         ksm_written = dup[::3][:70]
         fork_written = unique[::2][:40]
         zero_written = zero[::4]
@@ -141,6 +157,7 @@ def test_ksm_cow_exact_per_process_and_region(ksm, workload) -> None:  # type: i
         assert after.cow_ksm is not None
         assert after.ksm_cow_sum == cow1 - cow0 == after.cow_ksm.delta
         assert _traced(fs0, fs1) == cow1 - cow0
+        _assert_path(fp, fs0, fs1, fast=True)
         assert after.drops["walk_failures"] == 0
         # Merges per region: the ranges ksmd merged are the same rows.
         if kp is not None:
@@ -174,21 +191,24 @@ def test_unmerged_pages_are_not_ksm_cow(ksm, workload) -> None:  # type: ignore[
     assert cow1 - cow0 - _traced(s0, s1) == 128
     assert _traced(s1, s2, {w.pid}) == 10
     assert _traced(s1, s2) == cow2 - cow1
+    _assert_path(fp, s1, s2, fast=True)
 
 
-def test_process_events_exec_and_exit() -> None:
+def test_process_events_exec_and_exit(wait_for) -> None:
     with ProcEvents() as pe:
         child = subprocess.Popen(
             [sys.executable, "-c", "import os; os.execv('/bin/true', ['true'])"],
         )
         child.wait()
-        deadline = time.monotonic() + 2
         seen: list[str] = []
-        while time.monotonic() < deadline and "exit" not in seen:
-            seen += [e.kind for e in pe.read() if e.tgid == child.pid]
-            time.sleep(0.02)
-    assert seen[:1] == ["fork"] or "fork" in seen
-    assert "exec" in seen and "exit" in seen
+
+        def exit_seen() -> bool:
+            seen.extend(e.kind for e in pe.read() if e.tgid == child.pid)
+            return "exit" in seen
+
+        wait_for(exit_seen, 2, f"the exit event of pid {child.pid}")
+    # In order: Popen's fork, its exec of Python, Python's exec of true, the exit.
+    assert seen == ["fork", "exec", "exec", "exit"]
     state = FaultsState(time.monotonic())
     from ksmtrace.kernel.proc_events import ProcEvent
 
@@ -211,6 +231,7 @@ def test_cli_faults_and_ksmd_json(ksm, workload) -> None:  # type: ignore[no-unt
     ksm.start()
     ksm.wait_merged(w.pid, r["addr"], r["len"], 128)
     cli = [sys.executable, "-m", "ksmtrace"]
+    delayacct = open("/proc/sys/kernel/task_delayacct").read()
     proc = subprocess.Popen(
         [*cli, "faults", "-j", "-p", str(w.pid), "1", "2"],
         stdout=subprocess.PIPE,
@@ -236,7 +257,8 @@ def test_cli_faults_and_ksmd_json(ksm, workload) -> None:  # type: ignore[no-unt
     assert ks.returncode == 0, ks.stderr
     recs = [json.loads(line) for line in ks.stdout.splitlines()]
     assert len(recs) == 2 and recs[0]["cpu_pct"] is not None
-    assert os.path.exists("/proc/sys/kernel/task_delayacct")
+    # faults turns on delay accounting for taskstats; it must leave it as found.
+    assert open("/proc/sys/kernel/task_delayacct").read() == delayacct
 
 
 def test_pages_merged_before_tracing_started(ksm, workload) -> None:  # type: ignore[no-untyped-def]
@@ -245,17 +267,20 @@ def test_pages_merged_before_tracing_started(ksm, workload) -> None:  # type: ig
     r = w.call("alloc", name="r", pages=300, kind="dup", seed=9)
     w.call("madvise", name="r")
     ksm.merge_then_stop((w.pid, r, 300))
-    with FaultProbe() as fp:
+    # -p: only this process is preloaded, so the count is its pages alone.
+    with FaultProbe(pid=w.pid) as fp:
         # With merge events (6.4+) the pages merged so far are preloaded into
         # the merged set (within a time budget at start, the rest here);
         # without them every fault is checked by struct page.
         assert fp.preload_pending(60.0) == 0
-        assert fp.preloaded >= 300 if fp.merge_events else fp.preloaded == 0
+        assert fp.preloaded == (300 if fp.merge_events else 0)
         s0, cow0 = _pair(fp)
         w.call("write", name="r", first=0, count=300, step=7)
         s1, cow1 = _pair(fp)
     assert _traced(s0, s1, {w.pid}) == len(range(0, 300, 7))
     assert _traced(s0, s1) == cow1 - cow0
+    # The preloaded set, not a check of every fault, counted them.
+    _assert_path(fp, s0, s1, fast=True)
 
 
 def test_forked_child_breaking_inherited_merges(ksm, workload) -> None:  # type: ignore[no-untyped-def]
@@ -274,6 +299,7 @@ def test_forked_child_breaking_inherited_merges(ksm, workload) -> None:  # type:
     assert _traced(s0, s1, {child}) == 40
     assert _traced(s0, s1, {w.pid}) == 0
     assert _traced(s0, s1) == cow1 - cow0
+    _assert_path(fp, s0, s1, fast=False)  # the child's pages are in no merged set
 
 
 def test_fallback_without_ksm_tracepoints_still_exact(ksm, workload, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -304,19 +330,41 @@ def test_fallback_without_ksm_tracepoints_still_exact(ksm, workload, monkeypatch
     assert _traced(s0, s1, {w.pid}) == 30
     assert _traced(s0, s1, {late.pid}) == 16
     assert _traced(s0, s1) == cow1 - cow0
+    _assert_path(fp, s0, s1, fast=False)  # NO_KSM_TP: no merged set to hit
 
 
-def test_ksmd_command_without_ksm_tracepoints(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_ksmd_command_without_ksm_tracepoints(ksm, workload, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     from ksmtrace import cli
+    from ksmtrace.kernel import ksm_sysfs
     from ksmtrace.probes import ksmd as ksmd_probe
 
     monkeypatch.setattr(ksmd_probe, "available", lambda: False)
+
+    def full_scans() -> int:
+        return int(ksm_sysfs.read().get("full_scans") or 0)
+
+    # ksmd stopped: not one round, exactly.
+    scans0 = full_scans()
     assert cli.main(["ksmd", "-j", "0.3", "2"]) == 0
     out = capsys.readouterr()
     assert "no ksm:* tracepoints" in out.err  # said once
     recs = [json.loads(line) for line in out.out.splitlines()]
     assert len(recs) == 2
-    assert recs[0]["merges_per_s"] is None and recs[0]["rounds"] >= 0
+    assert full_scans() == scans0
+    assert [(r["merges_per_s"], r["rounds"]) for r in recs] == [(None, 0), (None, 0)]
+    # ksmd scanning a small region (a full scan every wake-up): rounds come from
+    # full_scans alone, some were counted, and no more than ksmd completed. (Not
+    # every 0.3 s interval has one: on a loaded 2-core machine ksmd may not run.)
+    w = workload()
+    w.call("alloc", name="r", pages=64, kind="dup", seed=2)
+    w.call("madvise", name="r")
+    ksm.start()
+    scans0 = full_scans()
+    assert cli.main(["ksmd", "-j", "0.3", "2"]) == 0
+    scans1 = full_scans()
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(recs) == 2, recs
+    assert 0 < sum(r["rounds"] for r in recs) <= scans1 - scans0, (recs, scans1 - scans0)
 
 
 def test_merged_set_full_falls_back_to_checking_every_fault(ksm, workload) -> None:  # type: ignore[no-untyped-def]
@@ -333,6 +381,8 @@ def test_merged_set_full_falls_back_to_checking_every_fault(ksm, workload) -> No
     assert s1.stats["merged_drops"] > 0 if fp.merge_events else s1.stats["merged_drops"] == 0
     assert _traced(s0, s1, {w.pid}) == len(range(1, 768, 3))
     assert _traced(s0, s1) == cow
+    # Once its set overflowed, the process is checked fault by fault: all walked.
+    _assert_path(fp, s0, s1, fast=False)
 
 
 def test_stale_merged_bits_do_not_count(ksm, workload) -> None:  # type: ignore[no-untyped-def]
@@ -347,6 +397,8 @@ def test_stale_merged_bits_do_not_count(ksm, workload) -> None:  # type: ignore[
         w.call("madvise", name="r", advice="unmergeable")
         assert pagemap.range_pages(w.pid, r["addr"], r["addr"] + r["len"]).ksm == 0
         w.call("fork")
+        # Its own row: the region's write-protect faults are exactly the writes.
+        fp.set_regions(w.pid, [(r["addr"], r["addr"] + r["len"])])
         s0, cow0 = _pair(fp)
         w.call("write", name="r", first=0, count=200, step=3)
         s1, cow1 = _pair(fp)
@@ -354,7 +406,9 @@ def test_stale_merged_bits_do_not_count(ksm, workload) -> None:  # type: ignore[
     stale = s1.stats["stale_merged"] - s0.stats["stale_merged"]
     # No merge events before 6.4: no bits to go stale, every fault checks its page.
     assert stale == (len(range(0, 200, 3)) if fp.merge_events else 0)
-    assert s1.procs[w.pid].total.wp - s0.procs[w.pid].total.wp >= len(range(0, 200, 3))
+    span = (r["addr"], r["addr"] + r["len"])
+    # Every write was a fork COW fault: all seen, none counted as KSM COW.
+    assert s1.procs[w.pid].regions[span].wp - s0.procs[w.pid].regions[span].wp == len(range(0, 200, 3))
     assert _traced(s0, s1, {w.pid}) == 0
     assert _traced(s0, s1) == cow1 - cow0
 
@@ -399,6 +453,7 @@ def test_process_slots_are_recycled_after_exit(ksm, workload) -> None:  # type: 
         s1, cow1 = _pair(fp)
     assert _traced(s0, s1, {late.pid}) == 32
     assert _traced(s0, s1) == cow1 - cow0
+    _assert_path(fp, s0, s1, fast=True)  # late's merges filled the set of its new slot
 
 
 def _own_attachments() -> list[str]:
@@ -447,3 +502,4 @@ def test_helper_reads_without_rdonly_cast(ksm, workload, monkeypatch, why: str) 
         s0, s1, cow = _merge_then_write(ksm, fp, w, r, 96, first=1, count=95, step=5)
     assert _traced(s0, s1, {w.pid}) == len(range(1, 96, 5))
     assert _traced(s0, s1) == cow
+    _assert_path(fp, s0, s1, fast=True)

@@ -385,8 +385,10 @@ def test_opted_in_before_start_shows_in_optins_and_snoop(ksm, workload) -> None:
         assert region["ksm_bytes"] == 256 * PAGE  # smaps KSM: is computed at read: live too
     else:
         assert region["ksm_bytes"] is None  # unknown, not 0: the kernel has no KSM: line
-    assert procs[pre.pid]["merging_bytes_now"] >= 256 * PAGE
-    assert procs[pre.pid]["saving_bytes_now"] > 0
+    # Only region a is mergeable: every one of its pages, and nothing else, is KSM.
+    assert procs[pre.pid]["merging_bytes_now"] == 256 * PAGE
+    # The KSM pages less the kernel's bookkeeping (one rmap_item per page scanned).
+    assert 0 < procs[pre.pid]["saving_bytes_now"] < 256 * PAGE
     assert procs[child]["how"] == f"fork:{pre.pid}" and procs[child]["inherited_from"] == pre.pid
     (creg,) = [r for r in procs[child]["regions"] if r["start"] == reg["addr"]]
     assert creg["how"] == "fork" and creg["inherited_from"] == pre.pid
@@ -462,4 +464,5 @@ def test_process_exiting_mid_inventory_is_skipped_and_counted(workload) -> None:
     assert [q.pid for q in inv.processes] == [live.pid] and inv.exited == 1
     rep = optin_report.take([pid, live.pid])
     assert [q.proc.pid for q in rep.processes] == [live.pid] and rep.exited == 1
-    assert reg["len"] > 0
+    # What was listed while alive was the region it opted in, exactly.
+    assert [(v.start, v.end) for v in p.regions] == [(reg["addr"], reg["addr"] + reg["len"])]

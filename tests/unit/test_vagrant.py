@@ -1,4 +1,11 @@
-"""vagrant/Vagrantfile stays valid for users (``vagrant validate``), in every mode."""
+"""vagrant/Vagrantfile stays valid for users (``vagrant validate``), in every mode.
+
+CI must validate it: scripts/install.sh installs vagrant under CI=true (or
+--with-vagrant), and under --strict-system / CI=true a missing vagrant fails
+here instead of skipping. The one exception is the suite's own run inside the
+offline test VM (KSMTRACE_IN_VM=1, set by the Vagrantfile): the host's run of
+the same checkout validates the file, and the guest cannot install vagrant.
+"""
 
 from __future__ import annotations
 
@@ -21,11 +28,17 @@ VAGRANT_DIR = Path(__file__).resolve().parents[2] / "vagrant"
     ],
     ids=["workstation", "offline-tcg", "sharepages"],
 )
-def test_vagrantfile_validates(env: dict[str, str], tmp_path: Path) -> None:
-    if shutil.which("vagrant") is None:
-        pytest.skip("vagrant is not installed (vagrant/run-vm-tests.sh installs it)")
+def test_vagrantfile_validates(env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    vagrant = shutil.which("vagrant")
+    if vagrant is None:
+        why = "vagrant is not installed (scripts/install.sh --with-vagrant, or CI=true, installs it)"
+        if os.environ.get("KSMTRACE_IN_VM") == "1":
+            pytest.skip(f"{why}; inside the test VM: the host's run validates the Vagrantfile")
+        if request.config.getoption("--strict-system"):
+            pytest.fail(f"{why}: under --strict-system / CI=true the Vagrantfile must be validated")
+        pytest.skip(why)
     out = subprocess.run(
-        ["vagrant", "validate"],
+        [vagrant, "validate"],
         cwd=VAGRANT_DIR,
         capture_output=True,
         text=True,
