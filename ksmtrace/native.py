@@ -66,13 +66,17 @@ TOTAL_FIELDS = (
     "saved_within",
     "saved_now",
     "hash_collisions",
-    "rep_fetches",
     "bytes_read",
     "index_bytes",
     "read_ns",
     "hash_ns",
     "map_ns",
+    "index_ns",
+    "refetch_ns",
 )
+# Counts that depend on the order the workers index batches in (which page of
+# a content is seen first): kept apart from the totals, which must not.
+ORDER_FIELDS = ("refetched",)
 
 
 class Scanner:
@@ -88,6 +92,11 @@ class Scanner:
         self._s = ffi.gc(ptr, lib.kn_scanner_free)
         self.workers = check(lib.kn_scanner_set_workers(self._s, workers), "scanner workers")
         self.pids: list[int] = []
+        self.order_counts: dict[str, int] = {}  # ORDER_FIELDS, set by finish()
+
+    def set_hash_mask(self, mask: int) -> None:
+        """Test hook: and every page hash with ``mask`` (0: every page collides). Before add_region."""
+        check(lib.kn_scanner_set_hash_mask(self._s, mask), "hash mask")
 
     def add_region(self, pid: int, start: int, end: int, check_ksm: bool) -> int:
         if pid not in self.pids:
@@ -103,6 +112,7 @@ class Scanner:
     def finish(
         self, nregions: int
     ) -> tuple[list[dict[str, float]], dict[int, dict[str, float]], dict[str, int]]:
+        """Once, after the last scan: per region, per process and total counts."""
         rs = ffi.new("struct kn_region_stats[]", max(1, nregions))
         ps = ffi.new("struct kn_process_stats[]", max(1, len(self.pids)))
         tot = ffi.new("struct kn_total_stats *")
@@ -112,6 +122,7 @@ class Scanner:
             ps[i].pid: {"saved_alone": ps[i].saved_alone, "saved_share": ps[i].saved_share} for i in range(n)
         }
         total = {f: int(getattr(tot, f)) for f in TOTAL_FIELDS}
+        self.order_counts = {f: int(getattr(tot, f)) for f in ORDER_FIELDS}
         return regions, procs, total
 
 

@@ -4,7 +4,8 @@ Candidate regions come from smaps (only private anonymous memory can merge;
 every other mapping is listed with the reason). The native scanner reads them
 without stopping the processes, confirms duplicates byte by byte and applies
 the kernel's own rules (``max_page_sharing``, ``use_zero_pages``); this module
-turns its numbers into :class:`Estimate` records for the views and commands.
+turns its numbers into :class:`Estimate` records for the views and commands,
+with what the scan itself cost (:class:`ScanCost`).
 """
 
 from __future__ import annotations
@@ -93,6 +94,53 @@ class ProcessEstimate:
 
 
 @dataclass(frozen=True)
+class ScanCost:
+    """What one estimate cost this process: time, bytes read, memory.
+
+    ``bytes_read`` is the memory scanned; ``bytes_refetched`` the first pages
+    of contents read again to confirm duplicates byte by byte (it depends on
+    which copy of a content the workers happened to index first).
+    ``index_bytes`` is the duplicate index's peak (bounded per scanned page,
+    see native/internal.h); ``peak_rss_bytes`` this process's peak resident
+    memory during the scan (``peak_rss_reset``), or over its whole life where
+    the kernel did not let the peak be reset; ``rss_before_bytes`` its resident
+    memory when the scan began, so the growth is the difference.
+    """
+
+    seconds: float
+    cpu_seconds: float  # every thread of this process: the workers run in parallel
+    bytes_read: int
+    bytes_refetched: int
+    index_bytes: int
+    peak_rss_bytes: int
+    rss_before_bytes: int
+    peak_rss_reset: bool
+
+
+def _memory_status() -> tuple[int, int]:
+    """(VmRSS, VmHWM) of this process in bytes."""
+    rss = hwm = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+    return rss, hwm
+
+
+def _reset_peak_rss() -> bool:
+    """Restart VmHWM from the current RSS (clear_refs 5, Linux 4.0+), so the
+    peak read after a scan is that scan's and not an earlier one's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
 class Estimate:
     page_size: int
     max_page_sharing: int
@@ -102,6 +150,7 @@ class Estimate:
     seconds: float
     gone: tuple[int, ...] = ()  # exited before or during the scan, left out
     denied: tuple[int, ...] = ()
+    cost: ScanCost | None = None  # None only for records not made by estimate()
 
     @property
     def saved(self) -> int:
@@ -247,7 +296,9 @@ def _scan(
     gone: tuple[int, ...],
     denied: tuple[int, ...],
 ) -> Estimate:
-    t0 = time.monotonic()
+    reset = _reset_peak_rss()
+    rss0, _ = _memory_status()
+    t0, cpu0 = time.monotonic(), time.process_time()
     sc = native.Scanner(mps, uzp, batch_pages, workers)
     order: list[tuple[_Target, Vma]] = []
     total = sum(v.sizes.get("Rss", v.length) for t in targets for v in t.scan)
@@ -298,15 +349,27 @@ def _scan(
         )
         for t in targets
     )
+    seconds = time.monotonic() - t0
+    cost = ScanCost(
+        seconds=seconds,
+        cpu_seconds=time.process_time() - cpu0,
+        bytes_read=totals["bytes_read"],
+        bytes_refetched=sc.order_counts.get("refetched", 0) * native.PAGE,
+        index_bytes=totals["index_bytes"],
+        peak_rss_bytes=_memory_status()[1],
+        rss_before_bytes=rss0,
+        peak_rss_reset=reset,
+    )
     return Estimate(
         page_size=native.PAGE,
         max_page_sharing=mps,
         use_zero_pages=uzp,
         processes=procs,
         totals=totals,
-        seconds=time.monotonic() - t0,
+        seconds=seconds,
         gone=gone,
         denied=denied,
+        cost=cost,
     )
 
 

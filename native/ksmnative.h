@@ -56,10 +56,12 @@ struct kn_total_stats {
 	uint64_t saved_within;   /* ... counting only merges inside each process */
 	uint64_t saved_now;      /* KSM pages minus distinct KSM frames: saved by KSM already */
 	uint64_t hash_collisions;/* equal 64-bit hashes, different bytes */
-	uint64_t rep_fetches;    /* pages re-read to confirm a duplicate */
-	uint64_t bytes_read;
-	uint64_t index_bytes;    /* memory the duplicate index used */
+	uint64_t refetched;      /* first pages re-read to confirm duplicates (depends on batch order) */
+	uint64_t bytes_read;     /* pages scanned, in bytes (re-reads not included) */
+	uint64_t index_bytes;    /* memory the duplicate index needed at its peak */
 	uint64_t read_ns, hash_ns, map_ns;
+	uint64_t index_ns;       /* index lookups and updates (under the index lock) */
+	uint64_t refetch_ns;     /* re-reading first pages and comparing bytes (all workers) */
 };
 
 /* max_page_sharing and use_zero_pages as the kernel has them; batch_pages 0 = default. */
@@ -68,6 +70,10 @@ void kn_scanner_free(struct kn_scanner *s);
 /* Copy-and-hash workers (threads, the caller's one of them): 0 = one per CPU we
  * may run on, at most 4. Returns the number set or -errno. */
 int kn_scanner_set_workers(struct kn_scanner *s, uint32_t workers);
+/* Test hook: every page hash is and-ed with mask (0: all pages collide), to
+ * show that equal hashes never make different pages duplicates. Only before
+ * the first region is added (-EBUSY after). */
+int kn_scanner_set_hash_mask(struct kn_scanner *s, uint64_t mask);
 /* Add a region; returns its index or -errno. check_ksm: look up KPF_KSM (only
  * VM_MERGEABLE regions can hold KSM pages). */
 int kn_scanner_add_region(struct kn_scanner *s, int pid, uint64_t start, uint64_t end, int check_ksm);

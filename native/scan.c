@@ -4,9 +4,11 @@
  * Per batch: one pagemap read says which pages are present (and their
  * frames), one process_vm_readv copies the present pages (runs of them as
  * one iovec each) into a buffer, then every page is hashed and put in the
- * duplicate index. Pages mapped to the shared zero page cost no memory and
- * are only counted. KPF_KSM is looked up only where the caller says KSM
- * pages can exist (VM_MERGEABLE regions): kpageflags is the slow part.
+ * duplicate index (dupindex.c: pages whose hash is known are confirmed by
+ * re-reading the first page of their content). Pages mapped to the shared
+ * zero page cost no memory and are only counted. KPF_KSM is looked up only
+ * where the caller says KSM pages can exist (VM_MERGEABLE regions):
+ * kpageflags is the slow part.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -129,7 +131,7 @@ static int alloc_slots(struct kn_scanner *s)
 		b->pfn = malloc(n * 8);
 		b->ksm = malloc(n);
 		if (!b->buf || !b->hash || !b->pagemap || !b->cand_addr || !b->cand_pfn || !b->cand_ksm ||
-		    !b->addr || !b->pfn || !b->ksm)
+		    !b->addr || !b->pfn || !b->ksm || kn_slot_index_alloc(s, b))
 			return -ENOMEM;
 	}
 	return 0;
@@ -171,7 +173,8 @@ struct kn_scanner *kn_scanner_new(uint32_t max_page_sharing, int use_zero_pages,
 	s->batch_pages = batch_pages ? batch_pages : DEFAULT_BATCH_PAGES;
 	if (s->batch_pages > MAX_IOV)
 		s->batch_pages = MAX_IOV; /* one iovec per page at worst */
-	s->rep_limit = (512ull << 20) / s->page_size;
+	s->page_shift = (uint32_t)__builtin_ctz(s->page_size);
+	s->hash_mask = UINT64_MAX;
 	s->kpageflags_fd = -1;
 	s->pagemap_fd = -1;
 	s->zero_pfn = find_zero_pfn(s->page_size);
@@ -212,17 +215,37 @@ void kn_scanner_free(struct kn_scanner *s)
 		free(b->addr);
 		free(b->pfn);
 		free(b->ksm);
+		kn_slot_index_free(b);
 	}
 	free(s->slots);
 	free(s);
 }
 
+int kn_scanner_set_hash_mask(struct kn_scanner *s, uint64_t mask)
+{
+	unsigned char *zero;
+
+	if (s->nregions)
+		return -EBUSY;
+	zero = calloc(1, s->page_size);
+	if (!zero)
+		return -ENOMEM;
+	s->hash_mask = mask;
+	s->zero_hash = kn_hash_page(zero, s->page_size) & mask;
+	free(zero);
+	return 0;
+}
+
 int kn_scanner_add_region(struct kn_scanner *s, int pid, uint64_t start, uint64_t end, int check_ksm)
 {
 	struct kn_region *r;
+	uint32_t proc;
 
-	if (start >= end || start % s->page_size || end % s->page_size)
+	if (s->finished || start >= end || start % s->page_size || end % s->page_size)
 		return -EINVAL;
+	proc = kn_proc_index(s, pid);
+	if (proc == KN_NONE)
+		return -ENOMEM;
 	if (s->nregions == s->regions_cap) {
 		uint32_t ncap = s->regions_cap ? s->regions_cap * 2 : 64;
 		struct kn_region *n = realloc(s->regions, sizeof(*n) * ncap);
@@ -239,38 +262,9 @@ int kn_scanner_add_region(struct kn_scanner *s, int pid, uint64_t start, uint64_
 	r->end = end;
 	r->scanned_to = start;
 	r->check_ksm = !!check_ksm;
+	r->proc = proc;
 	r->first_item = s->nitems;
 	return (int)s->nregions++;
-}
-
-static int push_item(struct kn_scanner *s, uint32_t g)
-{
-	if (s->nitems == s->items_cap) {
-		uint64_t ncap = s->items_cap ? s->items_cap * 2 : 65536;
-		uint32_t *n = realloc(s->items, sizeof(uint32_t) * ncap);
-
-		if (!n)
-			return -ENOMEM;
-		s->items = n;
-		s->items_cap = ncap;
-	}
-	s->items[s->nitems++] = g;
-	return 0;
-}
-
-static int push_ksm_pfn(struct kn_scanner *s, uint64_t pfn)
-{
-	if (s->nksm_pfns == s->ksm_pfns_cap) {
-		uint64_t ncap = s->ksm_pfns_cap ? s->ksm_pfns_cap * 2 : 4096;
-		uint64_t *n = realloc(s->ksm_pfns, sizeof(uint64_t) * ncap);
-
-		if (!n)
-			return -ENOMEM;
-		s->ksm_pfns = n;
-		s->ksm_pfns_cap = ncap;
-	}
-	s->ksm_pfns[s->nksm_pfns++] = pfn;
-	return 0;
 }
 
 static int open_pagemap(struct kn_scanner *s, int pid)
@@ -509,50 +503,6 @@ struct worker {
 	struct kn_slot *b;
 };
 
-/* Index one hashed batch; the caller holds the index lock. */
-static int index_batch(struct kn_scanner *s, struct kn_region *r, const struct kn_slot *b)
-{
-	uint64_t t0 = now_ns();
-
-	s->buf = b->buf;
-	s->batch_seq++;
-	r->zero_mapped += b->zero_mapped;
-	r->volatile_pages += b->volatile_pages;
-	s->map_ns += b->map_ns;
-	s->read_ns += b->read_ns;
-	s->bytes_read += (uint64_t)b->n * s->page_size;
-	kn_index_fetch_firsts(s, b->hash, b->n);
-	/* The lookups are random accesses and would otherwise wait on memory one by one:
-	 * table slots prefetched 16 pages ahead, and 8 ahead the groups those slots name. */
-	for (uint32_t i = 0; i < b->n && i < 16; i++)
-		kn_index_prefetch_slot(s, b->hash[i]);
-	for (uint32_t i = 0; i < b->n && i < 8; i++)
-		kn_index_prefetch_group(s, b->hash[i]);
-	for (uint32_t i = 0; i < b->n; i++) {
-		const unsigned char *p = b->buf + (size_t)i * s->page_size;
-		uint32_t g;
-
-		if (i + 16 < b->n)
-			kn_index_prefetch_slot(s, b->hash[i + 16]);
-		if (i + 8 < b->n)
-			kn_index_prefetch_group(s, b->hash[i + 8]);
-		g = kn_index_add(s, p, b->hash[i], r->pid, b->addr[i], i);
-
-		if (g == KN_NONE || push_item(s, g))
-			return -ENOMEM;
-		r->present++;
-		if (s->groups[g].rep == KN_REP_ZERO)
-			r->zero++;
-		if (b->ksm[i]) {
-			r->ksm++;
-			if (push_ksm_pfn(s, b->pfn[i]))
-				return -ENOMEM;
-		}
-	}
-	s->hash_ns += b->hash_ns + (now_ns() - t0);
-	return 0;
-}
-
 static void *work(void *arg)
 {
 	struct worker *w = arg;
@@ -575,13 +525,26 @@ static void *work(void *arg)
 		if (rc == 0) {
 			uint64_t t0 = now_ns();
 
-			for (uint32_t i = 0; i < b->n; i++)
-				b->hash[i] = kn_hash_page(b->buf + (size_t)i * s->page_size, s->page_size);
+			for (uint32_t i = 0; i < b->n; i++) {
+				const unsigned char *p = b->buf + (size_t)i * s->page_size;
+
+				b->hash[i] = kn_hash_page(p, s->page_size) & s->hash_mask;
+				/* Zero pages need no confirmation: their bytes are checked here, in cache. */
+				b->is_zero[i] = b->hash[i] == s->zero_hash && kn_page_is_zero(p, s->page_size);
+			}
 			b->hash_ns = now_ns() - t0;
 		}
 		pthread_mutex_lock(&c->index_lock);
 		if (rc == 0 && !c->err)
-			rc = index_batch(s, c->r, b);
+			rc = kn_index_lookup(s, c->r, b);
+		pthread_mutex_unlock(&c->index_lock);
+		/* Re-reading first pages and comparing bytes is most of the index's work
+		 * when duplicates abound: outside the lock, every worker does its own. */
+		if (rc == 0 && b->ncand)
+			kn_index_confirm(s, b);
+		pthread_mutex_lock(&c->index_lock);
+		if (rc == 0 && !c->err)
+			rc = kn_index_commit(s, c->r, b);
 		if (rc && !c->err)
 			__atomic_store_n(&c->err, rc, __ATOMIC_RELAXED);
 		pthread_mutex_unlock(&c->index_lock);
@@ -602,7 +565,7 @@ int kn_scanner_scan(struct kn_scanner *s, int idx, uint64_t start, uint64_t end)
 	struct kn_region *r;
 	int rc;
 
-	if (idx < 0 || (uint32_t)idx != s->nregions - 1)
+	if (s->finished || idx < 0 || (uint32_t)idx != s->nregions - 1)
 		return -EINVAL; /* regions in order: their pages are one contiguous run of items */
 	r = &s->regions[idx];
 	if (start != r->scanned_to || end > r->end || start > end || start % s->page_size || end % s->page_size)
