@@ -83,19 +83,29 @@ class Scanner:
     """One scan: add regions, scan them (in chunks, in order), then finish once."""
 
     def __init__(
-        self, max_page_sharing: int, use_zero_pages: bool, batch_pages: int = 0, workers: int = 0
+        self,
+        max_page_sharing: int,
+        use_zero_pages: bool,
+        batch_pages: int = 0,
+        workers: int = 0,
+        confirm_bytes: bool = False,
     ) -> None:
-        """``workers``: threads that copy and hash (0: one per CPU we may run on, at most 4)."""
+        """``workers``: threads that copy and hash (0: one per CPU we may run on, at most 4).
+        ``confirm_bytes``: confirm duplicates by comparing bytes (re-reading the first
+        copy) instead of by 128-bit hash; see native/internal.h for the odds and the cost."""
         ptr = lib.kn_scanner_new(max_page_sharing, int(use_zero_pages), batch_pages)
         if ptr == ffi.NULL:
             raise MemoryError("kn_scanner_new")
         self._s = ffi.gc(ptr, lib.kn_scanner_free)
         self.workers = check(lib.kn_scanner_set_workers(self._s, workers), "scanner workers")
+        self.confirm_bytes = confirm_bytes
+        check(lib.kn_scanner_set_confirm(self._s, int(confirm_bytes)), "scanner confirm mode")
         self.pids: list[int] = []
         self.order_counts: dict[str, int] = {}  # ORDER_FIELDS, set by finish()
 
     def set_hash_mask(self, mask: int) -> None:
-        """Test hook: and every page hash with ``mask`` (0: every page collides). Before add_region."""
+        """Test hook: and every page's 64-bit hash (the 128-bit one's low half) with
+        ``mask`` (0: all collide there). Before add_region."""
         check(lib.kn_scanner_set_hash_mask(self._s, mask), "hash mask")
 
     def add_region(self, pid: int, start: int, end: int, check_ksm: bool) -> int:

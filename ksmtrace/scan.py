@@ -1,9 +1,10 @@
-"""What KSM would save: the exact duplicate estimate, as typed records.
+"""What KSM would save: the duplicate estimate, as typed records.
 
 Candidate regions come from smaps (only private anonymous memory can merge;
 every other mapping is listed with the reason). The native scanner reads them
-without stopping the processes, confirms duplicates byte by byte and applies
-the kernel's own rules (``max_page_sharing``, ``use_zero_pages``); this module
+without stopping the processes, tells contents apart by 128-bit hash (false
+duplicate odds at most n^2/2^129 for n pages) or, with ``confirm_bytes``, byte
+by byte, and applies the kernel's own rules (``max_page_sharing``, ``use_zero_pages``); this module
 turns its numbers into :class:`Estimate` records for the views and commands,
 with what the scan itself cost (:class:`ScanCost`).
 """
@@ -250,6 +251,7 @@ def estimate(
     rules: tuple[int, bool] | None = None,
     batch_pages: int = 0,
     workers: int = 0,
+    confirm_bytes: bool = False,
 ) -> Estimate:
     """Scan ``pids`` and predict what KSM would save if their candidate memory merged.
 
@@ -260,6 +262,10 @@ def estimate(
     [(start, end)]) limits the scan of those pids to those address ranges, cut
     at mapping edges: each piece is a region of its own. ``workers``: threads
     that copy and hash (0: one per CPU this process may run on, at most 4).
+    ``confirm_bytes``: tell contents apart by comparing bytes (each duplicate's
+    first copy re-read from its process: exact, slower when duplicates are
+    mostly distinct contents) instead of by 128-bit hash (odds of a false
+    duplicate at most n^2/2^129 for n pages: see native/internal.h).
     """
     proc = proc or ProcFS()
     mps, uzp = rules or kernel_rules()
@@ -273,7 +279,9 @@ def estimate(
         gone += g
         denied += d
         try:
-            return _scan(targets, mps, uzp, progress, batch_pages, workers, tuple(gone), tuple(denied))
+            return _scan(
+                targets, mps, uzp, progress, batch_pages, workers, confirm_bytes, tuple(gone), tuple(denied)
+            )
         except _TargetFailed as exc:
             if strict:
                 raise exc.error from None
@@ -293,13 +301,14 @@ def _scan(
     progress: Progress | None,
     batch_pages: int,
     workers: int,
+    confirm_bytes: bool,
     gone: tuple[int, ...],
     denied: tuple[int, ...],
 ) -> Estimate:
     reset = _reset_peak_rss()
     rss0, _ = _memory_status()
     t0, cpu0 = time.monotonic(), time.process_time()
-    sc = native.Scanner(mps, uzp, batch_pages, workers)
+    sc = native.Scanner(mps, uzp, batch_pages, workers, confirm_bytes)
     order: list[tuple[_Target, Vma]] = []
     total = sum(v.sizes.get("Rss", v.length) for t in targets for v in t.scan)
     done = 0

@@ -1,27 +1,28 @@
 /*
  * The duplicate index: which pages hold identical bytes.
  *
- * A 64-bit hash finds candidates; bytes decide. A content costs a 20-byte
- * group record (hash, where its first page lives, count) and nothing else:
- * no copy of any page is kept, so memory grows with the pages scanned and
- * not with how many contents repeat (keeping one 4 KiB copy per repeated
- * content cost up to half the memory scanned when most duplicates are
- * distinct contents, as with guests of one image). A page whose hash is
- * already known is compared with the group's first page, re-read from its
- * process: in one process_vm_readv per batch and process, by the worker that
- * copied the batch, without the index lock, so the re-reads run on every
- * core like the copies do.
+ * A content costs a 20-byte group record and nothing else: no copy of any
+ * page is kept, so memory grows with the pages scanned and not with how many
+ * contents repeat (keeping one 4 KiB copy per repeated content cost up to
+ * half the memory scanned when most duplicates are distinct contents, as
+ * with guests of one image). Contents are told apart by their 128-bit hash
+ * (the default; the odds are in internal.h), or byte by byte:
  *
- * Indexing a batch is three steps:
+ * In bytes mode a 64-bit hash finds candidates and bytes decide: a page whose
+ * hash is already known is compared with the group's first page, re-read
+ * from its process, in one process_vm_readv per batch and process, by the
+ * worker that copied the batch, without the index lock, so the re-reads run
+ * on every core like the copies do. Indexing a batch is then three steps:
  *   lookup  (lock held)  new hashes become groups; known ones become
  *                        candidates, with a copy of what comparing needs;
  *   confirm (no lock)    candidates compared with first pages (this batch's
- *                        own, or re-read);
+ *                        own, or re-read; confirm.c);
  *   commit  (lock held)  confirmed pages join their groups; equal hashes with
  *                        other bytes go through the rest of the hash's groups
  *                        (or found a new one): rare, so done simply, there.
- * Equal hashes with different bytes are separate groups (the table allows
- * repeated keys; lookups probe past them).
+ * In 128-bit mode lookup does it all: equal 128-bit hashes are one group.
+ * Equal 64-bit hashes with different contents are separate groups (the table
+ * allows repeated keys; lookups probe past them).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -50,13 +51,13 @@ static uint64_t now_ns(void)
 int kn_index_init(struct kn_scanner *s)
 {
 	s->groups_cap = 4096;
-	s->g_hash = malloc(sizeof(uint64_t) * s->groups_cap);
-	s->g_where = malloc(sizeof(uint64_t) * s->groups_cap);
-	s->g_count = malloc(sizeof(uint32_t) * s->groups_cap);
+	s->g_hash = kn_big_realloc(NULL, 0, sizeof(uint64_t) * s->groups_cap);
+	/* g_hash_hi or g_where: only the one the mode needs, with the first group. */
+	s->g_count = kn_big_realloc(NULL, 0, sizeof(uint32_t) * s->groups_cap);
 	s->table_mask = 8192 - 1;
-	s->table = malloc(sizeof(uint32_t) * (s->table_mask + 1));
+	s->table = kn_big_realloc(NULL, 0, sizeof(uint32_t) * (s->table_mask + 1));
 	s->zero_group = KN_NONE;
-	if (!s->g_hash || !s->g_where || !s->g_count || !s->table)
+	if (!s->g_hash || !s->g_count || !s->table)
 		return -ENOMEM;
 	memset(s->table, 0xff, sizeof(uint32_t) * (s->table_mask + 1));
 	return 0;
@@ -64,13 +65,18 @@ int kn_index_init(struct kn_scanner *s)
 
 void kn_index_free(struct kn_scanner *s)
 {
-	free(s->g_hash);
-	free(s->g_where);
-	free(s->g_count);
-	free(s->table);
+	kn_big_free(s->g_hash, sizeof(uint64_t) * s->groups_cap);
+	kn_big_free(s->g_hash_hi, sizeof(uint64_t) * s->groups_cap);
+	kn_big_free(s->g_where, sizeof(uint64_t) * s->groups_cap);
+	kn_big_free(s->g_count, sizeof(uint32_t) * s->groups_cap);
+	if (s->table)
+		kn_big_free(s->table, sizeof(uint32_t) * (s->table_mask + 1));
+	kn_big_free(s->items, sizeof(uint32_t) * s->items_cap);
+	kn_big_free(s->ksm_pfns, sizeof(uint64_t) * s->ksm_pfns_cap);
 	free(s->procs);
-	s->g_hash = s->g_where = NULL;
-	s->g_count = s->table = NULL;
+	s->g_hash = s->g_hash_hi = s->g_where = NULL;
+	s->g_count = s->table = s->items = NULL;
+	s->ksm_pfns = NULL;
 	s->procs = NULL;
 }
 
@@ -90,7 +96,8 @@ int kn_slot_index_alloc(struct kn_scanner *s, struct kn_slot *b)
 	b->order = malloc(n * 4);
 	b->new_page = malloc(n * 4);
 	b->is_zero = malloc(n);
-	if (!b->cand_page || !b->cand_group || !b->cand_where || !b->cand_local || !b->cand_fetch || !b->verdict ||
+	b->hash_hi = malloc(n * 8);
+	if (!b->hash_hi || !b->cand_page || !b->cand_group || !b->cand_where || !b->cand_local || !b->cand_fetch || !b->verdict ||
 	    !b->fetch_buf || !b->fetch_where || !b->fetch_ok || !b->order || !b->new_page || !b->is_zero)
 		return -ENOMEM;
 	return 0;
@@ -110,6 +117,7 @@ void kn_slot_index_free(struct kn_slot *b)
 	free(b->order);
 	free(b->new_page);
 	free(b->is_zero);
+	free(b->hash_hi);
 }
 
 uint32_t kn_proc_index(struct kn_scanner *s, int pid)
@@ -135,7 +143,7 @@ uint32_t kn_proc_index(struct kn_scanner *s, int pid)
 static int grow_table(struct kn_scanner *s)
 {
 	uint64_t nsize = (s->table_mask + 1) * 2;
-	uint32_t *t = malloc(sizeof(uint32_t) * nsize);
+	uint32_t *t = kn_big_realloc(NULL, 0, sizeof(uint32_t) * nsize);
 
 	if (!t)
 		return -ENOMEM;
@@ -150,7 +158,7 @@ static int grow_table(struct kn_scanner *s)
 			slot = (slot + 1) & (nsize - 1);
 		t[slot] = g;
 	}
-	free(s->table);
+	kn_big_free(s->table, sizeof(uint32_t) * (s->table_mask + 1));
 	s->table = t;
 	s->table_mask = nsize - 1;
 	return 0;
@@ -160,7 +168,7 @@ static int push_item(struct kn_scanner *s, uint32_t g)
 {
 	if (s->nitems == s->items_cap) {
 		uint64_t ncap = s->items_cap ? s->items_cap * 2 : 65536;
-		uint32_t *n = realloc(s->items, sizeof(uint32_t) * ncap);
+		uint32_t *n = kn_big_realloc(s->items, sizeof(uint32_t) * s->items_cap, sizeof(uint32_t) * ncap);
 
 		if (!n)
 			return -ENOMEM;
@@ -171,25 +179,32 @@ static int push_item(struct kn_scanner *s, uint32_t g)
 	return 0;
 }
 
-/* A new group whose first page is (proc, addr); KN_NONE on ENOMEM. Not put in the table. */
-static uint32_t new_group(struct kn_scanner *s, uint64_t h, uint64_t where)
+/* A new group of hash h; extra is the hash's high half (128-bit mode) or the
+ * first page's KN_WHERE (bytes mode). KN_NONE on ENOMEM. Not put in the table. */
+static uint32_t new_group(struct kn_scanner *s, uint64_t h, uint64_t extra)
 {
+	uint64_t **extras = s->confirm_bytes ? &s->g_where : &s->g_hash_hi;
 	uint32_t g;
 
+	if (!*extras) {
+		*extras = kn_big_realloc(NULL, 0, sizeof(uint64_t) * s->groups_cap);
+		if (!*extras)
+			return KN_NONE;
+	}
 	if (s->ngroups == s->groups_cap) {
 		uint32_t ncap = s->groups_cap * 2;
-		uint64_t *nh = realloc(s->g_hash, sizeof(uint64_t) * ncap);
+		uint64_t *nh = kn_big_realloc(s->g_hash, sizeof(uint64_t) * s->groups_cap, sizeof(uint64_t) * ncap);
 		uint64_t *nw;
 		uint32_t *nc;
 
 		if (!nh)
 			return KN_NONE;
 		s->g_hash = nh;
-		nw = realloc(s->g_where, sizeof(uint64_t) * ncap);
+		nw = kn_big_realloc(*extras, sizeof(uint64_t) * s->groups_cap, sizeof(uint64_t) * ncap);
 		if (!nw)
 			return KN_NONE;
-		s->g_where = nw;
-		nc = realloc(s->g_count, sizeof(uint32_t) * ncap);
+		*extras = nw;
+		nc = kn_big_realloc(s->g_count, sizeof(uint32_t) * s->groups_cap, sizeof(uint32_t) * ncap);
 		if (!nc)
 			return KN_NONE;
 		s->g_count = nc;
@@ -197,7 +212,7 @@ static uint32_t new_group(struct kn_scanner *s, uint64_t h, uint64_t where)
 	}
 	g = s->ngroups++;
 	s->g_hash[g] = h;
-	s->g_where[g] = where;
+	(*extras)[g] = extra;
 	s->g_count[g] = 1;
 	return g;
 }
@@ -219,7 +234,7 @@ static int push_ksm_pfn(struct kn_scanner *s, uint64_t pfn)
 {
 	if (s->nksm_pfns == s->ksm_pfns_cap) {
 		uint64_t ncap = s->ksm_pfns_cap ? s->ksm_pfns_cap * 2 : 4096;
-		uint64_t *n = realloc(s->ksm_pfns, sizeof(uint64_t) * ncap);
+		uint64_t *n = kn_big_realloc(s->ksm_pfns, sizeof(uint64_t) * s->ksm_pfns_cap, sizeof(uint64_t) * ncap);
 
 		if (!n)
 			return -ENOMEM;
@@ -250,6 +265,7 @@ int kn_index_lookup(struct kn_scanner *s, struct kn_region *r, struct kn_slot *b
 		__builtin_prefetch(&s->table[mix(b->hash[i]) & s->table_mask]);
 	for (uint32_t i = 0; i < b->n; i++) {
 		uint64_t h = b->hash[i], where = KN_WHERE(r->proc, b->addr[i], shift);
+		uint64_t extra = s->confirm_bytes ? where : b->hash_hi[i];
 		uint64_t slot;
 		uint32_t g;
 
@@ -271,7 +287,7 @@ int kn_index_lookup(struct kn_scanner *s, struct kn_region *r, struct kn_slot *b
 			/* The bytes were checked: no confirmation needed. */
 			r->zero++;
 			if (s->zero_group == KN_NONE) {
-				g = new_group(s, h, where);
+				g = new_group(s, h, extra);
 				if (g == KN_NONE)
 					return -ENOMEM;
 				s->zero_group = g;
@@ -284,9 +300,19 @@ int kn_index_lookup(struct kn_scanner *s, struct kn_region *r, struct kn_slot *b
 				return -ENOMEM;
 			continue;
 		}
-		for (slot = mix(h) & s->table_mask; (g = s->table[slot]) != KN_NONE; slot = (slot + 1) & s->table_mask)
-			if (s->g_hash[g] == h)
+		for (slot = mix(h) & s->table_mask; (g = s->table[slot]) != KN_NONE; slot = (slot + 1) & s->table_mask) {
+			if (s->g_hash[g] != h)
+				continue;
+			if (s->confirm_bytes || s->g_hash_hi[g] == extra)
 				break;
+			s->hash_collisions++; /* 64 bits equal, 128 not: another content */
+		}
+		if (g != KN_NONE && !s->confirm_bytes) {
+			s->g_count[g]++;
+			if (push_item(s, g))
+				return -ENOMEM;
+			continue;
+		}
 		if (g != KN_NONE) {
 			uint32_t k = b->ncand++;
 
@@ -297,7 +323,7 @@ int kn_index_lookup(struct kn_scanner *s, struct kn_region *r, struct kn_slot *b
 									     : KN_NONE;
 			continue;
 		}
-		g = new_group(s, h, where);
+		g = new_group(s, h, extra);
 		if (g == KN_NONE)
 			return -ENOMEM;
 		b->new_page[b->nnew++] = i;
@@ -309,89 +335,6 @@ int kn_index_lookup(struct kn_scanner *s, struct kn_region *r, struct kn_slot *b
 	}
 	s->index_ns += now_ns() - t0;
 	return 0;
-}
-
-static int cmp_where(const void *a, const void *b, void *ctx)
-{
-	const uint64_t *w = ctx;
-	uint64_t x = w[*(const uint32_t *)a], y = w[*(const uint32_t *)b];
-
-	return x < y ? -1 : x > y;
-}
-
-/*
- * Compare every candidate of batch b with its group's first page, without
- * the index lock: only the slot's own arrays and the process table (which
- * does not change during a scan) are read. First pages are re-read sorted
- * by process and address, each once, so neighbours share one iovec and each
- * process takes one process_vm_readv.
- */
-void kn_index_confirm(const struct kn_scanner *s, struct kn_slot *b)
-{
-	uint64_t t0 = now_ns();
-	uint32_t ps = s->page_size, shift = s->page_shift, nremote = 0, nfetch = 0;
-
-	for (uint32_t k = 0; k < b->ncand; k++) {
-		b->cand_fetch[k] = KN_NONE;
-		if (b->cand_local[k] == KN_NONE) {
-			b->order[nremote++] = k;
-			continue;
-		}
-		b->verdict[k] = memcmp(b->buf + (size_t)b->cand_local[k] * ps, b->buf + (size_t)b->cand_page[k] * ps,
-				       ps) == 0
-					? KN_SAME
-					: KN_DIFFERENT; /* both read just now: not a change, a collision */
-	}
-	qsort_r(b->order, nremote, sizeof(uint32_t), cmp_where, b->cand_where);
-	for (uint32_t j = 0; j < nremote; j++) {
-		uint32_t k = b->order[j];
-
-		if (nfetch == 0 || b->fetch_where[nfetch - 1] != b->cand_where[k])
-			b->fetch_where[nfetch++] = b->cand_where[k];
-		b->cand_fetch[k] = nfetch - 1;
-	}
-	/* One run per process (sorted: a process's pages are together, in address order). */
-	for (uint32_t a = 0; a < nfetch;) {
-		uint32_t proc = KN_WHERE_PROC(b->fetch_where[a]), m = 0, done = 0;
-		uint64_t *addr = (uint64_t *)b->fetch_where + a; /* converted in place: no longer needed as where */
-
-		while (a + m < nfetch && KN_WHERE_PROC(b->fetch_where[a + m]) == proc)
-			m++;
-		for (uint32_t q = 0; q < m; q++) {
-			addr[q] = KN_WHERE_ADDR(addr[q], shift);
-			b->fetch_ok[a + q] = 0;
-		}
-		while (done < m) {
-			int64_t got = kn_read_pages(s->procs[proc], addr + done, m - done,
-						    b->fetch_buf + (size_t)(a + done) * ps, ps);
-
-			if (got < 0)
-				break; /* process gone or not readable: none of its first pages witness */
-			for (int64_t q = 0; q < got; q++)
-				b->fetch_ok[a + done++] = 1;
-			if (done < m)
-				done++; /* this one went away (fetch_ok stays 0); read on after it */
-		}
-		b->refetched += m;
-		a += m;
-	}
-	for (uint32_t j = 0; j < nremote; j++) {
-		uint32_t k = b->order[j], f = b->cand_fetch[k];
-		const unsigned char *first = b->fetch_buf + (size_t)f * ps, *p = b->buf + (size_t)b->cand_page[k] * ps;
-
-		if (!b->fetch_ok[f])
-			b->verdict[k] = KN_REPLACE;
-		else if (memcmp(first, p, ps) == 0)
-			b->verdict[k] = KN_SAME;
-		else if ((kn_hash_page(first, ps) & s->hash_mask) != b->hash[b->cand_page[k]])
-			/* The first page changed since it was hashed: it no longer witnesses
-			 * its content, this page takes its place. The stale page stays counted
-			 * (a target writing while scanned makes any estimate approximate). */
-			b->verdict[k] = KN_REPLACE;
-		else
-			b->verdict[k] = KN_DIFFERENT;
-	}
-	b->refetch_ns += now_ns() - t0;
 }
 
 /* Is page p (of batch b) the content of group g? The slow path of a hash collision. */

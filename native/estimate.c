@@ -73,6 +73,7 @@ int kn_scanner_finish(struct kn_scanner *s, struct kn_region_stats *rs, size_t n
 		      struct kn_process_stats *ps, size_t nprocs, struct kn_total_stats *t)
 {
 	uint64_t table_slots = s->table ? s->table_mask + 1 : s->finished_table_slots;
+	size_t counters = sizeof(uint32_t) * ((size_t)s->ngroups + 1);
 	uint32_t *creg;
 	uint32_t *cproc;
 	uint32_t *treg;
@@ -85,15 +86,17 @@ int kn_scanner_finish(struct kn_scanner *s, struct kn_region_stats *rs, size_t n
 	 * they would otherwise add to the peak. No scan may follow. */
 	s->finished = 1;
 	s->finished_table_slots = table_slots;
-	free(s->table);
-	free(s->g_hash);
-	free(s->g_where);
+	if (s->table)
+		kn_big_free(s->table, sizeof(uint32_t) * (s->table_mask + 1));
+	kn_big_free(s->g_hash, sizeof(uint64_t) * s->groups_cap);
+	kn_big_free(s->g_hash_hi, sizeof(uint64_t) * s->groups_cap);
+	kn_big_free(s->g_where, sizeof(uint64_t) * s->groups_cap);
 	s->table = NULL;
-	s->g_hash = s->g_where = NULL;
-	creg = calloc(s->ngroups + 1, sizeof(uint32_t));
-	cproc = calloc(s->ngroups + 1, sizeof(uint32_t));
-	treg = malloc(sizeof(uint32_t) * (s->ngroups + 1));
-	tproc = malloc(sizeof(uint32_t) * (s->ngroups + 1));
+	s->g_hash = s->g_hash_hi = s->g_where = NULL;
+	creg = kn_big_realloc(NULL, 0, counters);
+	cproc = kn_big_realloc(NULL, 0, counters);
+	treg = kn_big_realloc(NULL, 0, counters);
+	tproc = kn_big_realloc(NULL, 0, counters);
 	order = malloc(sizeof(uint32_t) * (s->nregions + 1));
 
 	if (nregions < s->nregions) {
@@ -194,10 +197,10 @@ int kn_scanner_finish(struct kn_scanner *s, struct kn_region_stats *rs, size_t n
 	t->index_ns = s->index_ns;
 	t->refetch_ns = s->refetch_ns;
 out:
-	free(creg);
-	free(cproc);
-	free(treg);
-	free(tproc);
+	kn_big_free(creg, counters);
+	kn_big_free(cproc, counters);
+	kn_big_free(treg, counters);
+	kn_big_free(tproc, counters);
 	free(order);
 	return rc < 0 ? rc : (int)np;
 }

@@ -23,6 +23,9 @@ void kn_hash_pages(const void *buf, size_t npages, size_t page_size, uint64_t *o
 /* xxh3-64 of one buffer built for the baseline ISA (kn_hash_pages may use AVX2): same values. */
 uint64_t kn_hash_page_portable(const void *p, size_t n);
 
+/* xxh3-128 of one buffer, baseline ISA: returns the low 64 bits, the high ones in *high. */
+uint64_t kn_hash_page128_portable(const void *p, size_t n, uint64_t *high);
+
 /* Count pages of buf that are all zero bytes. */
 size_t kn_count_zero_pages(const void *buf, size_t npages, size_t page_size);
 /* ---- scanner (scan.c, dupindex.c, estimate.c) ---- */
@@ -70,9 +73,13 @@ void kn_scanner_free(struct kn_scanner *s);
 /* Copy-and-hash workers (threads, the caller's one of them): 0 = one per CPU we
  * may run on, at most 4. Returns the number set or -errno. */
 int kn_scanner_set_workers(struct kn_scanner *s, uint32_t workers);
-/* Test hook: every page hash is and-ed with mask (0: all pages collide), to
- * show that equal hashes never make different pages duplicates. Only before
- * the first region is added (-EBUSY after). */
+/* How duplicates are confirmed: 0 (the default) by their 128-bit xxh3, 1 by
+ * comparing bytes with the content's first page, re-read from its process.
+ * Only before the first region is added (-EBUSY after). */
+int kn_scanner_set_confirm(struct kn_scanner *s, int bytes);
+/* Test hook: every page's 64-bit hash (the low half of the 128-bit one) is
+ * and-ed with mask (0: all collide), to show that equal hashes never make
+ * different pages duplicates. Only before the first region is added. */
 int kn_scanner_set_hash_mask(struct kn_scanner *s, uint64_t mask);
 /* Add a region; returns its index or -errno. check_ksm: look up KPF_KSM (only
  * VM_MERGEABLE regions can hold KSM pages). */

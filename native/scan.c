@@ -160,10 +160,11 @@ int kn_scanner_set_workers(struct kn_scanner *s, uint32_t workers)
 	return (int)s->nworkers;
 }
 
+static int set_zero_hash(struct kn_scanner *s);
+
 struct kn_scanner *kn_scanner_new(uint32_t max_page_sharing, int use_zero_pages, uint32_t batch_pages)
 {
 	struct kn_scanner *s = calloc(1, sizeof(*s));
-	unsigned char *zero;
 
 	if (!s)
 		return NULL;
@@ -180,14 +181,10 @@ struct kn_scanner *kn_scanner_new(uint32_t max_page_sharing, int use_zero_pages,
 	s->zero_pfn = find_zero_pfn(s->page_size);
 	s->nworkers = default_workers();
 	s->slots = calloc(KN_MAX_WORKERS, sizeof(*s->slots));
-	zero = calloc(1, s->page_size);
-	if (!s->slots || !zero || alloc_slots(s) != 0 || kn_index_init(s) != 0) {
-		free(zero);
+	if (!s->slots || alloc_slots(s) != 0 || kn_index_init(s) != 0 || set_zero_hash(s) != 0) {
 		kn_scanner_free(s);
 		return NULL;
 	}
-	s->zero_hash = kn_hash_page(zero, s->page_size);
-	free(zero);
 	return s;
 }
 
@@ -200,9 +197,7 @@ void kn_scanner_free(struct kn_scanner *s)
 		close(s->kpageflags_fd);
 	if (s->pagemap_fd >= 0)
 		close(s->pagemap_fd);
-	free(s->items);
 	free(s->regions);
-	free(s->ksm_pfns);
 	for (int i = 0; s->slots && i < KN_MAX_WORKERS; i++) {
 		struct kn_slot *b = &s->slots[i];
 
@@ -221,19 +216,34 @@ void kn_scanner_free(struct kn_scanner *s)
 	free(s);
 }
 
-int kn_scanner_set_hash_mask(struct kn_scanner *s, uint64_t mask)
+/* The zero page's hash as pages are hashed now (mode and mask). */
+static int set_zero_hash(struct kn_scanner *s)
 {
-	unsigned char *zero;
+	unsigned char *zero = calloc(1, s->page_size);
+	uint64_t high;
 
-	if (s->nregions)
-		return -EBUSY;
-	zero = calloc(1, s->page_size);
 	if (!zero)
 		return -ENOMEM;
-	s->hash_mask = mask;
-	s->zero_hash = kn_hash_page(zero, s->page_size) & mask;
+	s->zero_hash = (s->confirm_bytes ? kn_hash_page(zero, s->page_size) : kn_hash_page128(zero, s->page_size, &high)) &
+		       s->hash_mask;
 	free(zero);
 	return 0;
+}
+
+int kn_scanner_set_hash_mask(struct kn_scanner *s, uint64_t mask)
+{
+	if (s->nregions)
+		return -EBUSY;
+	s->hash_mask = mask;
+	return set_zero_hash(s);
+}
+
+int kn_scanner_set_confirm(struct kn_scanner *s, int bytes)
+{
+	if (s->nregions)
+		return -EBUSY;
+	s->confirm_bytes = !!bytes;
+	return set_zero_hash(s);
 }
 
 int kn_scanner_add_region(struct kn_scanner *s, int pid, uint64_t start, uint64_t end, int check_ksm)
@@ -528,7 +538,9 @@ static void *work(void *arg)
 			for (uint32_t i = 0; i < b->n; i++) {
 				const unsigned char *p = b->buf + (size_t)i * s->page_size;
 
-				b->hash[i] = kn_hash_page(p, s->page_size) & s->hash_mask;
+				b->hash[i] = s->confirm_bytes ? kn_hash_page(p, s->page_size)
+							      : kn_hash_page128(p, s->page_size, &b->hash_hi[i]);
+				b->hash[i] &= s->hash_mask;
 				/* Zero pages need no confirmation: their bytes are checked here, in cache. */
 				b->is_zero[i] = b->hash[i] == s->zero_hash && kn_page_is_zero(p, s->page_size);
 			}
@@ -537,13 +549,18 @@ static void *work(void *arg)
 		pthread_mutex_lock(&c->index_lock);
 		if (rc == 0 && !c->err)
 			rc = kn_index_lookup(s, c->r, b);
+		if (rc && !c->err)
+			__atomic_store_n(&c->err, rc, __ATOMIC_RELAXED);
 		pthread_mutex_unlock(&c->index_lock);
+		if (rc)
+			break;
+		if (!b->ncand)
+			continue; /* 128-bit mode always; bytes mode when every hash was new */
 		/* Re-reading first pages and comparing bytes is most of the index's work
 		 * when duplicates abound: outside the lock, every worker does its own. */
-		if (rc == 0 && b->ncand)
-			kn_index_confirm(s, b);
+		kn_index_confirm(s, b);
 		pthread_mutex_lock(&c->index_lock);
-		if (rc == 0 && !c->err)
+		if (!c->err)
 			rc = kn_index_commit(s, c->r, b);
 		if (rc && !c->err)
 			__atomic_store_n(&c->err, rc, __ATOMIC_RELAXED);

@@ -45,10 +45,18 @@ def _mapped(contents: list[bytes]) -> tuple[mmap.mmap, int]:
     return m, ctypes.addressof(ctypes.c_char.from_buffer(m))
 
 
-def _scan_own(regions: list[list[bytes]], mask: int | None, batch: int, workers: int) -> dict[str, int]:
+def _scan_own(
+    regions: list[list[bytes]], mask: int | None, batch: int, workers: int, confirm_bytes: bool
+) -> dict[str, int]:
     maps = [_mapped(r) for r in regions]
     try:
-        sc = native.Scanner(max_page_sharing=256, use_zero_pages=False, batch_pages=batch, workers=workers)
+        sc = native.Scanner(
+            max_page_sharing=256,
+            use_zero_pages=False,
+            batch_pages=batch,
+            workers=workers,
+            confirm_bytes=confirm_bytes,
+        )
         if mask is not None:
             sc.set_hash_mask(mask)
         for (_, addr), r in zip(maps, regions):
@@ -61,20 +69,28 @@ def _scan_own(regions: list[list[bytes]], mask: int | None, batch: int, workers:
     return total
 
 
+# Bytes mode: the mask forces every hash to 0, and the second page is compared with the
+# first (re-read from this process, or in the same batch buffer). 128-bit mode: the mask
+# forces the 64-bit hash the index is keyed on to 0; the other 64 bits tell them apart.
+MODES = pytest.mark.parametrize("confirm_bytes", [True, False], ids=["bytes", "hash128"])
+
+
+@MODES
 @pytest.mark.parametrize("batch", [1, 256], ids=["pages-in-other-batches", "pages-in-one-batch"])
-def test_two_different_pages_with_one_hash_are_not_duplicates(batch: int) -> None:
-    # Mask 0: every page hashes to 0. The second page is compared with the first
-    # (re-read from this process, or in the same batch buffer) and differs.
+def test_two_different_pages_with_one_hash_are_not_duplicates(batch: int, confirm_bytes: bool) -> None:
     x, y = os.urandom(PAGE), os.urandom(PAGE)
-    total = _scan_own([[x, y]], mask=0, batch=batch, workers=1)
+    total = _scan_own([[x, y]], mask=0, batch=batch, workers=1, confirm_bytes=confirm_bytes)
     assert total["present"] == 2
     assert total["distinct"] == 2 and total["dup_groups"] == 0 and total["saved"] == 0
     assert total["hash_collisions"] >= 1  # the hook did force the collision
 
 
+@MODES
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("mask", [0, 0xF << 60], ids=["all-collide", "16-hashes"])
-def test_forced_collisions_give_the_counts_of_real_hashes(mask: int, workers: int) -> None:
+def test_forced_collisions_give_the_counts_of_real_hashes(
+    mask: int, workers: int, confirm_bytes: bool
+) -> None:
     rng = random.Random(7)
     pool = [os.urandom(PAGE) for _ in range(6)] + [bytes(PAGE)]
     near = bytearray(pool[0])
@@ -85,8 +101,8 @@ def test_forced_collisions_give_the_counts_of_real_hashes(mask: int, workers: in
     ]
     counts = Counter(c for r in regions for c in r)
     skip = ("hash_collisions", "read_ns", "hash_ns", "map_ns", "index_ns", "refetch_ns")
-    real = _scan_own(regions, mask=None, batch=4, workers=workers)
-    forced = _scan_own(regions, mask=mask, batch=4, workers=workers)
+    real = _scan_own(regions, mask=None, batch=4, workers=workers, confirm_bytes=confirm_bytes)
+    forced = _scan_own(regions, mask=mask, batch=4, workers=workers, confirm_bytes=confirm_bytes)
     same = {k: v for k, v in forced.items() if k not in skip}
     assert same == {k: v for k, v in real.items() if k not in skip}
     assert real["hash_collisions"] == 0 and forced["hash_collisions"] > 0
