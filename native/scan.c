@@ -492,11 +492,13 @@ read:
 /*
  * The workers of one kn_scanner_scan call. Each takes the next batch, reads
  * its pagemap, copies its pages and hashes them at once, while they are still
- * in this core's cache, then indexes them under the lock. The copy is most of
- * the work and runs on every worker at the same time; the index is one
- * structure and takes a batch at a time. Hashing right after the copy matters:
- * a page hashed on another core than the one that copied it (a reader thread
- * and a hashing one, as this was before) is read again from L3 or memory.
+ * in this core's cache, then looks them up in the index under the lock (in
+ * bytes mode, confirms candidates without it, and takes the lock again to
+ * commit them). The copy is most of the work and runs on every worker at the
+ * same time; the index is one structure and takes a batch at a time. Hashing
+ * right after the copy matters: a page hashed on another core than the one
+ * that copied it (a reader thread and a hashing one, as this was before) is
+ * read again from L3 or memory.
  */
 struct crew {
 	struct kn_scanner *s;
