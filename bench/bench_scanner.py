@@ -127,7 +127,8 @@ def main() -> None:
             f"index {last['index_bytes'] / 2**20:.1f} MiB"
         )
         print(
-            f"  its time, all workers : read {last['read_ns'] / 1e6:.0f} ms, hash {last['hash_ns'] / 1e6:.0f} ms, "
+            f"  its time, all workers : read {last['read_ns'] / 1e6:.0f} ms, "
+            f"hash {last['hash_ns'] / 1e6:.0f} ms, "
             f"index {last['index_ns'] / 1e6:.0f} ms, re-read+compare {last['refetch_ns'] / 1e6:.0f} ms, "
             f"pagemap {last['map_ns'] / 1e6:.0f} ms"
         )
