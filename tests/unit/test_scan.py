@@ -232,3 +232,34 @@ def test_index_growth_keeps_every_count(confirm_bytes: bool) -> None:
     assert total["dup_groups"] == n // 2 + 1
     assert total["saved"] == n // 2 + 4
     assert one["dup_process"] == n // 2 and two["dup_process"] == n // 2 and two["dup_region"] == 5
+
+
+def test_estimate_reports_what_the_scan_cost() -> None:
+    pages = [_page(1)] * 8 + [os.urandom(PAGE) for _ in range(24)]
+    m, addr = _region(pages)
+    try:
+        # The kernel's rules are machine-wide (another checkout's test may be changing them).
+        est = scan.estimate(
+            [os.getpid()], ranges={os.getpid(): [(addr, addr + len(pages) * PAGE)]}, rules=(256, False)
+        )
+    finally:
+        m.close()
+    cost = est.cost
+    assert cost is not None
+    assert est.totals["present"] == len(pages) and est.saved == 7
+    assert cost.bytes_read == len(pages) * PAGE == est.totals["bytes_read"]
+    assert cost.bytes_refetched == 0  # 128-bit hash mode reads nothing twice
+    assert cost.index_bytes == est.totals["index_bytes"] > 0
+    assert cost.seconds == est.seconds > 0 and cost.cpu_seconds > 0
+    assert cost.peak_rss_bytes >= cost.rss_before_bytes > 0
+    d = est.as_dict()["cost"]
+    assert isinstance(d, dict) and set(d) == {
+        "seconds",
+        "cpu_seconds",
+        "bytes_read",
+        "bytes_refetched",
+        "index_bytes",
+        "peak_rss_bytes",
+        "rss_before_bytes",
+        "peak_rss_reset",
+    }
