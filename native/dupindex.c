@@ -274,8 +274,14 @@ int kn_index_lookup(struct kn_scanner *s, struct kn_region *r, struct kn_slot *b
 		if (i + 8 < b->n) {
 			uint32_t ahead = s->table[mix(b->hash[i + 8]) & s->table_mask];
 
-			if (ahead != KN_NONE)
+			if (ahead != KN_NONE) {
+				/* A duplicate also reads the high half and bumps the count: two
+				 * more misses per page when most pages repeat, unless fetched now. */
 				__builtin_prefetch(&s->g_hash[ahead]);
+				__builtin_prefetch(&s->g_count[ahead], 1);
+				if (!s->confirm_bytes)
+					__builtin_prefetch(&s->g_hash_hi[ahead]);
+			}
 		}
 		r->present++;
 		if (b->ksm[i]) {
