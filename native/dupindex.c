@@ -23,6 +23,9 @@
  * In 128-bit mode lookup does it all: equal 128-bit hashes are one group.
  * Equal 64-bit hashes with different contents are separate groups (the table
  * allows repeated keys; lookups probe past them).
+ *
+ * Over 400 lines because lookup and commit share the table's private helpers
+ * (probing, growth, group records); split, those would become interface.
  */
 #define _GNU_SOURCE
 #include <errno.h>

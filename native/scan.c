@@ -4,11 +4,16 @@
  * Per batch: one pagemap read says which pages are present (and their
  * frames), one process_vm_readv copies the present pages (runs of them as
  * one iovec each) into a buffer, then every page is hashed and put in the
- * duplicate index (dupindex.c: pages whose hash is known are confirmed by
+ * duplicate index (dupindex.c: by 128-bit hash, or in bytes mode by
  * re-reading the first page of their content). Pages mapped to the shared
  * zero page cost no memory and are only counted. KPF_KSM is looked up only
  * where the caller says KSM pages can exist (VM_MERGEABLE regions):
  * kpageflags is the slow part.
+ *
+ * Over 400 lines: reading a batch (pagemap or PAGEMAP_SCAN, kpageflags, the
+ * copy) and the workers that drive it share the scanner's private state and
+ * helpers; the index (dupindex.c, confirm.c) and the arithmetic (estimate.c)
+ * are apart.
  */
 #define _GNU_SOURCE
 #include <errno.h>
