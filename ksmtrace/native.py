@@ -136,6 +136,14 @@ class Scanner:
         return regions, procs, total
 
 
+def self_memory(reset_peak: bool = False) -> tuple[int, int, bool]:
+    """(RSS, peak RSS, peak was reset) of this process, in bytes. ``reset_peak``
+    restarts the peak from the current RSS first, where the kernel allows it."""
+    out = ffi.new("struct kn_self_memory *")
+    check(lib.kn_self_memory(int(reset_peak), out), "own memory status")
+    return int(out.rss_bytes), int(out.peak_rss_bytes), bool(out.peak_reset)
+
+
 def copy_bandwidth(pid: int, start: int, end: int, batch_pages: int = 0) -> int:
     """Bytes copied by plain process_vm_readv of [start, end): the benchmark's baseline."""
     return check(int(lib.kn_copy_bandwidth(pid, start, end, batch_pages)), f"process_vm_readv pid {pid}")

@@ -118,29 +118,6 @@ class ScanCost:
     peak_rss_reset: bool
 
 
-def _memory_status() -> tuple[int, int]:
-    """(VmRSS, VmHWM) of this process in bytes."""
-    rss = hwm = 0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-            elif line.startswith("VmHWM:"):
-                hwm = int(line.split()[1]) * 1024
-    return rss, hwm
-
-
-def _reset_peak_rss() -> bool:
-    """Restart VmHWM from the current RSS (clear_refs 5, Linux 4.0+), so the
-    peak read after a scan is that scan's and not an earlier one's."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
 @dataclass(frozen=True)
 class Estimate:
     page_size: int
@@ -305,8 +282,8 @@ def _scan(
     gone: tuple[int, ...],
     denied: tuple[int, ...],
 ) -> Estimate:
-    reset = _reset_peak_rss()
-    rss0, _ = _memory_status()
+    # The peak restarts here, so the one read at the end is this scan's.
+    rss0, _, reset = native.self_memory(reset_peak=True)
     t0, cpu0 = time.monotonic(), time.process_time()
     sc = native.Scanner(mps, uzp, batch_pages, workers, confirm_bytes)
     order: list[tuple[_Target, Vma]] = []
@@ -365,7 +342,7 @@ def _scan(
         bytes_read=totals["bytes_read"],
         bytes_refetched=sc.order_counts.get("refetched", 0) * native.PAGE,
         index_bytes=totals["index_bytes"],
-        peak_rss_bytes=_memory_status()[1],
+        peak_rss_bytes=native.self_memory()[1],
         rss_before_bytes=rss0,
         peak_rss_reset=reset,
     )

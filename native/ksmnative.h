@@ -94,6 +94,15 @@ int kn_scanner_finish(struct kn_scanner *s, struct kn_region_stats *regions, siz
  * batch_pages batches and nothing else; returns bytes copied or -errno. */
 int64_t kn_copy_bandwidth(int pid, uint64_t start, uint64_t end, uint32_t batch_pages);
 
+/* This process's memory (selfmem.c): VmRSS and VmHWM in bytes; reset_peak
+ * first restarts VmHWM from VmRSS (peak_reset says whether the kernel let it). */
+struct kn_self_memory {
+	uint64_t rss_bytes;
+	uint64_t peak_rss_bytes;
+	int32_t peak_reset;
+};
+int kn_self_memory(int reset_peak, struct kn_self_memory *out);
+
 /* ---- remote madvise by ptrace syscall injection (inject.c) ---- */
 struct kn_inject_result {
 	int64_t ret;             /* the syscall's return value (-errno on failure) */

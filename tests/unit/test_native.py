@@ -110,3 +110,17 @@ def test_forced_collisions_give_the_counts_of_real_hashes(
     assert forced["dup_groups"] == sum(n > 1 for n in counts.values())
     assert forced["saved"] == sum(n - 1 for n in counts.values())
     assert forced["zero"] == counts[bytes(PAGE)]
+
+
+def test_own_peak_memory_restarts_when_asked() -> None:
+    rss0, _, reset = native.self_memory(reset_peak=True)
+    assert reset and rss0 > 0
+    size = 64 << 20
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for off in range(0, size, PAGE):
+        m[off] = 1  # resident
+    m.close()
+    rss1, peak1, _ = native.self_memory()
+    assert peak1 >= rss0 + size * 15 // 16 > rss1  # the 64 MiB came and went
+    _, peak2, _ = native.self_memory(reset_peak=True)
+    assert peak2 < peak1 - size // 2  # the peak starts again from now
