@@ -3,11 +3,14 @@
 Two workload processes hold private anonymous memory (half duplicate pages,
 in runs, shared across the two). The baseline copies exactly those ranges
 with process_vm_readv in the scanner's batch size and does nothing else, on
-one thread; the scanner reads pagemap, copies, hashes, confirms duplicates
-byte by byte and computes the estimate, with its default workers (one per
-CPU, at most 4) and with one. N runs of each, interleaved; best and median.
+one thread; the scanner reads pagemap, copies, hashes, tells duplicates apart
+(by 128-bit hash, or byte by byte with --confirm-bytes) and computes the
+estimate, with its default workers (one per CPU, at most 4) and with one.
+N runs of each, interleaved; best and median. bench_scale_scanner.py compares
+layouts and sizes.
 
     .venv/bin/python bench/bench_scanner.py [--mib 256] [--runs 9] [--batch PAGES] [--workers N]
+                                            [--confirm-bytes]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.5)
     ap.add_argument("--batch", type=int, default=0, help="pages per batch (0: scanner default)")
     ap.add_argument("--workers", type=int, default=0, help="scanner threads (0: scanner default)")
+    ap.add_argument("--confirm-bytes", action="store_true", help="confirm duplicates byte by byte")
     args = ap.parse_args()
 
     pages = args.mib * 1024 * 1024 // PAGE
@@ -61,7 +65,7 @@ def main() -> None:
         def scanner(nworkers: int) -> Callable[[], None]:
             def run() -> None:
                 nonlocal last, workers
-                sc = native.Scanner(mps, uzp, args.batch, nworkers)
+                sc = native.Scanner(mps, uzp, args.batch, nworkers, args.confirm_bytes)
                 for pid, s, e in regions:
                     idx = sc.add_region(pid, s, e, check_ksm=False)
                     sc.scan(idx, s, e)
@@ -71,7 +75,11 @@ def main() -> None:
             return run
 
         def whole() -> None:
-            scan.estimate([w.pid for w in wls], ranges={pid: [(s, e)] for pid, s, e in regions})
+            scan.estimate(
+                [w.pid for w in wls],
+                ranges={pid: [(s, e)] for pid, s, e in regions},
+                confirm_bytes=args.confirm_bytes,
+            )
 
         # The default scanner last of the two: its totals are the ones printed.
         kinds = {"copy": copy, "scan1": scanner(1), "scan": scanner(args.workers), "whole": whole}
@@ -120,7 +128,9 @@ def main() -> None:
         )
         print(
             f"  its time, all workers : read {last['read_ns'] / 1e6:.0f} ms, "
-            f"hash+index {last['hash_ns'] / 1e6:.0f} ms, pagemap {last['map_ns'] / 1e6:.0f} ms"
+            f"hash {last['hash_ns'] / 1e6:.0f} ms, "
+            f"index {last['index_ns'] / 1e6:.0f} ms, re-read+compare {last['refetch_ns'] / 1e6:.0f} ms, "
+            f"pagemap {last['map_ns'] / 1e6:.0f} ms"
         )
     finally:
         for wl in wls:

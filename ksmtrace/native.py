@@ -66,28 +66,47 @@ TOTAL_FIELDS = (
     "saved_within",
     "saved_now",
     "hash_collisions",
-    "rep_fetches",
     "bytes_read",
     "index_bytes",
     "read_ns",
     "hash_ns",
     "map_ns",
+    "index_ns",
+    "refetch_ns",
 )
+# Counts that depend on the order the workers index batches in (which page of
+# a content is seen first): kept apart from the totals, which must not.
+ORDER_FIELDS = ("refetched",)
 
 
 class Scanner:
     """One scan: add regions, scan them (in chunks, in order), then finish once."""
 
     def __init__(
-        self, max_page_sharing: int, use_zero_pages: bool, batch_pages: int = 0, workers: int = 0
+        self,
+        max_page_sharing: int,
+        use_zero_pages: bool,
+        batch_pages: int = 0,
+        workers: int = 0,
+        confirm_bytes: bool = False,
     ) -> None:
-        """``workers``: threads that copy and hash (0: one per CPU we may run on, at most 4)."""
+        """``workers``: threads that copy and hash (0: one per CPU we may run on, at most 4).
+        ``confirm_bytes``: confirm duplicates by comparing bytes (re-reading the first
+        copy) instead of by 128-bit hash; see native/internal.h for the odds and the cost."""
         ptr = lib.kn_scanner_new(max_page_sharing, int(use_zero_pages), batch_pages)
         if ptr == ffi.NULL:
             raise MemoryError("kn_scanner_new")
         self._s = ffi.gc(ptr, lib.kn_scanner_free)
         self.workers = check(lib.kn_scanner_set_workers(self._s, workers), "scanner workers")
+        self.confirm_bytes = confirm_bytes
+        check(lib.kn_scanner_set_confirm(self._s, int(confirm_bytes)), "scanner confirm mode")
         self.pids: list[int] = []
+        self.order_counts: dict[str, int] = {}  # ORDER_FIELDS, set by finish()
+
+    def set_hash_mask(self, mask: int) -> None:
+        """Test hook: and every page's 64-bit hash (the 128-bit one's low half) with
+        ``mask`` (0: all collide there). Before add_region."""
+        check(lib.kn_scanner_set_hash_mask(self._s, mask), "hash mask")
 
     def add_region(self, pid: int, start: int, end: int, check_ksm: bool) -> int:
         if pid not in self.pids:
@@ -103,6 +122,7 @@ class Scanner:
     def finish(
         self, nregions: int
     ) -> tuple[list[dict[str, float]], dict[int, dict[str, float]], dict[str, int]]:
+        """Once, after the last scan: per region, per process and total counts."""
         rs = ffi.new("struct kn_region_stats[]", max(1, nregions))
         ps = ffi.new("struct kn_process_stats[]", max(1, len(self.pids)))
         tot = ffi.new("struct kn_total_stats *")
@@ -112,7 +132,16 @@ class Scanner:
             ps[i].pid: {"saved_alone": ps[i].saved_alone, "saved_share": ps[i].saved_share} for i in range(n)
         }
         total = {f: int(getattr(tot, f)) for f in TOTAL_FIELDS}
+        self.order_counts = {f: int(getattr(tot, f)) for f in ORDER_FIELDS}
         return regions, procs, total
+
+
+def self_memory(reset_peak: bool = False) -> tuple[int, int, bool]:
+    """(RSS, peak RSS, peak was reset) of this process, in bytes. ``reset_peak``
+    restarts the peak from the current RSS first, where the kernel allows it."""
+    out = ffi.new("struct kn_self_memory *")
+    check(lib.kn_self_memory(int(reset_peak), out), "own memory status")
+    return int(out.rss_bytes), int(out.peak_rss_bytes), bool(out.peak_reset)
 
 
 def copy_bandwidth(pid: int, start: int, end: int, batch_pages: int = 0) -> int:

@@ -1,10 +1,12 @@
-"""What KSM would save: the exact duplicate estimate, as typed records.
+"""What KSM would save: the duplicate estimate, as typed records.
 
 Candidate regions come from smaps (only private anonymous memory can merge;
 every other mapping is listed with the reason). The native scanner reads them
-without stopping the processes, confirms duplicates byte by byte and applies
-the kernel's own rules (``max_page_sharing``, ``use_zero_pages``); this module
-turns its numbers into :class:`Estimate` records for the views and commands.
+without stopping the processes, tells contents apart by 128-bit hash (false
+duplicate odds at most n^2/2^129 for n pages) or, with ``confirm_bytes``, byte
+by byte, and applies the kernel's own rules (``max_page_sharing``, ``use_zero_pages``); this module
+turns its numbers into :class:`Estimate` records for the views and commands,
+with what the scan itself cost (:class:`ScanCost`).
 """
 
 from __future__ import annotations
@@ -80,6 +82,30 @@ class ProcessEstimate:
 
 
 @dataclass(frozen=True)
+class ScanCost:
+    """What one estimate cost this process: time, bytes read, memory.
+
+    ``bytes_read`` is the memory scanned; ``bytes_refetched`` the first pages
+    of contents read again to confirm duplicates byte by byte (it depends on
+    which copy of a content the workers happened to index first).
+    ``index_bytes`` is the duplicate index's peak (bounded per scanned page,
+    see native/internal.h); ``peak_rss_bytes`` this process's peak resident
+    memory during the scan (``peak_rss_reset``), or over its whole life where
+    the kernel did not let the peak be reset; ``rss_before_bytes`` its resident
+    memory when the scan began, so the growth is the difference.
+    """
+
+    seconds: float
+    cpu_seconds: float  # every thread of this process: the workers run in parallel
+    bytes_read: int
+    bytes_refetched: int
+    index_bytes: int
+    peak_rss_bytes: int
+    rss_before_bytes: int
+    peak_rss_reset: bool
+
+
+@dataclass(frozen=True)
 class Estimate:
     page_size: int
     max_page_sharing: int
@@ -89,6 +115,7 @@ class Estimate:
     seconds: float
     gone: tuple[int, ...] = ()  # exited before or during the scan, left out
     denied: tuple[int, ...] = ()
+    cost: ScanCost | None = None  # None only for records not made by estimate()
 
     @property
     def saved(self) -> int:
@@ -188,6 +215,7 @@ def estimate(
     rules: tuple[int, bool] | None = None,
     batch_pages: int = 0,
     workers: int = 0,
+    confirm_bytes: bool = False,
 ) -> Estimate:
     """Scan ``pids`` and predict what KSM would save if their candidate memory merged.
 
@@ -198,6 +226,10 @@ def estimate(
     [(start, end)]) limits the scan of those pids to those address ranges, cut
     at mapping edges: each piece is a region of its own. ``workers``: threads
     that copy and hash (0: one per CPU this process may run on, at most 4).
+    ``confirm_bytes``: tell contents apart by comparing bytes (each duplicate's
+    first copy re-read from its process: exact, slower when duplicates are
+    mostly distinct contents) instead of by 128-bit hash (odds of a false
+    duplicate at most n^2/2^129 for n pages: see native/internal.h).
     """
     proc = proc or ProcFS()
     mps, uzp = rules or kernel_rules()
@@ -211,7 +243,9 @@ def estimate(
         gone += g
         denied += d
         try:
-            return _scan(targets, mps, uzp, progress, batch_pages, workers, tuple(gone), tuple(denied))
+            return _scan(
+                targets, mps, uzp, progress, batch_pages, workers, confirm_bytes, tuple(gone), tuple(denied)
+            )
         except _TargetFailed as exc:
             if strict:
                 raise exc.error from None
@@ -231,11 +265,14 @@ def _scan(
     progress: Progress | None,
     batch_pages: int,
     workers: int,
+    confirm_bytes: bool,
     gone: tuple[int, ...],
     denied: tuple[int, ...],
 ) -> Estimate:
-    t0 = time.monotonic()
-    sc = native.Scanner(mps, uzp, batch_pages, workers)
+    # The peak restarts here, so the one read at the end is this scan's.
+    rss0, _, reset = native.self_memory(reset_peak=True)
+    t0, cpu0 = time.monotonic(), time.process_time()
+    sc = native.Scanner(mps, uzp, batch_pages, workers, confirm_bytes)
     order: list[tuple[_Target, Vma]] = []
     total = sum(v.sizes.get("Rss", v.length) for t in targets for v in t.scan)
     done = 0
@@ -285,15 +322,27 @@ def _scan(
         )
         for t in targets
     )
+    seconds = time.monotonic() - t0
+    cost = ScanCost(
+        seconds=seconds,
+        cpu_seconds=time.process_time() - cpu0,
+        bytes_read=totals["bytes_read"],
+        bytes_refetched=sc.order_counts.get("refetched", 0) * native.PAGE,
+        index_bytes=totals["index_bytes"],
+        peak_rss_bytes=native.self_memory()[1],
+        rss_before_bytes=rss0,
+        peak_rss_reset=reset,
+    )
     return Estimate(
         page_size=native.PAGE,
         max_page_sharing=mps,
         use_zero_pages=uzp,
         processes=procs,
         totals=totals,
-        seconds=time.monotonic() - t0,
+        seconds=seconds,
         gone=gone,
         denied=denied,
+        cost=cost,
     )
 
 

@@ -1,40 +1,66 @@
 /*
  * The duplicate index: which pages hold identical bytes.
  *
- * A 64-bit hash finds candidates; bytes decide. The first page of a content
- * costs only a 32-byte group record (hash + where it lives). When a second
- * page hashes the same, the first is fetched (from the current batch buffer
- * or re-read from its process) and kept as the group's representative copy;
- * every later candidate is memcmp'd with it. Unique pages, the bulk of most
- * memory, never cost a copy. Equal hashes with different bytes become
- * separate groups (the table allows repeated keys; lookups probe past them).
+ * A content costs a 20-byte group record and nothing else: no copy of any
+ * page is kept, so memory grows with the pages scanned and not with how many
+ * contents repeat (keeping one 4 KiB copy per repeated content cost up to
+ * half the memory scanned when most duplicates are distinct contents, as
+ * with guests of one image). Contents are told apart by their 128-bit hash
+ * (the default; the odds are in internal.h), or byte by byte:
+ *
+ * In bytes mode a 64-bit hash finds candidates and bytes decide: a page whose
+ * hash is already known is compared with the group's first page, re-read
+ * from its process, in one process_vm_readv per batch and process, by the
+ * worker that copied the batch, without the index lock, so the re-reads run
+ * on every core like the copies do. Indexing a batch is then three steps:
+ *   lookup  (lock held)  new hashes become groups; known ones become
+ *                        candidates, with a copy of what comparing needs;
+ *   confirm (no lock)    candidates compared with first pages (this batch's
+ *                        own, or re-read; confirm.c);
+ *   commit  (lock held)  confirmed pages join their groups; equal hashes with
+ *                        other bytes go through the rest of the hash's groups
+ *                        (or found a new one): rare, so done simply, there.
+ * In 128-bit mode lookup does it all: equal 128-bit hashes are one group.
+ * Equal 64-bit hashes with different contents are separate groups (the table
+ * allows repeated keys; lookups probe past them).
+ *
+ * Over 400 lines because lookup and commit share the table's private helpers
+ * (probing, growth, group records); split, those would become interface.
  */
+#define _GNU_SOURCE
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "internal.h"
-
-#define REP_CHUNK_PAGES 256u
 
 static uint64_t mix(uint64_t h)
 {
 	/* xxh3 output is already uniform; fold the high bits in anyway so that
-	 * the table index does not rest on the low bits alone. */
-	return h ^ (h >> 29);
+	 * the table index does not rest on the low bits alone (and a test's hash
+	 * mask that keeps only high bits still spreads). */
+	return h ^ (h >> 29) ^ (h >> 47);
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 int kn_index_init(struct kn_scanner *s)
 {
 	s->groups_cap = 4096;
-	s->groups = malloc(sizeof(*s->groups) * s->groups_cap);
+	s->g_hash = kn_big_realloc(NULL, 0, sizeof(uint64_t) * s->groups_cap);
+	/* g_hash_hi or g_where: only the one the mode needs, with the first group. */
+	s->g_count = kn_big_realloc(NULL, 0, sizeof(uint32_t) * s->groups_cap);
 	s->table_mask = 8192 - 1;
-	s->table = malloc(sizeof(uint32_t) * (s->table_mask + 1));
-	s->fetch_buf = aligned_alloc(4096, (size_t)s->batch_pages * s->page_size);
-	s->fetch_group = malloc(sizeof(uint32_t) * s->batch_pages);
-	s->fetch_addr = malloc(sizeof(uint64_t) * s->batch_pages);
-	s->fetch_ok = malloc(s->batch_pages);
-	if (!s->groups || !s->table || !s->fetch_buf || !s->fetch_group || !s->fetch_addr || !s->fetch_ok)
+	s->table = kn_big_realloc(NULL, 0, sizeof(uint32_t) * (s->table_mask + 1));
+	s->zero_group = KN_NONE;
+	if (!s->g_hash || !s->g_count || !s->table)
 		return -ENOMEM;
 	memset(s->table, 0xff, sizeof(uint32_t) * (s->table_mask + 1));
 	return 0;
@@ -42,242 +68,361 @@ int kn_index_init(struct kn_scanner *s)
 
 void kn_index_free(struct kn_scanner *s)
 {
-	for (uint32_t i = 0; i < (s->nreps + REP_CHUNK_PAGES - 1) / REP_CHUNK_PAGES; i++)
-		free(s->rep_chunks[i]);
-	free(s->rep_chunks);
-	free(s->groups);
-	free(s->table);
-	free(s->fetch_buf);
-	free(s->fetch_group);
-	free(s->fetch_addr);
-	free(s->fetch_ok);
+	kn_big_free(s->g_hash, sizeof(uint64_t) * s->groups_cap);
+	kn_big_free(s->g_hash_hi, sizeof(uint64_t) * s->groups_cap);
+	kn_big_free(s->g_where, sizeof(uint64_t) * s->groups_cap);
+	kn_big_free(s->g_count, sizeof(uint32_t) * s->groups_cap);
+	if (s->table)
+		kn_big_free(s->table, sizeof(uint32_t) * (s->table_mask + 1));
+	kn_big_free(s->items, sizeof(uint32_t) * s->items_cap);
+	kn_big_free(s->ksm_pfns, sizeof(uint64_t) * s->ksm_pfns_cap);
+	free(s->procs);
+	s->g_hash = s->g_hash_hi = s->g_where = NULL;
+	s->g_count = s->table = s->items = NULL;
+	s->ksm_pfns = NULL;
+	s->procs = NULL;
+}
+
+int kn_slot_index_alloc(struct kn_scanner *s, struct kn_slot *b)
+{
+	size_t n = s->batch_pages;
+
+	b->cand_page = malloc(n * 4);
+	b->cand_group = malloc(n * 4);
+	b->cand_where = malloc(n * 8);
+	b->cand_local = malloc(n * 4);
+	b->cand_fetch = malloc(n * 4);
+	b->verdict = malloc(n);
+	b->fetch_buf = aligned_alloc(4096, n * s->page_size);
+	b->fetch_where = malloc(n * 8);
+	b->fetch_ok = malloc(n);
+	b->order = malloc(n * 4);
+	b->new_page = malloc(n * 4);
+	b->is_zero = malloc(n);
+	b->hash_hi = malloc(n * 8);
+	if (!b->hash_hi || !b->cand_page || !b->cand_group || !b->cand_where || !b->cand_local || !b->cand_fetch || !b->verdict ||
+	    !b->fetch_buf || !b->fetch_where || !b->fetch_ok || !b->order || !b->new_page || !b->is_zero)
+		return -ENOMEM;
+	return 0;
+}
+
+void kn_slot_index_free(struct kn_slot *b)
+{
+	free(b->cand_page);
+	free(b->cand_group);
+	free(b->cand_where);
+	free(b->cand_local);
+	free(b->cand_fetch);
+	free(b->verdict);
+	free(b->fetch_buf);
+	free(b->fetch_where);
+	free(b->fetch_ok);
+	free(b->order);
+	free(b->new_page);
+	free(b->is_zero);
+	free(b->hash_hi);
+}
+
+uint32_t kn_proc_index(struct kn_scanner *s, int pid)
+{
+	for (uint32_t i = s->nprocs; i-- > 0;)
+		if (s->procs[i] == pid)
+			return i;
+	if (s->nprocs >= KN_MAX_PROCS)
+		return KN_NONE;
+	if (s->nprocs == s->procs_cap) {
+		uint32_t ncap = s->procs_cap ? s->procs_cap * 2 : 16;
+		int32_t *n = realloc(s->procs, sizeof(*n) * ncap);
+
+		if (!n)
+			return KN_NONE;
+		s->procs = n;
+		s->procs_cap = ncap;
+	}
+	s->procs[s->nprocs] = pid;
+	return s->nprocs++;
 }
 
 static int grow_table(struct kn_scanner *s)
 {
 	uint64_t nsize = (s->table_mask + 1) * 2;
-	uint32_t *t = malloc(sizeof(uint32_t) * nsize);
+	uint32_t *t = kn_big_realloc(NULL, 0, sizeof(uint32_t) * nsize);
 
 	if (!t)
 		return -ENOMEM;
 	memset(t, 0xff, sizeof(uint32_t) * nsize);
 	for (uint32_t g = 0; g < s->ngroups; g++) {
-		uint64_t slot = mix(s->groups[g].hash) & (nsize - 1);
+		uint64_t slot;
 
+		if (g == s->zero_group)
+			continue;
+		slot = mix(s->g_hash[g]) & (nsize - 1);
 		while (t[slot] != KN_NONE)
 			slot = (slot + 1) & (nsize - 1);
 		t[slot] = g;
 	}
-	free(s->table);
+	kn_big_free(s->table, sizeof(uint32_t) * (s->table_mask + 1));
 	s->table = t;
 	s->table_mask = nsize - 1;
 	return 0;
 }
 
-static unsigned char *rep_ptr(struct kn_scanner *s, uint32_t rep)
+static int push_item(struct kn_scanner *s, uint32_t g)
 {
-	return s->rep_chunks[rep / REP_CHUNK_PAGES] + (size_t)(rep % REP_CHUNK_PAGES) * s->page_size;
+	if (s->nitems == s->items_cap) {
+		uint64_t ncap = s->items_cap ? s->items_cap * 2 : 65536;
+		uint32_t *n = kn_big_realloc(s->items, sizeof(uint32_t) * s->items_cap, sizeof(uint32_t) * ncap);
+
+		if (!n)
+			return -ENOMEM;
+		s->items = n;
+		s->items_cap = ncap;
+	}
+	s->items[s->nitems++] = g;
+	return 0;
 }
 
-static uint32_t rep_store(struct kn_scanner *s, const unsigned char *p)
+/* A new group of hash h; extra is the hash's high half (128-bit mode) or the
+ * first page's KN_WHERE (bytes mode). KN_NONE on ENOMEM. Not put in the table. */
+static uint32_t new_group(struct kn_scanner *s, uint64_t h, uint64_t extra)
 {
-	uint32_t chunk = s->nreps / REP_CHUNK_PAGES;
+	uint64_t **extras = s->confirm_bytes ? &s->g_where : &s->g_hash_hi;
+	uint32_t g;
 
-	if ((uint64_t)s->nreps >= s->rep_limit)
-		return KN_NONE;
-	if (s->nreps % REP_CHUNK_PAGES == 0) {
-		if (chunk >= s->rep_chunks_cap) {
-			uint32_t ncap = s->rep_chunks_cap ? s->rep_chunks_cap * 2 : 64;
-			unsigned char **n = realloc(s->rep_chunks, sizeof(*n) * ncap);
-
-			if (!n)
-				return KN_NONE;
-			s->rep_chunks = n;
-			s->rep_chunks_cap = ncap;
-		}
-		s->rep_chunks[chunk] = malloc((size_t)REP_CHUNK_PAGES * s->page_size);
-		if (!s->rep_chunks[chunk])
+	if (!*extras) {
+		*extras = kn_big_realloc(NULL, 0, sizeof(uint64_t) * s->groups_cap);
+		if (!*extras)
 			return KN_NONE;
 	}
-	memcpy(rep_ptr(s, s->nreps), p, s->page_size);
-	return s->nreps++;
-}
+	if (s->ngroups == s->groups_cap) {
+		uint32_t ncap = s->groups_cap * 2;
+		uint64_t *nh = kn_big_realloc(s->g_hash, sizeof(uint64_t) * s->groups_cap, sizeof(uint64_t) * ncap);
+		uint64_t *nw;
+		uint32_t *nc;
 
-/*
- * Do the bytes p equal group g's content? On the group's second sighting
- * the first page is fetched and kept. If the first page changed or vanished
- * since it was hashed, it no longer witnesses the content: p takes its place
- * (the stale page stays counted, and is reported as volatile by the caller's
- * totals through rep_fetches; a target that writes while being scanned makes
- * any estimate approximate).
- */
-static int same_content(struct kn_scanner *s, struct kn_group *g, const unsigned char *p, int *replaced)
-{
-	uint32_t gi = (uint32_t)(g - s->groups), f = g->fetch_slot;
-	unsigned char tmp[65536];
-	const unsigned char *rep;
-	int ok;
-
-	if (g->rep == KN_REP_ZERO)
-		return kn_page_is_zero(p, s->page_size);
-	if (g->rep != KN_NONE)
-		return memcmp(rep_ptr(s, g->rep), p, s->page_size) == 0;
-
-	if (g->batch_seq == s->batch_seq) {
-		rep = s->buf + (size_t)g->batch_idx * s->page_size;
-	} else {
-		s->rep_fetches++;
-		if (f < s->nfetch && s->fetch_group[f] == gi) {
-			rep = s->fetch_buf + (size_t)f * s->page_size;
-			ok = s->fetch_ok[f];
-		} else { /* not foreseen by kn_index_fetch_firsts: never expected, but correct */
-			rep = tmp;
-			ok = kn_read_remote(g->first_pid, g->first_addr, tmp, s->page_size) == 0 &&
-			     kn_hash_page(tmp, s->page_size) == g->hash;
-		}
-		if (!ok) {
-			*replaced = 1;
-			g->rep = rep_store(s, p);
-			g->first_pid = -1;
-			return 1;
-		}
+		if (!nh)
+			return KN_NONE;
+		s->g_hash = nh;
+		nw = kn_big_realloc(*extras, sizeof(uint64_t) * s->groups_cap, sizeof(uint64_t) * ncap);
+		if (!nw)
+			return KN_NONE;
+		*extras = nw;
+		nc = kn_big_realloc(s->g_count, sizeof(uint32_t) * s->groups_cap, sizeof(uint32_t) * ncap);
+		if (!nc)
+			return KN_NONE;
+		s->g_count = nc;
+		s->groups_cap = ncap;
 	}
-	if (memcmp(rep, p, s->page_size) != 0)
-		return 0;
-	/* Over the memory limit: keep no copy, re-read the first page each time. */
-	g->rep = rep_store(s, rep);
-	return 1;
+	g = s->ngroups++;
+	s->g_hash[g] = h;
+	(*extras)[g] = extra;
+	s->g_count[g] = 1;
+	return g;
 }
 
-/*
- * A group's second sighting needs its first page, which sits in the target
- * process unless it was in the same batch. One process_vm_readv per batch
- * and process reads all the batch will need (instead of one call per page:
- * a syscall and a page pin each, a tenth of the scan when duplicates are
- * spread far apart). Fetched pages are checked against their hash here; one
- * that changed or went away is marked, and same_content replaces it.
- */
-void kn_index_fetch_firsts(struct kn_scanner *s, const uint64_t *hash, uint32_t n)
-{
-	s->nfetch = 0;
-	for (uint32_t i = 0; i < n; i++) {
-		uint64_t slot = mix(hash[i]) & s->table_mask;
-		uint32_t gi;
-
-		for (; (gi = s->table[slot]) != KN_NONE; slot = (slot + 1) & s->table_mask) {
-			struct kn_group *g = &s->groups[gi];
-
-			if (g->hash != hash[i] || g->rep != KN_NONE || g->batch_seq == s->batch_seq ||
-			    (g->fetch_slot < s->nfetch && s->fetch_group[g->fetch_slot] == gi))
-				continue;
-			if (s->nfetch == s->batch_pages)
-				goto read; /* more groups than pages (equal hashes): same_content reads the rest */
-			g->fetch_slot = s->nfetch;
-			s->fetch_group[s->nfetch++] = gi;
-		}
-	}
-read:
-	/* Per process, in the order they were found: kn_read_pages merges neighbours into one iovec. */
-	for (uint32_t a = 0; a < s->nfetch;) {
-		int32_t pid = s->groups[s->fetch_group[a]].first_pid;
-		uint32_t m = 0, done = 0;
-
-		for (uint32_t k = a; k < s->nfetch; k++)
-			if (s->groups[s->fetch_group[k]].first_pid == pid)
-				m++;
-		/* Gather this pid's entries at a..a+m (stable: keeps address order within the pid). */
-		for (uint32_t k = a, w = a; k < s->nfetch && w < a + m; k++) {
-			uint32_t gk = s->fetch_group[k];
-
-			if (s->groups[gk].first_pid != pid)
-				continue;
-			memmove(&s->fetch_group[w + 1], &s->fetch_group[w], sizeof(uint32_t) * (k - w));
-			s->fetch_group[w++] = gk;
-		}
-		for (uint32_t k = a; k < a + m; k++) {
-			s->groups[s->fetch_group[k]].fetch_slot = k;
-			s->fetch_addr[k] = s->groups[s->fetch_group[k]].first_addr;
-			s->fetch_ok[k] = 0;
-		}
-		while (done < m) {
-			int64_t got = kn_read_pages(pid, s->fetch_addr + a + done, m - done,
-						    s->fetch_buf + (size_t)(a + done) * s->page_size, s->page_size);
-
-			if (got < 0)
-				break; /* process gone or not readable: none of its first pages witness */
-			for (int64_t k = 0; k < got; k++, done++) {
-				uint32_t f = a + done;
-
-				s->fetch_ok[f] = kn_hash_page(s->fetch_buf + (size_t)f * s->page_size, s->page_size) ==
-						 s->groups[s->fetch_group[f]].hash;
-			}
-			if (done < m)
-				done++; /* this one went away (fetch_ok stays 0); read on after it */
-		}
-		a += m;
-	}
-}
-
-void kn_index_prefetch_slot(const struct kn_scanner *s, uint64_t h)
-{
-	__builtin_prefetch(&s->table[mix(h) & s->table_mask]);
-}
-
-void kn_index_prefetch_group(const struct kn_scanner *s, uint64_t h)
-{
-	uint32_t g = s->table[mix(h) & s->table_mask]; /* in cache: its slot was prefetched earlier */
-
-	if (g != KN_NONE)
-		__builtin_prefetch(&s->groups[g]);
-}
-
-uint32_t kn_index_add(struct kn_scanner *s, const unsigned char *p, uint64_t h, int pid, uint64_t addr,
-		      uint32_t idx)
+/* Put group g (hash h) in the table at its probe chain's first free slot. */
+static int table_insert(struct kn_scanner *s, uint32_t g, uint64_t h)
 {
 	uint64_t slot = mix(h) & s->table_mask;
-	int replaced = 0;
-	uint32_t gi;
 
-	for (; (gi = s->table[slot]) != KN_NONE; slot = (slot + 1) & s->table_mask) {
-		struct kn_group *g = &s->groups[gi];
+	while (s->table[slot] != KN_NONE)
+		slot = (slot + 1) & s->table_mask;
+	s->table[slot] = g;
+	if ((uint64_t)s->ngroups * 2 > s->table_mask + 1)
+		return grow_table(s);
+	return 0;
+}
 
-		if (g->hash != h)
-			continue;
-		s->hash_confirms++;
-		if (same_content(s, g, p, &replaced)) {
-			g->count++;
-			if (replaced) {
-				g->first_pid = pid;
-				g->first_addr = addr;
-				g->batch_seq = s->batch_seq;
-				g->batch_idx = idx;
+static int push_ksm_pfn(struct kn_scanner *s, uint64_t pfn)
+{
+	if (s->nksm_pfns == s->ksm_pfns_cap) {
+		uint64_t ncap = s->ksm_pfns_cap ? s->ksm_pfns_cap * 2 : 4096;
+		uint64_t *n = kn_big_realloc(s->ksm_pfns, sizeof(uint64_t) * s->ksm_pfns_cap, sizeof(uint64_t) * ncap);
+
+		if (!n)
+			return -ENOMEM;
+		s->ksm_pfns = n;
+		s->ksm_pfns_cap = ncap;
+	}
+	s->ksm_pfns[s->nksm_pfns++] = pfn;
+	return 0;
+}
+
+int kn_index_lookup(struct kn_scanner *s, struct kn_region *r, struct kn_slot *b)
+{
+	uint64_t t0 = now_ns();
+	uint32_t shift = s->page_shift;
+
+	b->ncand = 0;
+	b->nnew = 0;
+	b->first_new_group = s->ngroups;
+	r->zero_mapped += b->zero_mapped;
+	r->volatile_pages += b->volatile_pages;
+	s->map_ns += b->map_ns;
+	s->read_ns += b->read_ns;
+	s->hash_ns += b->hash_ns;
+	s->bytes_read += (uint64_t)b->n * s->page_size;
+	/* The lookups are random accesses and would otherwise wait on memory one by one:
+	 * table slots prefetched 16 pages ahead, and 8 ahead the hashes those slots name. */
+	for (uint32_t i = 0; i < b->n && i < 16; i++)
+		__builtin_prefetch(&s->table[mix(b->hash[i]) & s->table_mask]);
+	for (uint32_t i = 0; i < b->n; i++) {
+		uint64_t h = b->hash[i], where = KN_WHERE(r->proc, b->addr[i], shift);
+		uint64_t extra = s->confirm_bytes ? where : b->hash_hi[i];
+		uint64_t slot;
+		uint32_t g;
+
+		if (i + 16 < b->n)
+			__builtin_prefetch(&s->table[mix(b->hash[i + 16]) & s->table_mask]);
+		if (i + 8 < b->n) {
+			uint32_t ahead = s->table[mix(b->hash[i + 8]) & s->table_mask];
+
+			if (ahead != KN_NONE) {
+				/* A duplicate also reads the high half and bumps the count: two
+				 * more misses per page when most pages repeat, unless fetched now. */
+				__builtin_prefetch(&s->g_hash[ahead]);
+				__builtin_prefetch(&s->g_count[ahead], 1);
+				if (!s->confirm_bytes)
+					__builtin_prefetch(&s->g_hash_hi[ahead]);
 			}
-			return gi;
+		}
+		r->present++;
+		if (b->ksm[i]) {
+			r->ksm++;
+			if (push_ksm_pfn(s, b->pfn[i]))
+				return -ENOMEM;
+		}
+		if (b->is_zero[i]) {
+			/* The bytes were checked: no confirmation needed. */
+			r->zero++;
+			if (s->zero_group == KN_NONE) {
+				g = new_group(s, h, extra);
+				if (g == KN_NONE)
+					return -ENOMEM;
+				s->zero_group = g;
+				b->new_page[b->nnew++] = i;
+			} else {
+				g = s->zero_group;
+				s->g_count[g]++;
+			}
+			if (push_item(s, g))
+				return -ENOMEM;
+			continue;
+		}
+		for (slot = mix(h) & s->table_mask; (g = s->table[slot]) != KN_NONE; slot = (slot + 1) & s->table_mask) {
+			if (s->g_hash[g] != h)
+				continue;
+			if (s->confirm_bytes || s->g_hash_hi[g] == extra)
+				break;
+			s->hash_collisions++; /* 64 bits equal, 128 not: another content */
+		}
+		if (g != KN_NONE && !s->confirm_bytes) {
+			s->g_count[g]++;
+			if (push_item(s, g))
+				return -ENOMEM;
+			continue;
+		}
+		if (g != KN_NONE) {
+			uint32_t k = b->ncand++;
+
+			b->cand_page[k] = i;
+			b->cand_group[k] = g;
+			b->cand_where[k] = s->g_where[g];
+			b->cand_local[k] = g - b->first_new_group < b->nnew ? b->new_page[g - b->first_new_group]
+									     : KN_NONE;
+			continue;
+		}
+		g = new_group(s, h, extra);
+		if (g == KN_NONE)
+			return -ENOMEM;
+		b->new_page[b->nnew++] = i;
+		s->table[slot] = g; /* the free slot the probe ended on */
+		if ((uint64_t)s->ngroups * 2 > s->table_mask + 1 && grow_table(s))
+			return -ENOMEM;
+		if (push_item(s, g))
+			return -ENOMEM;
+	}
+	s->index_ns += now_ns() - t0;
+	return 0;
+}
+
+/* Is page p (of batch b) the content of group g? The slow path of a hash collision. */
+static int same_as_group(struct kn_scanner *s, const struct kn_slot *b, uint32_t g, const unsigned char *p)
+{
+	unsigned char *tmp;
+	uint64_t w = s->g_where[g];
+	int same;
+
+	if (g == s->zero_group)
+		return kn_page_is_zero(p, s->page_size);
+	if (g - b->first_new_group < b->nnew)
+		return memcmp(b->buf + (size_t)b->new_page[g - b->first_new_group] * s->page_size, p, s->page_size) == 0;
+	tmp = malloc(s->page_size);
+	if (!tmp)
+		return -ENOMEM;
+	s->refetched++;
+	same = kn_read_remote(s->procs[KN_WHERE_PROC(w)], KN_WHERE_ADDR(w, s->page_shift), tmp, s->page_size) == 0 &&
+	       memcmp(tmp, p, s->page_size) == 0;
+	free(tmp);
+	return same;
+}
+
+/* Page i of batch b has hash h but not group g's bytes: find its group among the others with h, or found one. */
+static uint32_t resolve_collision(struct kn_scanner *s, struct kn_region *r, const struct kn_slot *b, uint32_t i,
+				  uint32_t g_seen)
+{
+	const unsigned char *p = b->buf + (size_t)i * s->page_size;
+	uint64_t h = b->hash[i];
+	uint32_t g;
+
+	for (uint64_t slot = mix(h) & s->table_mask; (g = s->table[slot]) != KN_NONE;
+	     slot = (slot + 1) & s->table_mask) {
+		int same;
+
+		if (g == g_seen || s->g_hash[g] != h)
+			continue;
+		same = same_as_group(s, b, g, p);
+		if (same < 0)
+			return KN_NONE;
+		if (same) {
+			s->g_count[g]++;
+			return g;
 		}
 		s->hash_collisions++;
 	}
-
-	if (s->ngroups == s->groups_cap) {
-		uint32_t ncap = s->groups_cap * 2;
-		struct kn_group *n = realloc(s->groups, sizeof(*n) * ncap);
-
-		if (!n)
-			return KN_NONE;
-		s->groups = n;
-		s->groups_cap = ncap;
-	}
-	gi = s->ngroups++;
-	s->groups[gi] = (struct kn_group){
-		.hash = h,
-		.first_addr = addr,
-		.first_pid = pid,
-		.count = 1,
-		.rep = (h == s->zero_hash && kn_page_is_zero(p, s->page_size)) ? KN_REP_ZERO : KN_NONE,
-		.batch_seq = s->batch_seq,
-		.batch_idx = idx,
-	};
-	s->table[slot] = gi;
-	if ((uint64_t)s->ngroups * 2 > s->table_mask + 1 && grow_table(s) != 0)
+	g = new_group(s, h, KN_WHERE(r->proc, b->addr[i], s->page_shift));
+	if (g == KN_NONE || table_insert(s, g, h))
 		return KN_NONE;
-	return gi;
+	return g;
+}
+
+int kn_index_commit(struct kn_scanner *s, struct kn_region *r, struct kn_slot *b)
+{
+	uint64_t t0 = now_ns();
+
+	s->refetched += b->refetched;
+	s->refetch_ns += b->refetch_ns;
+	b->refetched = b->refetch_ns = 0;
+	for (uint32_t k = 0; k < b->ncand; k++) {
+		uint32_t g = b->cand_group[k], i = b->cand_page[k];
+
+		switch (b->verdict[k]) {
+		case KN_SAME:
+			s->g_count[g]++;
+			break;
+		case KN_REPLACE:
+			s->g_count[g]++;
+			s->g_where[g] = KN_WHERE(r->proc, b->addr[i], s->page_shift);
+			break;
+		default:
+			s->hash_collisions++;
+			g = resolve_collision(s, r, b, i, g);
+			if (g == KN_NONE)
+				return -ENOMEM;
+		}
+		if (push_item(s, g))
+			return -ENOMEM;
+	}
+	s->index_ns += now_ns() - t0;
+	return 0;
 }

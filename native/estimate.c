@@ -15,11 +15,11 @@
 
 #include "internal.h"
 
-static uint64_t saved_of(const struct kn_scanner *s, const struct kn_group *g, uint64_t n)
+static uint64_t saved_of(const struct kn_scanner *s, uint32_t g, uint64_t n)
 {
 	if (n == 0)
 		return 0;
-	if (g->rep == KN_REP_ZERO && s->use_zero_pages)
+	if (g == s->zero_group && s->use_zero_pages)
 		return n;
 	return n - (n + s->max_page_sharing - 1) / s->max_page_sharing;
 }
@@ -53,16 +53,51 @@ static void count_region(const struct kn_scanner *s, const struct kn_region *r, 
 	}
 }
 
+/*
+ * Bytes the index needed at its peak, from the final sizes (so the same for
+ * any number of workers and any order of batches): while scanning, items,
+ * groups, KSM frames and the table, one and a half times (the old table
+ * lives while the new one fills); while finishing, the table, hashes and
+ * first pages are freed and four counters per group are allocated.
+ */
+static uint64_t index_peak(const struct kn_scanner *s, uint64_t table_slots)
+{
+	uint64_t common = s->nitems * 4 + s->nksm_pfns * 8 + (uint64_t)s->ngroups * 4;
+	uint64_t scanning = common + (uint64_t)s->ngroups * 16 + table_slots * 4 * 3 / 2;
+	uint64_t finishing = common + ((uint64_t)s->ngroups + 1) * 16;
+
+	return scanning > finishing ? scanning : finishing;
+}
+
 int kn_scanner_finish(struct kn_scanner *s, struct kn_region_stats *rs, size_t nregions,
 		      struct kn_process_stats *ps, size_t nprocs, struct kn_total_stats *t)
 {
-	uint32_t *creg = calloc(s->ngroups + 1, sizeof(uint32_t));
-	uint32_t *cproc = calloc(s->ngroups + 1, sizeof(uint32_t));
-	uint32_t *treg = malloc(sizeof(uint32_t) * (s->ngroups + 1));
-	uint32_t *tproc = malloc(sizeof(uint32_t) * (s->ngroups + 1));
-	uint32_t *order = malloc(sizeof(uint32_t) * (s->nregions + 1));
+	uint64_t table_slots = s->table ? s->table_mask + 1 : s->finished_table_slots;
+	size_t counters = sizeof(uint32_t) * ((size_t)s->ngroups + 1);
+	uint32_t *creg;
+	uint32_t *cproc;
+	uint32_t *treg;
+	uint32_t *tproc;
+	uint32_t *order;
 	size_t np = 0;
 	int rc = 0;
+
+	/* What only scanning needs goes before the counters below are allocated:
+	 * they would otherwise add to the peak. No scan may follow. */
+	s->finished = 1;
+	s->finished_table_slots = table_slots;
+	if (s->table)
+		kn_big_free(s->table, sizeof(uint32_t) * (s->table_mask + 1));
+	kn_big_free(s->g_hash, sizeof(uint64_t) * s->groups_cap);
+	kn_big_free(s->g_hash_hi, sizeof(uint64_t) * s->groups_cap);
+	kn_big_free(s->g_where, sizeof(uint64_t) * s->groups_cap);
+	s->table = NULL;
+	s->g_hash = s->g_hash_hi = s->g_where = NULL;
+	creg = kn_big_realloc(NULL, 0, counters);
+	cproc = kn_big_realloc(NULL, 0, counters);
+	treg = kn_big_realloc(NULL, 0, counters);
+	tproc = kn_big_realloc(NULL, 0, counters);
+	order = malloc(sizeof(uint32_t) * (s->nregions + 1));
 
 	if (nregions < s->nregions) {
 		rc = -EINVAL;
@@ -76,10 +111,8 @@ int kn_scanner_finish(struct kn_scanner *s, struct kn_region_stats *rs, size_t n
 	memset(rs, 0, sizeof(*rs) * nregions);
 
 	for (uint32_t g = 0; g < s->ngroups; g++) {
-		const struct kn_group *gr = &s->groups[g];
-
-		t->saved += saved_of(s, gr, gr->count);
-		t->dup_groups += gr->count > 1;
+		t->saved += saved_of(s, g, s->g_count[g]);
+		t->dup_groups += s->g_count[g] > 1;
 	}
 	t->distinct = s->ngroups;
 
@@ -104,7 +137,7 @@ int kn_scanner_finish(struct kn_scanner *s, struct kn_region_stats *rs, size_t n
 		for (uint32_t k = a; k < b; k++)
 			count_region(s, &s->regions[order[k]], cproc, tproc, &ntp);
 		for (uint64_t k = 0; k < ntp; k++)
-			p->saved_alone += saved_of(s, &s->groups[tproc[k]], cproc[tproc[k]]);
+			p->saved_alone += saved_of(s, tproc[k], cproc[tproc[k]]);
 		t->saved_within += p->saved_alone;
 
 		for (uint32_t k = a; k < b; k++) {
@@ -114,19 +147,18 @@ int kn_scanner_finish(struct kn_scanner *s, struct kn_region_stats *rs, size_t n
 
 			count_region(s, r, creg, treg, &ntr);
 			for (uint64_t q = 0; q < r->nitems; q++) {
-				uint32_t g = s->items[r->first_item + q];
-				const struct kn_group *gr = &s->groups[g];
+				uint32_t g = s->items[r->first_item + q], n = s->g_count[g];
 
 				if (creg[g] > 1)
 					o->dup_region++;
 				else if (cproc[g] > 1)
 					o->dup_process++;
-				else if (gr->count > 1)
+				else if (n > 1)
 					o->dup_cross++;
-				o->saved_share += (double)saved_of(s, gr, gr->count) / gr->count;
+				o->saved_share += (double)saved_of(s, g, n) / n;
 			}
 			for (uint64_t q = 0; q < ntr; q++) {
-				o->saved_alone += saved_of(s, &s->groups[treg[q]], creg[treg[q]]);
+				o->saved_alone += saved_of(s, treg[q], creg[treg[q]]);
 				creg[treg[q]] = 0;
 			}
 			o->present = r->present;
@@ -156,18 +188,19 @@ int kn_scanner_finish(struct kn_scanner *s, struct kn_region_stats *rs, size_t n
 		t->saved_now = s->nksm_pfns - distinct;
 	}
 	t->hash_collisions = s->hash_collisions;
-	t->rep_fetches = s->rep_fetches;
+	t->refetched = s->refetched;
 	t->bytes_read = s->bytes_read;
-	t->index_bytes = (uint64_t)s->groups_cap * sizeof(struct kn_group) + (s->table_mask + 1) * 4 +
-			 s->items_cap * 4 + (uint64_t)s->nreps * s->page_size + s->ksm_pfns_cap * 8;
+	t->index_bytes = index_peak(s, table_slots);
 	t->read_ns = s->read_ns;
 	t->hash_ns = s->hash_ns;
 	t->map_ns = s->map_ns;
+	t->index_ns = s->index_ns;
+	t->refetch_ns = s->refetch_ns;
 out:
-	free(creg);
-	free(cproc);
-	free(treg);
-	free(tproc);
+	kn_big_free(creg, counters);
+	kn_big_free(cproc, counters);
+	kn_big_free(treg, counters);
+	kn_big_free(tproc, counters);
 	free(order);
 	return rc < 0 ? rc : (int)np;
 }

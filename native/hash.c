@@ -15,18 +15,48 @@ uint64_t kn_hash_page_portable(const void *p, size_t n)
 	return XXH3_64bits(p, n);
 }
 
-static uint64_t hash_pick(const void *p, size_t n);
-static uint64_t (*hash_fn)(const void *, size_t) = hash_pick;
+uint64_t kn_hash_page128_portable(const void *p, size_t n, uint64_t *high)
+{
+	XXH128_hash_t h = XXH3_128bits(p, n);
 
-static uint64_t hash_pick(const void *p, size_t n)
+	*high = h.high64;
+	return h.low64;
+}
+
+static uint64_t hash_pick(const void *p, size_t n);
+static uint64_t hash128_pick(const void *p, size_t n, uint64_t *high);
+static uint64_t (*hash_fn)(const void *, size_t) = hash_pick;
+static uint64_t (*hash128_fn)(const void *, size_t, uint64_t *) = hash128_pick;
+
+static void pick(void)
 {
 #if defined(__x86_64__)
 	__builtin_cpu_init();
-	hash_fn = __builtin_cpu_supports("avx2") ? kn_hash_page_avx2 : kn_hash_page_portable;
-#else
-	hash_fn = kn_hash_page_portable;
+	if (__builtin_cpu_supports("avx2")) {
+		hash_fn = kn_hash_page_avx2;
+		hash128_fn = kn_hash_page128_avx2;
+		return;
+	}
 #endif
+	hash_fn = kn_hash_page_portable;
+	hash128_fn = kn_hash_page128_portable;
+}
+
+static uint64_t hash_pick(const void *p, size_t n)
+{
+	pick();
 	return hash_fn(p, n);
+}
+
+static uint64_t hash128_pick(const void *p, size_t n, uint64_t *high)
+{
+	pick();
+	return hash128_fn(p, n, high);
+}
+
+uint64_t kn_hash_page128(const void *p, size_t n, uint64_t *high)
+{
+	return hash128_fn(p, n, high);
 }
 
 uint64_t kn_hash_page(const void *p, size_t n)

@@ -1,17 +1,36 @@
 /*
  * Shared between the scanner's C files; not part of the cffi interface.
  *
- * Memory layout, chosen to stay small next to the memory being scanned:
+ * Memory is bounded per scanned page, whatever the contents: no page is ever
+ * kept. Contents are told apart one of two ways (kn_scanner_set_confirm):
+ *   - by their 128-bit xxh3 (the default): equal 128-bit hashes are one
+ *     content. Over n pages the odds that any two different pages share a
+ *     128-bit hash are at most n^2 / 2^129: about 2^-87 for 8 GiB of pages
+ *     (n = 2^21), 2^-65 for 16 TiB (n = 2^32); far below the odds of a
+ *     memory error flipping a bit of the scan. (KSM itself compares bytes
+ *     before it merges: a false duplicate could only skew the estimate.)
+ *   - byte by byte: a page whose 64-bit hash is known is compared with the
+ *     content's first page, re-read from its process. Exact, at the cost of
+ *     one more page read per duplicate, scattered: about 2.3 times the cost
+ *     of a page read in a run here (1.45 against 0.63 us), which with
+ *     duplicates mostly distinct contents ("guests of one image") holds the
+ *     scan well below the copy bandwidth.
+ * Either way:
  *   - one uint32 per scanned present page (its content group),
- *   - one 32-byte group record per distinct content,
- *   - a 4-byte-per-slot open-addressing table (load <= 1/2) of group indexes,
- *   - one 4 KiB representative copy per content seen at least twice
- *     (the bytes every later candidate is compared with).
- * For a GiB of unique pages that is about 12 MiB.
+ *   - per distinct content 20 bytes: the hash's low 64 bits, a count, and
+ *     the high 64 bits (128-bit mode) or where the first page lives (bytes),
+ *   - a 4-byte-per-slot open-addressing table of group indexes, load 1/4..1/2
+ *     (8 to 16 bytes per content),
+ *   - 8 bytes per KSM page seen (to count distinct KSM frames).
+ * At most 40 bytes per scanned page while scanning, 48 while the table grows
+ * (old and new table both live), 24 while finishing (the table and the
+ * group's 64-bit fields are freed first). Plus a fixed part: per worker two
+ * batch buffers (the batch, and the first pages it re-reads).
  */
 #ifndef KSMNATIVE_INTERNAL_H
 #define KSMNATIVE_INTERNAL_H
 
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -19,22 +38,20 @@
 #include "ksmnative.h"
 
 #define KN_NONE UINT32_MAX
-#define KN_REP_ZERO (UINT32_MAX - 1)
 
-struct kn_group {
-	uint64_t hash;
-	uint64_t first_addr; /* where it was first seen, to fetch it on the second sighting */
-	int32_t first_pid;
-	uint32_t count;
-	uint32_t rep;        /* index into the representative store, or KN_NONE / KN_REP_ZERO */
-	uint32_t batch_seq;  /* first seen in this batch ... */
-	uint32_t batch_idx;  /* ... at this page of the batch buffer */
-	uint32_t fetch_slot; /* its first page in the fetch buffer, if fetch_group[] says so */
-};
+/* A page's location in 8 bytes: the scanner's process index above the page
+ * number. 44 bits of page number cover 5-level paging's 2^56 user space;
+ * 20 bits of process index allow a million processes in one scan. */
+#define KN_WHERE_PAGE_BITS 44
+#define KN_WHERE(proc, addr, shift) (((uint64_t)(proc) << KN_WHERE_PAGE_BITS) | ((addr) >> (shift)))
+#define KN_WHERE_PROC(w) ((uint32_t)((w) >> KN_WHERE_PAGE_BITS))
+#define KN_WHERE_ADDR(w, shift) (((w) & ((1ull << KN_WHERE_PAGE_BITS) - 1)) << (shift))
+#define KN_MAX_PROCS (1u << (64 - KN_WHERE_PAGE_BITS))
 
 struct kn_region {
 	int32_t pid;
 	uint32_t check_ksm;
+	uint32_t proc;             /* its process's index for KN_WHERE */
 	uint64_t start, end;
 	uint64_t scanned_to;      /* chunks must be scanned in order */
 	uint64_t first_item, nitems;
@@ -46,42 +63,73 @@ struct kn_region {
  * fifth of the work: beyond four workers they would mostly wait for it. */
 #define KN_MAX_WORKERS 4
 
+/* What comparing a candidate with its group's first page found. */
+enum kn_verdict {
+	KN_SAME,     /* identical bytes: a duplicate */
+	KN_REPLACE,  /* the first page changed or went away: this page becomes the witness */
+	KN_DIFFERENT /* same hash, other bytes: a hash collision (resolved under the lock) */
+};
+
 /* One worker's batch: n pages copied contiguously into buf, and their hashes. */
 struct kn_slot {
 	unsigned char *buf;
 	uint64_t *hash;
+	uint64_t *hash_hi; /* 128-bit mode: the high halves */
 	uint64_t *pagemap;
 	uint64_t *cand_addr, *cand_pfn;
 	unsigned char *cand_ksm;
 	uint64_t *addr, *pfn;
 	unsigned char *ksm;
+	unsigned char *is_zero; /* all bytes zero (worked out before the lock) */
 	uint32_t n;
 	uint32_t volatile_pages, zero_mapped;
 	uint64_t map_ns, read_ns, hash_ns;
+
+	/* Pages of this batch whose hash is already known: candidates to confirm.
+	 * Filled under the lock (a copy of what the comparison needs, so that it
+	 * can run without the lock while other workers grow the index). */
+	uint32_t ncand;
+	uint32_t *cand_page;   /* page of this batch */
+	uint32_t *cand_group;  /* group it may belong to */
+	uint64_t *cand_where;  /* that group's first page */
+	uint32_t *cand_local;  /* KN_NONE, or the page of this batch that is the group's first */
+	uint32_t *cand_fetch;  /* its copy in fetch_buf, or KN_NONE when unreadable */
+	unsigned char *verdict;
+	unsigned char *fetch_buf; /* the candidates' first pages, re-read */
+	uint64_t *fetch_where;
+	unsigned char *fetch_ok;  /* ... read in full */
+	uint32_t *order;
+	uint32_t first_new_group, nnew; /* groups created by this batch's lookup: [first, first + nnew) */
+	uint32_t *new_page;       /* ... and their first pages in this batch */
+	uint64_t refetched, refetch_ns;
 };
 
 struct kn_scanner {
 	uint32_t page_size;
+	uint32_t page_shift;
 	uint32_t max_page_sharing;
 	int use_zero_pages;
+	int finished;              /* finish ran: the lookup structures are gone */
+	uint64_t finished_table_slots;
 	uint64_t zero_pfn;
 	uint64_t zero_hash;
+	int confirm_bytes;  /* 1: duplicates confirmed by comparing bytes; 0: by 128-bit hash */
+	uint64_t hash_mask; /* test hook: the 64-bit hash (the 128-bit one's low half) is and-ed with it */
 
-	/* duplicate index */
-	struct kn_group *groups;
+	/* duplicate index: groups as parallel arrays (a lookup touches the hash only) */
+	uint64_t *g_hash;
+	uint64_t *g_hash_hi; /* 128-bit mode: the high 64 bits */
+	uint64_t *g_where;   /* bytes mode: KN_WHERE of the first page, to re-read it */
+	uint32_t *g_count;
 	uint32_t ngroups, groups_cap;
+	uint32_t zero_group; /* the all-zero content, KN_NONE until seen; never in the table */
 	uint32_t *table;
 	uint64_t table_mask;
-	unsigned char **rep_chunks;
-	uint32_t nreps, rep_chunks_cap;
-	uint64_t rep_limit; /* beyond this many representatives, re-read instead of keeping copies */
-	uint64_t hash_confirms, hash_collisions, rep_fetches;
-	/* First pages fetched for the batch being indexed: all in one process_vm_readv per process */
-	unsigned char *fetch_buf;
-	uint32_t *fetch_group;
-	uint64_t *fetch_addr;
-	unsigned char *fetch_ok;
-	uint32_t nfetch;
+	uint64_t hash_collisions, refetched, refetch_ns;
+
+	/* processes, by KN_WHERE index */
+	int32_t *procs;
+	uint32_t nprocs, procs_cap;
 
 	/* per page: its group */
 	uint32_t *items;
@@ -97,8 +145,6 @@ struct kn_scanner {
 	/* batch buffers: one per worker (KN_MAX_WORKERS, the first nworkers allocated) */
 	uint32_t batch_pages;
 	uint32_t nworkers;
-	uint32_t batch_seq;
-	const unsigned char *buf; /* the batch being indexed (first sightings are fetched from it) */
 	struct kn_slot *slots;
 	int kpageflags_fd;
 	int pagemap_fd;
@@ -106,24 +152,32 @@ struct kn_scanner {
 	int pagemap_scan; /* -1: the kernel has no PAGEMAP_SCAN (workers read it atomically) */
 
 	uint64_t bytes_read;
-	uint64_t read_ns, hash_ns, map_ns;
+	uint64_t read_ns, hash_ns, map_ns, index_ns;
 };
 
 /* dupindex.c */
 int kn_index_init(struct kn_scanner *s);
 void kn_index_free(struct kn_scanner *s);
-/* Group of one page (bytes p, hash h, at pid/addr, index idx of the current batch); KN_NONE on ENOMEM. */
-uint32_t kn_index_add(struct kn_scanner *s, const unsigned char *p, uint64_t h, int pid, uint64_t addr,
-		      uint32_t idx);
-/* Fetch the first pages the n hashes of the batch being indexed will need. */
-void kn_index_fetch_firsts(struct kn_scanner *s, const uint64_t *hash, uint32_t n);
-void kn_index_prefetch_slot(const struct kn_scanner *s, uint64_t h);
-void kn_index_prefetch_group(const struct kn_scanner *s, uint64_t h);
+int kn_slot_index_alloc(struct kn_scanner *s, struct kn_slot *b);
+void kn_slot_index_free(struct kn_slot *b);
+/* Process index of pid for KN_WHERE (added if new); KN_NONE when out of room. */
+uint32_t kn_proc_index(struct kn_scanner *s, int pid);
+/* The three steps of indexing batch b of region r; a and c under the index lock, b without. */
+int kn_index_lookup(struct kn_scanner *s, struct kn_region *r, struct kn_slot *b);
+void kn_index_confirm(const struct kn_scanner *s, struct kn_slot *b);
+int kn_index_commit(struct kn_scanner *s, struct kn_region *r, struct kn_slot *b);
 int kn_page_is_zero(const unsigned char *p, size_t n);
+
+/* bigmem.c: zero-filled arrays from mmap; p NULL (or old_bytes 0) allocates. NULL on ENOMEM, p intact. */
+void *kn_big_realloc(void *p, size_t old_bytes, size_t new_bytes);
+void kn_big_free(void *p, size_t bytes);
 
 /* hash.c */
 uint64_t kn_hash_page(const void *p, size_t n);
 uint64_t kn_hash_page_avx2(const void *p, size_t n);
+/* xxh3-128: the low 64 bits returned, the high ones in *high. */
+uint64_t kn_hash_page128(const void *p, size_t n, uint64_t *high);
+uint64_t kn_hash_page128_avx2(const void *p, size_t n, uint64_t *high);
 
 /* scan.c */
 int kn_read_remote(int pid, uint64_t addr, void *dst, size_t len);

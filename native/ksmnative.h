@@ -23,6 +23,9 @@ void kn_hash_pages(const void *buf, size_t npages, size_t page_size, uint64_t *o
 /* xxh3-64 of one buffer built for the baseline ISA (kn_hash_pages may use AVX2): same values. */
 uint64_t kn_hash_page_portable(const void *p, size_t n);
 
+/* xxh3-128 of one buffer, baseline ISA: returns the low 64 bits, the high ones in *high. */
+uint64_t kn_hash_page128_portable(const void *p, size_t n, uint64_t *high);
+
 /* Count pages of buf that are all zero bytes. */
 size_t kn_count_zero_pages(const void *buf, size_t npages, size_t page_size);
 /* ---- scanner (scan.c, dupindex.c, estimate.c) ---- */
@@ -56,10 +59,12 @@ struct kn_total_stats {
 	uint64_t saved_within;   /* ... counting only merges inside each process */
 	uint64_t saved_now;      /* KSM pages minus distinct KSM frames: saved by KSM already */
 	uint64_t hash_collisions;/* equal 64-bit hashes, different bytes */
-	uint64_t rep_fetches;    /* pages re-read to confirm a duplicate */
-	uint64_t bytes_read;
-	uint64_t index_bytes;    /* memory the duplicate index used */
+	uint64_t refetched;      /* first pages re-read to confirm duplicates (depends on batch order) */
+	uint64_t bytes_read;     /* pages scanned, in bytes (re-reads not included) */
+	uint64_t index_bytes;    /* memory the duplicate index needed at its peak */
 	uint64_t read_ns, hash_ns, map_ns;
+	uint64_t index_ns;       /* index lookups and updates (under the index lock) */
+	uint64_t refetch_ns;     /* re-reading first pages and comparing bytes (all workers) */
 };
 
 /* max_page_sharing and use_zero_pages as the kernel has them; batch_pages 0 = default. */
@@ -68,6 +73,14 @@ void kn_scanner_free(struct kn_scanner *s);
 /* Copy-and-hash workers (threads, the caller's one of them): 0 = one per CPU we
  * may run on, at most 4. Returns the number set or -errno. */
 int kn_scanner_set_workers(struct kn_scanner *s, uint32_t workers);
+/* How duplicates are confirmed: 0 (the default) by their 128-bit xxh3, 1 by
+ * comparing bytes with the content's first page, re-read from its process.
+ * Only before the first region is added (-EBUSY after). */
+int kn_scanner_set_confirm(struct kn_scanner *s, int bytes);
+/* Test hook: every page's 64-bit hash (the low half of the 128-bit one) is
+ * and-ed with mask (0: all collide), to show that equal hashes never make
+ * different pages duplicates. Only before the first region is added. */
+int kn_scanner_set_hash_mask(struct kn_scanner *s, uint64_t mask);
 /* Add a region; returns its index or -errno. check_ksm: look up KPF_KSM (only
  * VM_MERGEABLE regions can hold KSM pages). */
 int kn_scanner_add_region(struct kn_scanner *s, int pid, uint64_t start, uint64_t end, int check_ksm);
@@ -80,6 +93,15 @@ int kn_scanner_finish(struct kn_scanner *s, struct kn_region_stats *regions, siz
 /* Baseline for the benchmark: copy [start, end) with process_vm_readv in
  * batch_pages batches and nothing else; returns bytes copied or -errno. */
 int64_t kn_copy_bandwidth(int pid, uint64_t start, uint64_t end, uint32_t batch_pages);
+
+/* This process's memory (selfmem.c): VmRSS and VmHWM in bytes; reset_peak
+ * first restarts VmHWM from VmRSS (peak_reset says whether the kernel let it). */
+struct kn_self_memory {
+	uint64_t rss_bytes;
+	uint64_t peak_rss_bytes;
+	int32_t peak_reset;
+};
+int kn_self_memory(int reset_peak, struct kn_self_memory *out);
 
 /* ---- remote madvise by ptrace syscall injection (inject.c) ---- */
 struct kn_inject_result {

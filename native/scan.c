@@ -4,9 +4,16 @@
  * Per batch: one pagemap read says which pages are present (and their
  * frames), one process_vm_readv copies the present pages (runs of them as
  * one iovec each) into a buffer, then every page is hashed and put in the
- * duplicate index. Pages mapped to the shared zero page cost no memory and
- * are only counted. KPF_KSM is looked up only where the caller says KSM
- * pages can exist (VM_MERGEABLE regions): kpageflags is the slow part.
+ * duplicate index (dupindex.c: by 128-bit hash, or in bytes mode by
+ * re-reading the first page of their content). Pages mapped to the shared
+ * zero page cost no memory and are only counted. KPF_KSM is looked up only
+ * where the caller says KSM pages can exist (VM_MERGEABLE regions):
+ * kpageflags is the slow part.
+ *
+ * Over 400 lines: reading a batch (pagemap or PAGEMAP_SCAN, kpageflags, the
+ * copy) and the workers that drive it share the scanner's private state and
+ * helpers; the index (dupindex.c, confirm.c) and the arithmetic (estimate.c)
+ * are apart.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -129,7 +136,7 @@ static int alloc_slots(struct kn_scanner *s)
 		b->pfn = malloc(n * 8);
 		b->ksm = malloc(n);
 		if (!b->buf || !b->hash || !b->pagemap || !b->cand_addr || !b->cand_pfn || !b->cand_ksm ||
-		    !b->addr || !b->pfn || !b->ksm)
+		    !b->addr || !b->pfn || !b->ksm || kn_slot_index_alloc(s, b))
 			return -ENOMEM;
 	}
 	return 0;
@@ -158,10 +165,11 @@ int kn_scanner_set_workers(struct kn_scanner *s, uint32_t workers)
 	return (int)s->nworkers;
 }
 
+static int set_zero_hash(struct kn_scanner *s);
+
 struct kn_scanner *kn_scanner_new(uint32_t max_page_sharing, int use_zero_pages, uint32_t batch_pages)
 {
 	struct kn_scanner *s = calloc(1, sizeof(*s));
-	unsigned char *zero;
 
 	if (!s)
 		return NULL;
@@ -171,20 +179,17 @@ struct kn_scanner *kn_scanner_new(uint32_t max_page_sharing, int use_zero_pages,
 	s->batch_pages = batch_pages ? batch_pages : DEFAULT_BATCH_PAGES;
 	if (s->batch_pages > MAX_IOV)
 		s->batch_pages = MAX_IOV; /* one iovec per page at worst */
-	s->rep_limit = (512ull << 20) / s->page_size;
+	s->page_shift = (uint32_t)__builtin_ctz(s->page_size);
+	s->hash_mask = UINT64_MAX;
 	s->kpageflags_fd = -1;
 	s->pagemap_fd = -1;
 	s->zero_pfn = find_zero_pfn(s->page_size);
 	s->nworkers = default_workers();
 	s->slots = calloc(KN_MAX_WORKERS, sizeof(*s->slots));
-	zero = calloc(1, s->page_size);
-	if (!s->slots || !zero || alloc_slots(s) != 0 || kn_index_init(s) != 0) {
-		free(zero);
+	if (!s->slots || alloc_slots(s) != 0 || kn_index_init(s) != 0 || set_zero_hash(s) != 0) {
 		kn_scanner_free(s);
 		return NULL;
 	}
-	s->zero_hash = kn_hash_page(zero, s->page_size);
-	free(zero);
 	return s;
 }
 
@@ -197,9 +202,7 @@ void kn_scanner_free(struct kn_scanner *s)
 		close(s->kpageflags_fd);
 	if (s->pagemap_fd >= 0)
 		close(s->pagemap_fd);
-	free(s->items);
 	free(s->regions);
-	free(s->ksm_pfns);
 	for (int i = 0; s->slots && i < KN_MAX_WORKERS; i++) {
 		struct kn_slot *b = &s->slots[i];
 
@@ -212,17 +215,52 @@ void kn_scanner_free(struct kn_scanner *s)
 		free(b->addr);
 		free(b->pfn);
 		free(b->ksm);
+		kn_slot_index_free(b);
 	}
 	free(s->slots);
 	free(s);
 }
 
+/* The zero page's hash as pages are hashed now (mode and mask). */
+static int set_zero_hash(struct kn_scanner *s)
+{
+	unsigned char *zero = calloc(1, s->page_size);
+	uint64_t high;
+
+	if (!zero)
+		return -ENOMEM;
+	s->zero_hash = (s->confirm_bytes ? kn_hash_page(zero, s->page_size) : kn_hash_page128(zero, s->page_size, &high)) &
+		       s->hash_mask;
+	free(zero);
+	return 0;
+}
+
+int kn_scanner_set_hash_mask(struct kn_scanner *s, uint64_t mask)
+{
+	if (s->nregions)
+		return -EBUSY;
+	s->hash_mask = mask;
+	return set_zero_hash(s);
+}
+
+int kn_scanner_set_confirm(struct kn_scanner *s, int bytes)
+{
+	if (s->nregions)
+		return -EBUSY;
+	s->confirm_bytes = !!bytes;
+	return set_zero_hash(s);
+}
+
 int kn_scanner_add_region(struct kn_scanner *s, int pid, uint64_t start, uint64_t end, int check_ksm)
 {
 	struct kn_region *r;
+	uint32_t proc;
 
-	if (start >= end || start % s->page_size || end % s->page_size)
+	if (s->finished || start >= end || start % s->page_size || end % s->page_size)
 		return -EINVAL;
+	proc = kn_proc_index(s, pid);
+	if (proc == KN_NONE)
+		return -ENOMEM;
 	if (s->nregions == s->regions_cap) {
 		uint32_t ncap = s->regions_cap ? s->regions_cap * 2 : 64;
 		struct kn_region *n = realloc(s->regions, sizeof(*n) * ncap);
@@ -239,38 +277,9 @@ int kn_scanner_add_region(struct kn_scanner *s, int pid, uint64_t start, uint64_
 	r->end = end;
 	r->scanned_to = start;
 	r->check_ksm = !!check_ksm;
+	r->proc = proc;
 	r->first_item = s->nitems;
 	return (int)s->nregions++;
-}
-
-static int push_item(struct kn_scanner *s, uint32_t g)
-{
-	if (s->nitems == s->items_cap) {
-		uint64_t ncap = s->items_cap ? s->items_cap * 2 : 65536;
-		uint32_t *n = realloc(s->items, sizeof(uint32_t) * ncap);
-
-		if (!n)
-			return -ENOMEM;
-		s->items = n;
-		s->items_cap = ncap;
-	}
-	s->items[s->nitems++] = g;
-	return 0;
-}
-
-static int push_ksm_pfn(struct kn_scanner *s, uint64_t pfn)
-{
-	if (s->nksm_pfns == s->ksm_pfns_cap) {
-		uint64_t ncap = s->ksm_pfns_cap ? s->ksm_pfns_cap * 2 : 4096;
-		uint64_t *n = realloc(s->ksm_pfns, sizeof(uint64_t) * ncap);
-
-		if (!n)
-			return -ENOMEM;
-		s->ksm_pfns = n;
-		s->ksm_pfns_cap = ncap;
-	}
-	s->ksm_pfns[s->nksm_pfns++] = pfn;
-	return 0;
 }
 
 static int open_pagemap(struct kn_scanner *s, int pid)
@@ -488,11 +497,13 @@ read:
 /*
  * The workers of one kn_scanner_scan call. Each takes the next batch, reads
  * its pagemap, copies its pages and hashes them at once, while they are still
- * in this core's cache, then indexes them under the lock. The copy is most of
- * the work and runs on every worker at the same time; the index is one
- * structure and takes a batch at a time. Hashing right after the copy matters:
- * a page hashed on another core than the one that copied it (a reader thread
- * and a hashing one, as this was before) is read again from L3 or memory.
+ * in this core's cache, then looks them up in the index under the lock (in
+ * bytes mode, confirms candidates without it, and takes the lock again to
+ * commit them). The copy is most of the work and runs on every worker at the
+ * same time; the index is one structure and takes a batch at a time. Hashing
+ * right after the copy matters: a page hashed on another core than the one
+ * that copied it (a reader thread and a hashing one, as this was before) is
+ * read again from L3 or memory.
  */
 struct crew {
 	struct kn_scanner *s;
@@ -508,50 +519,6 @@ struct worker {
 	struct crew *c;
 	struct kn_slot *b;
 };
-
-/* Index one hashed batch; the caller holds the index lock. */
-static int index_batch(struct kn_scanner *s, struct kn_region *r, const struct kn_slot *b)
-{
-	uint64_t t0 = now_ns();
-
-	s->buf = b->buf;
-	s->batch_seq++;
-	r->zero_mapped += b->zero_mapped;
-	r->volatile_pages += b->volatile_pages;
-	s->map_ns += b->map_ns;
-	s->read_ns += b->read_ns;
-	s->bytes_read += (uint64_t)b->n * s->page_size;
-	kn_index_fetch_firsts(s, b->hash, b->n);
-	/* The lookups are random accesses and would otherwise wait on memory one by one:
-	 * table slots prefetched 16 pages ahead, and 8 ahead the groups those slots name. */
-	for (uint32_t i = 0; i < b->n && i < 16; i++)
-		kn_index_prefetch_slot(s, b->hash[i]);
-	for (uint32_t i = 0; i < b->n && i < 8; i++)
-		kn_index_prefetch_group(s, b->hash[i]);
-	for (uint32_t i = 0; i < b->n; i++) {
-		const unsigned char *p = b->buf + (size_t)i * s->page_size;
-		uint32_t g;
-
-		if (i + 16 < b->n)
-			kn_index_prefetch_slot(s, b->hash[i + 16]);
-		if (i + 8 < b->n)
-			kn_index_prefetch_group(s, b->hash[i + 8]);
-		g = kn_index_add(s, p, b->hash[i], r->pid, b->addr[i], i);
-
-		if (g == KN_NONE || push_item(s, g))
-			return -ENOMEM;
-		r->present++;
-		if (s->groups[g].rep == KN_REP_ZERO)
-			r->zero++;
-		if (b->ksm[i]) {
-			r->ksm++;
-			if (push_ksm_pfn(s, b->pfn[i]))
-				return -ENOMEM;
-		}
-	}
-	s->hash_ns += b->hash_ns + (now_ns() - t0);
-	return 0;
-}
 
 static void *work(void *arg)
 {
@@ -575,13 +542,33 @@ static void *work(void *arg)
 		if (rc == 0) {
 			uint64_t t0 = now_ns();
 
-			for (uint32_t i = 0; i < b->n; i++)
-				b->hash[i] = kn_hash_page(b->buf + (size_t)i * s->page_size, s->page_size);
+			for (uint32_t i = 0; i < b->n; i++) {
+				const unsigned char *p = b->buf + (size_t)i * s->page_size;
+
+				b->hash[i] = s->confirm_bytes ? kn_hash_page(p, s->page_size)
+							      : kn_hash_page128(p, s->page_size, &b->hash_hi[i]);
+				b->hash[i] &= s->hash_mask;
+				/* Zero pages need no confirmation: their bytes are checked here, in cache. */
+				b->is_zero[i] = b->hash[i] == s->zero_hash && kn_page_is_zero(p, s->page_size);
+			}
 			b->hash_ns = now_ns() - t0;
 		}
 		pthread_mutex_lock(&c->index_lock);
 		if (rc == 0 && !c->err)
-			rc = index_batch(s, c->r, b);
+			rc = kn_index_lookup(s, c->r, b);
+		if (rc && !c->err)
+			__atomic_store_n(&c->err, rc, __ATOMIC_RELAXED);
+		pthread_mutex_unlock(&c->index_lock);
+		if (rc)
+			break;
+		if (!b->ncand)
+			continue; /* 128-bit mode always; bytes mode when every hash was new */
+		/* Re-reading first pages and comparing bytes is most of the index's work
+		 * when duplicates abound: outside the lock, every worker does its own. */
+		kn_index_confirm(s, b);
+		pthread_mutex_lock(&c->index_lock);
+		if (!c->err)
+			rc = kn_index_commit(s, c->r, b);
 		if (rc && !c->err)
 			__atomic_store_n(&c->err, rc, __ATOMIC_RELAXED);
 		pthread_mutex_unlock(&c->index_lock);
@@ -602,7 +589,7 @@ int kn_scanner_scan(struct kn_scanner *s, int idx, uint64_t start, uint64_t end)
 	struct kn_region *r;
 	int rc;
 
-	if (idx < 0 || (uint32_t)idx != s->nregions - 1)
+	if (s->finished || idx < 0 || (uint32_t)idx != s->nregions - 1)
 		return -EINVAL; /* regions in order: their pages are one contiguous run of items */
 	r = &s->regions[idx];
 	if (start != r->scanned_to || end > r->end || start > end || start % s->page_size || end % s->page_size)

@@ -33,8 +33,9 @@ def _page(tag: int) -> bytes:
     return bytes([tag]) * 16 + bytes(range(256)) * (PAGE // 256 - 1) + bytes(240)
 
 
+@pytest.mark.parametrize("confirm_bytes", [False, True], ids=["hash128", "bytes"])
 @pytest.mark.parametrize(("use_zero_pages", "saved"), [(False, 7 + 3 + 2 + 1), (True, 7 + 3 + 3 + 1)])
-def test_estimate_arithmetic_on_own_memory(use_zero_pages: bool, saved: int) -> None:
+def test_estimate_arithmetic_on_own_memory(use_zero_pages: bool, saved: int, confirm_bytes: bool) -> None:
     a, b, c, zero = _page(1), _page(2), _page(3), bytes(PAGE)
     assert len(a) == PAGE and a != b
     # region 1: 10 x A, 3 x B, 3 zero, 4 unique; region 2: 2 x B, 1 x C, 4 unique; C once more in region 1
@@ -43,7 +44,7 @@ def test_estimate_arithmetic_on_own_memory(use_zero_pages: bool, saved: int) -> 
     m1, addr1 = _region(r1)
     m2, addr2 = _region(r2)
     try:
-        sc = native.Scanner(max_page_sharing=4, use_zero_pages=use_zero_pages)
+        sc = native.Scanner(max_page_sharing=4, use_zero_pages=use_zero_pages, confirm_bytes=confirm_bytes)
         for addr, n in ((addr1, len(r1)), (addr2, len(r2))):
             idx = sc.add_region(os.getpid(), addr, addr + n * PAGE, check_ksm=False)
             sc.scan(idx, addr, addr + n * PAGE)
@@ -70,7 +71,8 @@ def test_estimate_arithmetic_on_own_memory(use_zero_pages: bool, saved: int) -> 
     assert total["saved_within"] == saved  # one process: nothing needs merging across
 
 
-def test_workers_agree_with_a_count_by_hand() -> None:
+@pytest.mark.parametrize("confirm_bytes", [False, True], ids=["hash128", "bytes"])
+def test_workers_agree_with_a_count_by_hand(confirm_bytes: bool) -> None:
     # Many small batches taken by 1 and by 4 workers in whatever order they race to:
     # duplicates first seen in the same batch, in an earlier one and in the other
     # region, zero pages, and pages one byte apart from a duplicate (same first bytes).
@@ -90,7 +92,7 @@ def test_workers_agree_with_a_count_by_hand() -> None:
     got = []
     try:
         for workers in (1, 4):
-            sc = native.Scanner(mps, False, batch_pages=3, workers=workers)
+            sc = native.Scanner(mps, False, batch_pages=3, workers=workers, confirm_bytes=confirm_bytes)
             assert sc.workers == workers
             for (_, addr), r in zip(maps, regions):
                 idx = sc.add_region(os.getpid(), addr, addr + len(r) * PAGE, check_ksm=False)
@@ -98,7 +100,7 @@ def test_workers_agree_with_a_count_by_hand() -> None:
             per_region, _, total = sc.finish(2)
             # Timings, and fetches of first sightings (which page is first depends on the order)
             # differ; every count must not.
-            skip = ("rep_fetches", "read_ns", "hash_ns", "map_ns")
+            skip = ("read_ns", "hash_ns", "map_ns", "index_ns", "refetch_ns")
             got.append((per_region, {k: v for k, v in total.items() if k not in skip}))
     finally:
         for m, _ in maps:
@@ -118,7 +120,7 @@ def test_workers_agree_with_a_count_by_hand() -> None:
 
 
 def test_first_pages_changed_or_gone_before_their_second_sighting() -> None:
-    # The first page of a content is fetched again when its second sighting comes in a
+    # Bytes mode: the first page of a content is re-read when another sighting comes in a
     # later batch. Between the two scans here one first page is rewritten and another
     # unmapped: they no longer witness their content, and the later page takes over.
     a, b, c = _page(1), _page(2), _page(3)
@@ -126,7 +128,7 @@ def test_first_pages_changed_or_gone_before_their_second_sighting() -> None:
     mc, addrc = _region([c])
     m2, addr2 = _region([c, a, b, a])
     try:
-        sc = native.Scanner(max_page_sharing=256, use_zero_pages=False)
+        sc = native.Scanner(max_page_sharing=256, use_zero_pages=False, confirm_bytes=True)
         for addr, n in ((addr1, 2), (addrc, 1)):
             idx = sc.add_region(os.getpid(), addr, addr + n * PAGE, check_ksm=False)
             sc.scan(idx, addr, addr + n * PAGE)
@@ -138,9 +140,9 @@ def test_first_pages_changed_or_gone_before_their_second_sighting() -> None:
     finally:
         m1.close()
         m2.close()
-    # One fetch per content, all in one batch (c missing, a and b read after it, b
-    # changed); the second a is compared with the copy kept from the first fetch.
-    assert total["rep_fetches"] == 3
+    # One re-read per content, all in one batch (c missing, a and b read after it, b
+    # changed); both a pages are compared with the one re-read of a's first page.
+    assert sc.order_counts["refetched"] == 3
     assert total["distinct"] == 3 and total["dup_groups"] == 3
     assert total["present"] == 7
     assert total["saved"] == 2 + 1 + 1  # the stale pages stay counted with their old content
@@ -205,3 +207,59 @@ def test_untouched_and_zero_page_mappings_cost_nothing() -> None:
     assert r["zero_mapped"] == 32
     assert r["present"] == 1 and total["present"] == 1
     assert total["saved"] == 0
+
+
+@pytest.mark.parametrize("confirm_bytes", [False, True], ids=["hash128", "bytes"])
+def test_index_growth_keeps_every_count(confirm_bytes: bool) -> None:
+    # More contents than the index's first allocation (4096 groups, 8192 table slots):
+    # its arrays and table grow several times during the scan.
+    n = 3 * 4096
+    uniq = os.urandom(n * PAGE)
+    first = [uniq[i * PAGE : (i + 1) * PAGE] for i in range(n)]
+    second = first[: n // 2][::-1] + [bytes(PAGE)] * 5  # half again, in another order, and zeros
+    maps = [_region(first), _region(second)]
+    try:
+        sc = native.Scanner(256, False, workers=2, confirm_bytes=confirm_bytes)
+        for m, addr in maps:
+            idx = sc.add_region(os.getpid(), addr, addr + len(m), check_ksm=False)
+            sc.scan(idx, addr, addr + len(m))
+        (one, two), _, total = sc.finish(2)
+    finally:
+        for m, _ in maps:
+            m.close()
+    assert total["present"] == n + n // 2 + 5
+    assert total["distinct"] == n + 1
+    assert total["dup_groups"] == n // 2 + 1
+    assert total["saved"] == n // 2 + 4
+    assert one["dup_process"] == n // 2 and two["dup_process"] == n // 2 and two["dup_region"] == 5
+
+
+def test_estimate_reports_what_the_scan_cost() -> None:
+    pages = [_page(1)] * 8 + [os.urandom(PAGE) for _ in range(24)]
+    m, addr = _region(pages)
+    try:
+        # The kernel's rules are machine-wide (another checkout's test may be changing them).
+        est = scan.estimate(
+            [os.getpid()], ranges={os.getpid(): [(addr, addr + len(pages) * PAGE)]}, rules=(256, False)
+        )
+    finally:
+        m.close()
+    cost = est.cost
+    assert cost is not None
+    assert est.totals["present"] == len(pages) and est.saved == 7
+    assert cost.bytes_read == len(pages) * PAGE == est.totals["bytes_read"]
+    assert cost.bytes_refetched == 0  # 128-bit hash mode reads nothing twice
+    assert cost.index_bytes == est.totals["index_bytes"] > 0
+    assert cost.seconds == est.seconds > 0 and cost.cpu_seconds > 0
+    assert cost.peak_rss_bytes >= cost.rss_before_bytes > 0
+    d = est.as_dict()["cost"]
+    assert isinstance(d, dict) and set(d) == {
+        "seconds",
+        "cpu_seconds",
+        "bytes_read",
+        "bytes_refetched",
+        "index_bytes",
+        "peak_rss_bytes",
+        "rss_before_bytes",
+        "peak_rss_reset",
+    }
