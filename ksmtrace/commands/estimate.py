@@ -59,6 +59,12 @@ def add_parser(sub: Any) -> None:
         help="threads that copy and hash memory (default 0: one per CPU it may run on, at most 4; "
         "1 keeps the scan on one core of a busy host)",
     )
+    p.add_argument(
+        "--confirm-bytes",
+        action="store_true",
+        help="compare the bytes of every duplicate instead of trusting 128-bit hashes "
+        "(false-duplicate odds at most n^2/2^129 for n pages); slower where pages repeat",
+    )
     p.set_defaults(run=run)
 
 
@@ -81,7 +87,12 @@ def run(args: argparse.Namespace) -> int:
     bar = ProgressBar(enabled=True if args.progress else None)
     try:
         est = scan.estimate(
-            pids, strict=not (args.all or args.name), progress=bar, proc=proc, workers=args.workers
+            pids,
+            strict=not (args.all or args.name),
+            progress=bar,
+            proc=proc,
+            workers=args.workers,
+            confirm_bytes=args.confirm_bytes,
         )
     finally:
         bar.close()

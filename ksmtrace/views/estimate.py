@@ -29,8 +29,14 @@ def text(est: Estimate, exact: bool = False, nregions: int = 10) -> list[str]:
         f"Scanned {len(est.processes)} processes, {nreg} regions, {b(t['present'])} present "
         f"in {est.seconds:.2f}s ({human_bytes(rate)}/s)",
         f"KSM rules: max_page_sharing={est.max_page_sharing} use_zero_pages={int(est.use_zero_pages)}",
-        "",
     ]
+    if est.cost is not None:
+        c = est.cost
+        out.append(
+            f"Scan cost: {c.seconds:.2f}s ({c.cpu_seconds:.2f}s CPU), read {human_bytes(c.bytes_read)}, "
+            f"index {human_bytes(c.index_bytes)}, peak RSS {human_bytes(c.peak_rss_bytes)}"
+        )
+    out.append("")
     rows = []
     for p in sorted(est.processes, key=lambda p: -p.saved_share):
         present = p.total("present")
@@ -58,7 +64,7 @@ def text(est: Estimate, exact: bool = False, nregions: int = 10) -> list[str]:
     if t["volatile_pages"] or t["hash_collisions"]:
         out.append(
             f"{t['volatile_pages']} pages changed or vanished while read; "
-            f"{t['hash_collisions']} 64-bit hash collisions resolved by comparing bytes."
+            f"{t['hash_collisions']} contents whose first 64 hash bits matched another's told apart."
         )
     regions = sorted((r for p in est.processes for r in p.regions), key=lambda r: -r.saved_share)
     regions = [r for r in regions if r.present]

@@ -14,6 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from ksmtrace.model.optins import Report
 from ksmtrace.model.snapshot import Snapshot
 from ksmtrace.probes.optins import OptinEvent
 from ksmtrace.remote import Injection
-from ksmtrace.scan import Estimate, RegionEstimate
+from ksmtrace.scan import Estimate, RegionEstimate, ScanCost
 from ksmtrace.views import estimate, faults, ksmd, merge, optins, status
 from ksmtrace.views.fmt import json_text
 
@@ -71,6 +72,14 @@ CASES: dict[str, Callable[[], str]] = {
     ),
     "estimate.txt": lambda: _text(estimate.text(_load("estimate", Estimate))),
     "estimate.all.txt": lambda: _text(estimate.text(_load("estimate", Estimate), exact=True, nregions=0)),
+    "estimate.cost.txt": lambda: _text(
+        estimate.text(
+            replace(
+                _load("estimate", Estimate),
+                cost=ScanCost(1.5, 2.25, 3 << 30, 0, 45 << 20, 60 << 20, 8 << 20, True),
+            )
+        )
+    ),
     "estimate.json": lambda: json_text(estimate.as_json(_load("estimate", Estimate))) + "\n",
     "merge.txt": lambda: _text(
         merge.text(
