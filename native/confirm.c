@@ -6,6 +6,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <unistd.h>
+
 #include "internal.h"
 
 static uint64_t now_ns(void)
@@ -78,9 +80,13 @@ void kn_index_confirm(const struct kn_scanner *s, struct kn_slot *b)
 			addr[q] = KN_WHERE_ADDR(addr[q], shift);
 			b->fetch_ok[a + q] = 0;
 		}
+		/* A first page may be a KSM page: read through /proc/PID/mem, which does not
+		 * unshare it as process_vm_readv's pin would (see kn_read_pages_mem()). */
+		int memfd = -1;
+
 		while (done < m) {
-			int64_t got = kn_read_pages(s->procs[proc], addr + done, m - done,
-						    b->fetch_buf + (size_t)(a + done) * ps, ps);
+			int64_t got = kn_read_pages_mem(s->procs[proc], &memfd, addr + done, m - done,
+							b->fetch_buf + (size_t)(a + done) * ps, ps);
 
 			if (got < 0)
 				break; /* process gone or not readable: none of its first pages witness */
@@ -89,6 +95,8 @@ void kn_index_confirm(const struct kn_scanner *s, struct kn_slot *b)
 			if (done < m)
 				done++; /* this one went away (fetch_ok stays 0); read on after it */
 		}
+		if (memfd >= 0)
+			close(memfd);
 		b->refetched += m;
 		a += m;
 	}

@@ -182,5 +182,8 @@ uint64_t kn_hash_page128_avx2(const void *p, size_t n, uint64_t *high);
 /* scan.c */
 int kn_read_remote(int pid, uint64_t addr, void *dst, size_t len);
 int64_t kn_read_pages(int pid, const uint64_t *addr, uint32_t n, unsigned char *dst, uint32_t page);
+/* The same through /proc/PID/mem (*memfd opened on first use): no pin, so KSM pages stay merged. */
+int64_t kn_read_pages_mem(int pid, int *memfd, const uint64_t *addr, uint32_t n, unsigned char *dst,
+			  uint32_t page);
 
 #endif

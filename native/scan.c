@@ -385,6 +385,36 @@ int64_t kn_read_pages(int pid, const uint64_t *addr, uint32_t n, unsigned char *
 }
 
 /*
+ * KSM pages are read through /proc/PID/mem, never process_vm_readv: the
+ * latter pins the pages it reads (FOLL_PIN), and since Linux 5.19 a
+ * read-only pin of an anonymous page that is not exclusive to one mapping
+ * unshares it first (gup_must_unshare(): a copy, as on a write). A KSM page
+ * is never exclusive, so reading it that way broke the very merge being
+ * measured (cow_ksm went up by every KSM page scanned). /proc/PID/mem reads
+ * with a plain reference (access_remote_vm), which shares nothing.
+ * Returns the pages read (fewer: the next one went away) or -errno.
+ */
+int64_t kn_read_pages_mem(int pid, int *memfd, const uint64_t *addr, uint32_t n, unsigned char *dst,
+			      uint32_t page)
+{
+	if (*memfd < 0) {
+		char path[32];
+
+		snprintf(path, sizeof(path), "/proc/%d/mem", pid);
+		*memfd = open(path, O_RDONLY | O_CLOEXEC);
+		if (*memfd < 0)
+			return errno == ENOENT || errno == ESRCH ? 0 : -errno;
+	}
+	for (uint32_t k = 0; k < n; k++) {
+		ssize_t got = pread(*memfd, dst + (size_t)k * page, page, (off_t)addr[k]);
+
+		if (got != (ssize_t)page)
+			return k; /* unmapped or the process exited meanwhile */
+	}
+	return n;
+}
+
+/*
  * Fill one slot with the batch at va: which pages are present (pagemap),
  * which are KSM pages, and their bytes. A page unmapped while we read it
  * makes process_vm_readv stop short: it is counted as volatile and the
@@ -396,6 +426,7 @@ static int fill_slot(struct kn_scanner *s, const struct kn_region *r, uint64_t v
 	uint64_t t0 = now_ns(), t1;
 	uint32_t m = 0, i = 0;
 	int64_t got;
+	int memfd = -1;
 
 	b->n = b->volatile_pages = b->zero_mapped = 0;
 	if (!r->check_ksm && __atomic_load_n(&s->pagemap_scan, __ATOMIC_RELAXED) >= 0) {
@@ -477,19 +508,32 @@ read:
 	t1 = now_ns();
 	b->map_ns = t1 - t0;
 	while (i < m) {
-		got = kn_read_pages(r->pid, b->cand_addr + i, m - i, b->buf + (size_t)b->n * s->page_size, s->page_size);
-		if (got < 0)
+		/* A run of KSM pages, or of other pages: see kn_read_pages_mem() for why they differ. */
+		int ksm = r->check_ksm && (b->cand_ksm[i] & FLAG_KSM);
+		uint32_t run = 1;
+		unsigned char *dst = b->buf + (size_t)b->n * s->page_size;
+
+		while (i + run < m && (r->check_ksm && (b->cand_ksm[i + run] & FLAG_KSM)) == ksm)
+			run++;
+		got = ksm ? kn_read_pages_mem(r->pid, &memfd, b->cand_addr + i, run, dst, s->page_size)
+			  : kn_read_pages(r->pid, b->cand_addr + i, run, dst, s->page_size);
+		if (got < 0) {
+			if (memfd >= 0)
+				close(memfd);
 			return (int)got;
+		}
 		for (uint32_t k = 0; k < (uint32_t)got; k++, i++, b->n++) {
 			b->addr[b->n] = b->cand_addr[i];
 			b->pfn[b->n] = b->cand_pfn[i];
 			b->ksm[b->n] = r->check_ksm ? b->cand_ksm[i] : 0;
 		}
-		if (i < m) {
+		if ((uint32_t)got < run) {
 			b->volatile_pages++;
 			i++;
 		}
 	}
+	if (memfd >= 0)
+		close(memfd);
 	b->read_ns = now_ns() - t1;
 	return 0;
 }
