@@ -10,7 +10,7 @@ from ksmtrace.errors import UsageError
 from ksmtrace.kernel.procfs import ProcFS
 
 NAME_HELP = (
-    "only processes named COMM: the kernel's comm (first 15 characters), or the "
+    "only processes named COMM: the kernel's comm (its first 15 bytes), or the "
     "executable's basename or full path"
 )
 
