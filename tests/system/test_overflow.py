@@ -1,0 +1,227 @@
+"""Every bounded map of the probes, overflowed for real on the running kernel.
+
+Each test makes more processes, pages or calls than a map has entries (the
+probes take their sizes as constructor arguments, compiled in as -D
+defines), then checks that the drop count is exactly what did not fit, that
+what did fit is still exact, and that the commands report the drops.
+Ground truth is the kernel's own (pagemap, /proc/vmstat cow_ksm) or the same
+tracepoints counted again by a second, large enough probe loaded beside the
+small one: both see the same events, so the small one's counts plus its
+drops must add up to the large one's, event for event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import mmap
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ksmtrace.kernel import pagemap, vmstat
+from ksmtrace.kernel.abi import MADV_MERGEABLE, SYS_PIDFD_OPEN, SYS_PROCESS_MADVISE
+from ksmtrace.model.faults import FaultsState
+from ksmtrace.probes.faults import FaultCounts, FaultProbe, FaultSnapshot
+from ksmtrace.probes.ksmd import KsmdProbe, KsmdSnapshot, KsmProcCounts
+from ksmtrace.probes.optins import OptinProbe
+from ksmtrace.workload import PAGE, Workload, page_content
+
+pytestmark = [pytest.mark.system, pytest.mark.requires_kernel_feature("ksm_tracepoints")]
+ROOT = Path(__file__).resolve().parents[2]
+PID_MAX = Path("/proc/sys/kernel/pid_max")
+NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+# ---- helpers ---------------------------------------------------------------
+
+
+def _events(c: KsmProcCounts) -> int:
+    """Counter increments of one process: each is one event of the ksmd probe."""
+    return c.merges + c.merge_fails + c.zero_merges + c.unmerges + c.enters + c.exits
+
+
+class Cli:
+    """A ksmtrace command as a subprocess, with module-level sizes of the
+    probes shrunk first (``sizes``: {"ksmtrace.probes.ksmd": {"MAX_PAGES": 8}}):
+    the same code path as a user's command, with a bound small enough to hit."""
+
+    def __init__(self, *args: str, sizes: dict[str, dict[str, int]] | None = None) -> None:
+        lines = ["import sys"]
+        for mod, values in (sizes or {}).items():
+            lines.append(f"import {mod} as m")
+            lines += [f"m.{k} = {v!r}" for k, v in values.items()]
+        lines += ["from ksmtrace.cli import main", "sys.exit(main(sys.argv[1:]))"]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "; ".join(lines), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        self.lines: list[dict[str, Any]] = []
+        self.err = ""
+        self._wait_tracing()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _wait_tracing(self, timeout: float = 60.0) -> None:
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stderr], [], [], 0.5)
+            if ready:
+                line = self.proc.stderr.readline()
+                if not line:
+                    break
+                self.err += line
+                if line.startswith("Tracing"):
+                    return
+        self.proc.kill()
+        _out, err = self.proc.communicate()
+        raise AssertionError(f"command did not start: {self.err}{err}")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.strip():
+                self.lines.append(json.loads(line))
+
+    def wait_for(self, cond: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> dict[str, Any]:
+        """The first line (read from now on) for which ``cond`` holds."""
+        seen = len(self.lines)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            while seen < len(self.lines):
+                line = self.lines[seen]
+                seen += 1
+                if cond(line):
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no such line in {timeout}s; last: {self.lines[-1:] or None}")
+
+    def stop(self) -> list[dict[str, Any]]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        _out, err = self.proc.communicate(timeout=30)
+        self._reader.join(5)
+        self.err += err
+        assert "Traceback" not in self.err, self.err
+        return self.lines
+
+
+@pytest.fixture
+def cli() -> Iterator[Callable[..., Cli]]:
+    started: list[Cli] = []
+
+    def make(*args: str, sizes: dict[str, dict[str, int]] | None = None) -> Cli:
+        c = Cli(*args, sizes=sizes)
+        started.append(c)
+        return c
+
+    yield make
+    for c in started:  # a failed test must not leave BPF programs behind
+        if c.proc.poll() is None:
+            c.proc.kill()
+            c.proc.communicate()
+
+
+# ---- 1. ksmd probe: per-process and per-page maps ---------------------------
+
+
+def test_ksmd_process_map_overflow(ksm, workload, cli) -> None:  # type: ignore[no-untyped-def]
+    """Five merging processes, room for two: the two that opted in first are
+    counted exactly; every event of the other three is one drop."""
+    n, fit, pages = 5, 2, 48
+    ws: list[Workload] = [workload() for _ in range(n)]
+    regions = [w.call("alloc", name="r", pages=pages, kind="dup", seed=70 + i) for i, w in enumerate(ws)]
+    pids = [w.pid for w in ws]
+    # The command as users run it (no pid filter in its kernel map: -p with
+    # several pids filters rows only), with room for two processes.
+    faults = cli("faults", "-j", "0.3", "200", sizes={"ksmtrace.probes.ksmd": {"MAX_PROCS": fit}})
+    with (
+        KsmdProbe() as everyone,  # unfiltered: tells whether anything else merged meanwhile
+        KsmdProbe(pids=pids) as big,
+        KsmdProbe(pids=pids, max_procs=fit) as small,
+    ):
+        for w in ws:  # in this order: ksm_enter gives the first two the two entries
+            assert w.call("madvise", name="r")["ret"] == 0
+        ksm.merge_then_stop(*[(w.pid, r, pages) for w, r in zip(ws, regions)])
+        b, s, e = big.snapshot(), small.snapshot(), everyone.snapshot()
+
+    assert set(s.procs) == set(pids[:fit])
+    for pid in pids[:fit]:
+        assert s.procs[pid] == b.procs[pid]  # what fit is exact
+    expected = sum(_events(b.procs[p]) for p in pids[fit:])
+    assert s.scan.proc_drops == expected
+    # What the events were: one ksm_enter, then merges that are the KSM pages now.
+    for w, r in zip(ws, regions):
+        c = b.procs[w.pid]
+        assert c.enters == 1 and c.exits == 0
+        live = pagemap.range_pages(w.pid, r["addr"], r["addr"] + r["len"]).ksm
+        assert c.merges - c.unmerges == live == pages
+    assert expected >= (n - fit) * (1 + pages)
+    # Page events of processes that did not fit are not looked up at all.
+    assert s.scan.page_drops == 0
+    assert {t for t, _ in s.pages} == set(pids[:fit])
+
+    # The command's map took the same first two (its probes attached before
+    # the opt-ins), unless some other process on the machine had KSM events
+    # meanwhile and took an entry: then only bounds hold.
+    line = faults.wait_for(lambda ln: ln["drops"]["ksmd_proc_drops"] >= expected)
+    faults.stop()
+    others = {t: _events(c) for t, c in e.procs.items() if t not in pids}
+    if not others:
+        assert line["drops"]["ksmd_proc_drops"] == expected
+    else:
+        assert expected <= line["drops"]["ksmd_proc_drops"] <= expected + sum(others.values()) + sum(
+            _events(b.procs[p]) for p in pids[:fit]
+        )
+
+
+def test_ksmd_page_map_overflow(ksm, workload, cli) -> None:  # type: ignore[no-untyped-def]
+    """One process merging 96 pages into a page map of 16 entries: the first
+    16 pages merged are counted exactly, every later page event is a drop."""
+    pages, room = 96, 16
+    w = workload()
+    r = w.call("alloc", name="r", pages=pages, kind="dup", seed=77)
+    faults = cli(
+        "faults", "-j", "-p", str(w.pid), "0.3", "200", sizes={"ksmtrace.probes.ksmd": {"MAX_PAGES": room}}
+    )
+    with KsmdProbe(pid=w.pid) as big, KsmdProbe(pid=w.pid, max_pages=room) as small:
+        assert w.call("madvise", name="r")["ret"] == 0
+        ksm.merge_then_stop((w.pid, r, pages))
+        b, s = big.snapshot(), small.snapshot()
+    assert s.procs == b.procs  # the process map did not overflow
+    assert s.scan.proc_drops == 0
+    assert len(s.pages) == room
+    for key, v in s.pages.items():
+        assert b.pages[key] == v  # what fit is exact
+    lost = sum(m + u for key, (m, u) in b.pages.items() if key not in s.pages)
+    assert s.scan.page_drops == lost
+    c = b.procs[w.pid]
+    assert sum(m + u for m, u in b.pages.values()) == c.merges + c.unmerges  # every page event
+    assert len(b.pages) == pages and c.merges - c.unmerges == pages
+    assert lost >= pages - room
+    # The command: same pid filter, same events in the same order, same bound.
+    line = faults.wait_for(lambda ln: ln["drops"]["ksmd_page_drops"] >= lost)
+    w.call("info")  # nothing more happens: the next report must say the same
+    later = faults.wait_for(lambda ln: True)
+    faults.stop()
+    assert line["drops"]["ksmd_page_drops"] == later["drops"]["ksmd_page_drops"] == lost
+    assert line["drops"]["ksmd_proc_drops"] == 0
+    (row,) = [p for p in later["processes"] if p["pid"] == w.pid]
+    assert row["merges_total"] == c.merges
