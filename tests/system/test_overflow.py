@@ -225,3 +225,135 @@ def test_ksmd_page_map_overflow(ksm, workload, cli) -> None:  # type: ignore[no-
     assert line["drops"]["ksmd_proc_drops"] == 0
     (row,) = [p for p in later["processes"] if p["pid"] == w.pid]
     assert row["merges_total"] == c.merges
+
+
+# ---- 2. opt-in probe: calls in flight -------------------------------------
+
+# A process whose threads each stay inside process_madvise(MADV_MERGEABLE)
+# until told to go on: each passes an iovec on its own page of a userfaultfd
+# range, so the kernel's copy of the iovec (import_iovec, after sys_enter)
+# sleeps in the fault until the page is supplied with UFFDIO_COPY. The
+# userfaultfd's fault messages say when every thread is in. madvise and prctl
+# take no user memory, so nothing can hold them in the kernel like this.
+_HOLDER = r"""
+import ctypes, json, mmap, os, struct, sys, threading
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+n = int(sys.argv[1]); nr_uffd, nr_pidfd_open, nr_pmadvise, madv = map(int, sys.argv[2:6])
+def iowr(nr, size):
+    return (3 << 30) | (size << 16) | (0xAA << 8) | nr
+uffd = libc.syscall(nr_uffd, os.O_CLOEXEC)
+assert uffd >= 0, ctypes.get_errno()
+api = ctypes.create_string_buffer(struct.pack("QQQ", 0xAA, 0, 0))
+assert libc.ioctl(uffd, iowr(0x3F, 24), api) == 0, ctypes.get_errno()
+page = mmap.PAGESIZE
+area = mmap.mmap(-1, n * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+base = ctypes.addressof(ctypes.c_char.from_buffer(area))
+reg = ctypes.create_string_buffer(struct.pack("QQQQ", base, n * page, 1, 0))  # MODE_MISSING
+assert libc.ioctl(uffd, iowr(0x00, 32), reg) == 0, ctypes.get_errno()
+target = mmap.mmap(-1, 4 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+tbase = ctypes.addressof(ctypes.c_char.from_buffer(target))
+pidfd = libc.syscall(nr_pidfd_open, os.getpid(), 0)
+rets = [None] * n
+def call(i):
+    rets[i] = libc.syscall(nr_pmadvise, pidfd, ctypes.c_void_p(base + i * page), 1, madv, 0)
+print(json.dumps({"ready": True}), flush=True)
+sys.stdin.readline()  # "start": the probes are attached
+threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+for t in threads:
+    t.start()
+waiting = set()
+while len(waiting) < n:  # one fault message per sleeping thread
+    msg = os.read(uffd, 32)
+    assert msg[0] == 0x12, msg  # UFFD_EVENT_PAGEFAULT
+    waiting.add(struct.unpack_from("Q", msg, 16)[0] & ~(page - 1))
+print(json.dumps({"blocked": len(waiting)}), flush=True)
+sys.stdin.readline()  # "go"
+src = ctypes.create_string_buffer(struct.pack("QQ", tbase, 4 * page).ljust(page, b"\0"))
+for addr in sorted(waiting):
+    copy = ctypes.create_string_buffer(struct.pack("QQQQq", addr, ctypes.addressof(src), page, 0, 0))
+    assert libc.ioctl(uffd, iowr(0x03, 40), copy) == 0, ctypes.get_errno()
+for t in threads:
+    t.join()
+print(json.dumps({"rets": rets}), flush=True)
+sys.stdin.readline()
+"""
+
+
+class Holder:
+    """The process of _HOLDER, driven line by line."""
+
+    def __init__(self, threads: int) -> None:
+        nrs = [str(x) for x in (323, SYS_PIDFD_OPEN, SYS_PROCESS_MADVISE, MADV_MERGEABLE)]  # 323: userfaultfd
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, str(threads), *nrs],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = self.proc.pid
+        assert self.read() == {"ready": True}
+
+    def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, f"holder died: rc={self.proc.wait()}"
+        return dict(json.loads(line))
+
+    def send(self, word: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(word + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.send("exit")
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_inflight_table_overflow(cli) -> None:  # type: ignore[no-untyped-def]
+    """Twelve threads inside process_madvise at once, room for four: eight
+    calls are not followed (inflight_full), the four are reported exactly,
+    by the probe and by snoop's summary."""
+    threads, room = 12, 4
+    holder = Holder(threads)
+    try:
+        snoop = cli(
+            "snoop",
+            "-j",
+            "-p",
+            str(holder.pid),
+            "--no-inventory",
+            sizes={"ksmtrace.probes.optins": {"MAX_INFLIGHT": room}},
+        )
+        with OptinProbe(pids=[holder.pid], max_inflight=room) as probe:
+            holder.send("start")
+            assert holder.read() == {"blocked": threads}
+            # Every thread is past sys_enter and asleep: the table is full now.
+            held = probe.stats()
+            assert (held.inflight_full, held.emitted) == (threads - room, 0)
+            holder.send("go")
+            rets = holder.read()["rets"]
+            assert all(r == 4 * PAGE for r in rets), rets  # own pidfd: the whole range advised
+            events: list[Any] = []
+            deadline = time.monotonic() + 10
+            while len(events) < room and time.monotonic() < deadline:
+                events += probe.poll(100)
+            events += probe.drain()
+            st = probe.stats()
+        assert (st.inflight_full, st.emitted, st.lost) == (threads - room, room, 0)
+        assert len(events) == room
+        assert {(e.syscall, e.op, e.ret, e.pid) for e in events} == {
+            ("process_madvise", MADV_MERGEABLE, 4 * PAGE, holder.pid)
+        }
+        assert len({e.tid for e in events}) == room
+        records = snoop.stop()
+        (summary,) = [r for r in records if r["type"] == "summary"]
+        assert (summary["inflight_full"], summary["events"], summary["lost"]) == (threads - room, room, 0)
+        assert len([r for r in records if r["type"] == "event"]) == room
+    finally:
+        holder.close()
