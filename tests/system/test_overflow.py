@@ -357,3 +357,182 @@ def test_inflight_table_overflow(cli) -> None:  # type: ignore[no-untyped-def]
         assert len([r for r in records if r["type"] == "event"]) == room
     finally:
         holder.close()
+
+
+# ---- fault probe helpers -----------------------------------------------------
+
+
+def _pair(fp: FaultProbe) -> tuple[FaultSnapshot, int]:
+    """A fault snapshot and cow_ksm read back to back."""
+    snap = fp.snapshot()
+    return snap, vmstat.ksm_vmstat()["cow_ksm"]
+
+
+def _traced(s0: FaultSnapshot, s1: FaultSnapshot, pids: set[int] | None = None) -> int:
+    """KSM COW faults counted per process between two snapshots (exited
+    processes whose pid was reused included)."""
+    total = 0
+    for tgid, pf in s1.procs.items():
+        if pids is None or tgid in pids:
+            before = s0.procs.get(tgid) if s0.idents.get(tgid) == s1.idents.get(tgid) else None
+            total += pf.total.ksm_cow - (before.total.ksm_cow if before else 0)
+    for tgid, ident, pf in s1.exited:
+        if pids is None or tgid in pids:
+            before = s0.procs.get(tgid) if s0.idents.get(tgid) == ident else None
+            total += pf.total.ksm_cow - (before.total.ksm_cow if before else 0)
+    return total
+
+
+def _stat(s0: FaultSnapshot, s1: FaultSnapshot, name: str) -> int:
+    return s1.stats[name] - s0.stats[name]
+
+
+class OwnRegion:
+    """Mergeable memory of this (the test) process: the only way to make the
+    kernel write into a merged page from a syscall of a process under test
+    without changing the workload program."""
+
+    def __init__(self, pages: int, content: int) -> None:
+        self.len = pages * PAGE
+        self.mm = mmap.mmap(-1, self.len, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        data = page_content(content)
+        for i in range(pages):
+            self.mm[i * PAGE : (i + 1) * PAGE] = data
+        buf = (ctypes.c_char * self.len).from_buffer(self.mm)
+        self.addr = ctypes.addressof(buf)
+        del buf  # the address stays; the export would keep mm from closing
+
+    def madvise(self) -> None:
+        rc = _libc.madvise(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.len), MADV_MERGEABLE)
+        assert rc == 0, os.strerror(ctypes.get_errno())
+
+    def region(self) -> dict[str, int]:
+        return {"addr": self.addr, "len": self.len}
+
+    def close(self) -> None:
+        # Unmerge first: the test process lives on, and its merged pages
+        # would stay in ksmd's lists for later tests.
+        _libc.madvise(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.len), 13)  # MADV_UNMERGEABLE
+        self.mm.close()
+
+
+# ---- 5. KSM COW taken in kernel mode ------------------------------------------
+
+
+def test_kernel_mode_ksm_cow(ksm, cli) -> None:  # type: ignore[no-untyped-def]
+    """pread(2) into merged pages: copy_to_user takes the write fault in
+    kernel mode and breaks the merge (cow_ksm counts it). The probe counts
+    it for the process like a user-mode one, and once more as kernel-mode."""
+    pages, by_read, by_write = 64, 24, 9
+    me = os.getpid()
+    own = OwnRegion(pages, content=91)
+    try:
+        with FaultProbe() as fp:
+            own.madvise()
+            faults = cli("faults", "-j", "-p", str(me), "0.3", "200")
+            ksm.merge_then_stop((me, own.region(), pages))
+            s0, cow0 = _pair(fp)
+            with tempfile.TemporaryFile() as f:
+                f.write(b"r" * (by_read * PAGE))
+                f.flush()
+                got = os.preadv(f.fileno(), [memoryview(own.mm)[: by_read * PAGE]], 0)
+            assert got == by_read * PAGE
+            for i in range(by_read, by_read + by_write):
+                own.mm[i * PAGE + 8] = 1  # user-mode writes beside them
+            s1, cow1 = _pair(fp)
+        assert own.mm[: by_read * PAGE] == b"r" * (by_read * PAGE)
+        live = pagemap.range_pages(me, own.addr, own.addr + own.len).ksm
+    finally:
+        own.close()
+    assert live == pages - by_read - by_write
+    assert _stat(s0, s1, "kernel_mode_ksm_cow") == by_read
+    assert _traced(s0, s1, {me}) == by_read + by_write
+    # Kernel-mode ones are in the per-process counts already (the counter
+    # says how many of them were), so the per-process sum alone is cow_ksm.
+    assert _traced(s0, s1) + _stat(s0, s1, "untracked_ksm_cow") == cow1 - cow0
+    assert _stat(s0, s1, "walk_failures") == 0
+    # The command (pid filter in the kernel: only this process's faults).
+    line = faults.wait_for(lambda ln: ln["drops"]["kernel_mode_ksm_cow"] >= by_read)
+    faults.stop()
+    assert line["drops"]["kernel_mode_ksm_cow"] == by_read
+    (row,) = [p for p in line["processes"] if p["pid"] == me]
+    assert row["ksm_cow_total"] == by_read + by_write
+
+
+# ---- 3. pids beyond the fault probe's table -----------------------------------
+
+
+@pytest.fixture
+def pid_max(ksm) -> Iterator[int]:  # type: ignore[no-untyped-def]
+    """kernel.pid_max as it was, put back after the test; under the ksm
+    fixture's lock, so the tests that count faults never see it changed."""
+    saved = PID_MAX.read_text()
+    try:
+        yield int(saved)
+    finally:
+        PID_MAX.write_text(saved)
+        assert PID_MAX.read_text() == saved
+
+
+def _spawn_above(limit: int, high: int) -> Workload:
+    """A workload whose pid is above ``limit``: pid_max raised to ``high``, the
+    pid cursor moved past ``limit``, the fork done, pid_max put back at once
+    (a pid above pid_max lives on). Another fork on the machine can take the
+    pid meanwhile: then try again."""
+    saved = PID_MAX.read_text()
+    for _ in range(5):
+        PID_MAX.write_text(str(high))
+        try:
+            NS_LAST_PID.write_text(str(high - 1000))
+            w = Workload()
+        finally:
+            PID_MAX.write_text(saved)
+        if w.pid > limit:
+            return w
+        w.close()
+    raise AssertionError(f"no pid above {limit} in 5 tries")
+
+
+def test_pid_beyond_table_after_pid_max_raised(ksm, pid_max, workload) -> None:  # type: ignore[no-untyped-def]
+    """The fault probe sizes its pid table from pid_max at start. A process
+    whose pid is beyond it (pid_max raised later) gets no slot: each of its
+    events that needed one is a counted drop, and its KSM COW faults are
+    still counted, machine-wide (untracked_ksm_cow), so the sum stays exact;
+    the report says both."""
+    from ksmtrace.views import faults as view
+
+    pages, written = 64, 21
+    with FaultProbe() as fp:
+        assert fp.pid_max == pid_max
+        t0 = time.monotonic()
+        state = FaultsState(t0, vmstat.ksm_vmstat()["cow_ksm"])
+        w = _spawn_above(fp.pid_max, min(4 * pid_max, 4194304))
+        try:
+            r = w.call("alloc", name="r", pages=pages, kind="dup", seed=93)
+            with KsmdProbe(pid=w.pid) as kp:
+                s0, _ = _pair(fp)
+                assert w.call("madvise", name="r")["ret"] == 0
+                ksm.merge_then_stop((w.pid, r, pages))
+                s1, cow1 = _pair(fp)
+                k = kp.snapshot()
+            w.call("write", name="r", first=0, count=written, step=1)
+            s2, cow2 = _pair(fp)
+            report = state.update(s2, None, cow2)
+        finally:
+            w.close()
+    c = k.procs[w.pid]
+    assert w.pid not in s2.procs
+    # ksm_enter, then every merge event of it asked for a slot: each a drop.
+    assert _stat(s0, s1, "proc_drops") == c.enters + c.merges == 1 + c.merges
+    assert c.merges >= pages
+    assert _stat(s1, s2, "untracked_ksm_cow") == written
+    assert _stat(s1, s2, "proc_drops") == 0  # faults need no slot
+    assert _traced(s1, s2) + _stat(s1, s2, "untracked_ksm_cow") == cow2 - cow1
+    assert _stat(s0, s2, "walk_failures") == 0
+    # The report: the drops, and the faults counted outside any process.
+    assert report.drops["proc_drops"] >= 1 + c.merges
+    assert report.drops["untracked_ksm_cow"] == written
+    text = "\n".join(view.text(report, "12:00:00"))
+    assert f"proc_drops={report.drops['proc_drops']}" in text
+    assert f"{written} KSM COW faults of pids beyond the table" in text
+    assert view.as_json(report, "12:00:00")["drops"]["untracked_ksm_cow"] == written
