@@ -33,8 +33,8 @@ import pytest
 from ksmtrace.kernel import pagemap, vmstat
 from ksmtrace.kernel.abi import MADV_MERGEABLE, SYS_PIDFD_OPEN, SYS_PROCESS_MADVISE
 from ksmtrace.model.faults import FaultsState
-from ksmtrace.probes.faults import FaultCounts, FaultProbe, FaultSnapshot
-from ksmtrace.probes.ksmd import KsmdProbe, KsmdSnapshot, KsmProcCounts
+from ksmtrace.probes.faults import FaultProbe, FaultSnapshot
+from ksmtrace.probes.ksmd import KsmdProbe, KsmProcCounts
 from ksmtrace.probes.optins import OptinProbe
 from ksmtrace.workload import PAGE, Workload, page_content
 
@@ -187,8 +187,10 @@ def test_ksmd_process_map_overflow(ksm, workload, cli) -> None:  # type: ignore[
     if not others:
         assert line["drops"]["ksmd_proc_drops"] == expected
     else:
-        assert expected <= line["drops"]["ksmd_proc_drops"] <= expected + sum(others.values()) + sum(
-            _events(b.procs[p]) for p in pids[:fit]
+        assert (
+            expected
+            <= line["drops"]["ksmd_proc_drops"]
+            <= expected + sum(others.values()) + sum(_events(b.procs[p]) for p in pids[:fit])
         )
 
 
@@ -536,3 +538,142 @@ def test_pid_beyond_table_after_pid_max_raised(ksm, pid_max, workload) -> None: 
     assert f"proc_drops={report.drops['proc_drops']}" in text
     assert f"{written} KSM COW faults of pids beyond the table" in text
     assert view.as_json(report, "12:00:00")["drops"]["untracked_ksm_cow"] == written
+
+
+# ---- 6. a pid reused within one interval ------------------------------------
+
+
+def _rows(report_or_line: Any, pid: int) -> list[Any]:
+    if isinstance(report_or_line, dict):
+        return [p for p in report_or_line["processes"] if p["pid"] == pid]
+    return [p for p in report_or_line.processes if p.pid == pid]
+
+
+def test_pid_reused_within_one_interval_starts_at_zero(ksm, workload, cli) -> None:  # type: ignore[no-untyped-def]
+    """A forked child A breaks 10 merges and exits; the next child of the
+    same parent is given A's (global) pid before anyone frees A's slot, and
+    breaks 7. B's counts start at zero, A's last counts stay in that
+    interval's report, and the sum is still cow_ksm."""
+    pages, a_pages, b_pages = 128, list(range(0, 10)), list(range(10, 17))
+    p = workload()
+    r = p.call("alloc", name="r", pages=pages, kind="dup", seed=95)
+    assert p.call("madvise", name="r")["ret"] == 0
+    with FaultProbe() as fp:
+        faults = cli("faults", "-j", "2", "200")
+        ksm.merge_then_stop((p.pid, r, pages))
+        s0, cow0 = _pair(fp)
+        state = FaultsState(s0.t, cow0)
+        state.update(s0, None, cow0)
+        a = p.call("fork", name="r", pages=a_pages)["child"]  # inherits the KSM pages
+        s1, cow1 = _pair(fp)
+        rep1 = state.update(s1, None, cow1)
+        (row_a,) = _rows(rep1, a)
+        assert row_a.rates["ksm_cow"].total == len(a_pages)
+        # The command reported A; its next interval starts now (2 s long).
+        faults.wait_for(lambda ln: [x["ksm_cow_total"] for x in _rows(ln, a)] == [len(a_pages)])
+        p.call("kill_children")  # A exits and is reaped: its pid is free
+        b = 0
+        for _ in range(10):
+            NS_LAST_PID.write_text(str(a - 1))  # the next pid handed out is A's
+            b = p.call("fork", name="r", pages=b_pages)["child"]
+            if b == a:
+                break
+            p.call("kill_children")  # another fork took it first: again
+        assert b == a, "could not get the pid back"
+        s2, cow2 = _pair(fp)
+        rep2 = state.update(s2, None, cow2)
+        fp.forget(state.apply_events([]))
+        s3, cow3 = _pair(fp)
+        rep3 = state.update(s3, None, cow3)
+    # The probe: B has its own slot, from zero; A's slot is reported once more.
+    # (write-protect faults: also the forked interpreter's own fork copies)
+    assert s2.procs[a].total.ksm_cow == len(b_pages)
+    assert [(t, pf.total.ksm_cow) for t, _i, pf in s2.exited] == [(a, len(a_pages))]
+    assert s2.idents[a] != s1.idents[a]
+    assert _traced(s1, s2, {a}) == len(b_pages)
+    assert _traced(s1, s2) + _stat(s1, s2, "untracked_ksm_cow") == cow2 - cow1
+    # The report of that interval: A's last row and B's first, as two rows.
+    rows = {x.comm == "(exited)": x for x in _rows(rep2, a)}
+    assert set(rows) == {True, False}
+    assert (rows[True].rates["ksm_cow"].delta, rows[True].rates["ksm_cow"].total) == (0, len(a_pages))
+    assert (rows[False].rates["ksm_cow"].delta, rows[False].rates["ksm_cow"].total) == (
+        len(b_pages),
+        len(b_pages),
+    )
+    assert rows[False].rates["wp"].total == s2.procs[a].total.wp  # B's own, nothing of A's
+    assert rep2.ksm_cow_sum == cow2 - cow1
+    # After forget: A's slot is free, B goes on where it was.
+    assert not s3.exited
+    (row_b,) = _rows(rep3, a)
+    assert (row_b.rates["ksm_cow"].delta, row_b.rates["ksm_cow"].total) == (0, len(b_pages))
+    assert rep3.ksm_cow_sum == cow3 - cow2
+    # The command: B's row starts at zero, beside A's last one in the same report.
+    line = faults.wait_for(
+        lambda ln: (
+            any(x["comm"] != "(exited)" for x in _rows(ln, a))
+            and any(x["ksm_cow_total"] == len(b_pages) for x in _rows(ln, a))
+        )
+    )
+    faults.stop()
+    got = sorted((x["comm"] == "(exited)", x["ksm_cow_total"]) for x in _rows(line, a))
+    assert got == [(False, len(b_pages)), (True, len(a_pages))]
+    p.call("kill_children")
+
+
+# ---- 4. page-table walk ------------------------------------------------------
+
+HUGE = 2 << 20  # a PMD-mapped transparent huge page
+
+
+def _anon_huge_kib(pid: int, start: int, end: int) -> int:
+    """AnonHugePages of the mappings inside [start, end) (smaps)."""
+    kib, inside = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo < end and hi > start
+        elif inside and head == "AnonHugePages:":
+            kib += int(line.split()[1])
+    return kib
+
+
+@pytest.mark.parametrize("reads", ["inline", "helper"])
+def test_walk_over_huge_pages_neither_fails_nor_counts(ksm, workload, monkeypatch, reads: str) -> None:  # type: ignore[no-untyped-def]
+    """Nothing here makes the walk fail for real (see the report of this
+    branch: with inlined loads a failed read is a 0 entry, and with helper
+    reads it takes a present PTE of a frame without struct page, which needs
+    /dev/mem or a PCI BAR: absent or locked down). What the walk does not
+    follow for real is a huge page: write-protect faults of a forked child
+    on PMD-mapped THPs (walk_all: every fault checked) stop at the PMD,
+    count as write-protect faults, never as KSM COW, and fail nothing."""
+    if reads == "helper":
+        from ksmtrace.kernel import btf
+
+        func_id = type(btf.load()).func_id
+        monkeypatch.setattr(
+            type(btf.load()),
+            "func_id",
+            lambda self, name: None if name == "bpf_rdonly_cast" else func_id(self, name),
+        )
+    p = workload()
+    r = p.call("alloc", name="r", pages=2 * HUGE // PAGE, kind="unique", seed=97)
+    if r["addr"] % HUGE:
+        pytest.fail(f"region at {r['addr']:#x} is not 2 MiB aligned: no THP to test")
+    # MADV_COLLAPSE (6.1+): make both 2 MiB halves huge pages now, whatever THP's mode.
+    assert p.call("madvise", name="r", advice="25")["ret"] == 0
+    assert _anon_huge_kib(p.pid, r["addr"], r["addr"] + r["len"]) == 2 * HUGE // 1024
+    with FaultProbe() as fp:
+        assert fp.inline_reads == (reads == "inline")
+        assert p.call("madvise", name="r")["ret"] == 0  # mergeable: tracked; ksmd stays off
+        s0, cow0 = _pair(fp)
+        # The child writes one page in each huge page: the first write to each
+        # is a write-protect fault on a read-only PMD (then split and copied).
+        child = p.call("fork", name="r", pages=[3, HUGE // PAGE + 5])["child"]
+        s1, cow1 = _pair(fp)
+    p.call("kill_children")
+    assert child in s1.procs
+    assert s1.procs[child].total.wp >= 2
+    assert s1.procs[child].total.ksm_cow == 0
+    assert _stat(s0, s1, "walk_failures") == 0
+    assert _traced(s0, s1) + _stat(s0, s1, "untracked_ksm_cow") == cow1 - cow0
