@@ -116,9 +116,11 @@ class Cli:
     def stop(self) -> list[dict[str, Any]]:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
-        _out, err = self.proc.communicate(timeout=30)
-        self._reader.join(5)
-        self.err += err
+        self.proc.wait(timeout=30)
+        # stdout is the reader thread's alone: it gets every line up to EOF.
+        self._reader.join(10)
+        assert self.proc.stderr is not None
+        self.err += self.proc.stderr.read()
         assert "Traceback" not in self.err, self.err
         return self.lines
 
