@@ -85,9 +85,12 @@ static __always_inline struct proc_slot *proc_of(u32 tgid)
 	return procs.lookup(&idx);
 }
 
-/* The slot of tgid, taken from the free queue if it has none. Another CPU
- * may take one for the same tgid at the same moment (two threads opting in):
- * the compare-and-swap on slot_of picks one, the loser gives its slot back. */
+/* The slot of tgid, taken from the free queue if it has none, or if its
+ * slot is that of an exited process whose pid was reused before user space
+ * freed it (the old slot keeps its tgid and counts until user space reports
+ * and frees it). Another CPU may take one for the same tgid at the same
+ * moment (two threads opting in): the compare-and-swap on slot_of picks one,
+ * the loser gives its slot back. */
 static __always_inline struct proc_slot *proc_track(u32 tgid)
 {
 	u64 *s = slot_of.lookup(&tgid);
@@ -96,8 +99,11 @@ static __always_inline struct proc_slot *proc_track(u32 tgid)
 		return 0;
 	}
 	u32 cur = *s;
-	if (cur)
-		return procs.lookup(&cur);
+	if (cur) {
+		struct proc_slot *old = procs.lookup(&cur);
+		if (!old || !old->exited)
+			return old;
+	}
 	u32 fresh = 0;
 	if (free_slots.pop(&fresh) || !fresh || fresh >= MAX_PROCS) {
 		stat_inc(FS_PROC_DROPS);
@@ -108,12 +114,15 @@ static __always_inline struct proc_slot *proc_track(u32 tgid)
 		return 0;
 	/* User space zeroed the slot before queueing it. */
 	p->tgid = tgid;
-	cur = __sync_val_compare_and_swap(s, 0, (u64)fresh);
-	if (!cur)
+	u32 seen = __sync_val_compare_and_swap(s, (u64)cur, (u64)fresh);
+	/* seen 0: user space freed the exited slot meanwhile; the pid is free. */
+	if (seen == cur || (!seen && !__sync_val_compare_and_swap(s, 0, (u64)fresh)))
 		return p;
 	p->tgid = 0;
 	free_slots.push(&fresh, 0);
-	return procs.lookup(&cur);
+	if (!seen)
+		return 0;
+	return procs.lookup(&seen);
 }
 
 static __always_inline u64 merged_tag(u32 tgid, u64 addr)
@@ -239,6 +248,40 @@ static __always_inline int settle(struct proc_slot *c)
 	return 1;
 }
 
+/* A write-protect fault of a process whose pid has no entry in slot_of
+ * (pid_max was raised after start): rare, so checked the slow way, from
+ * current's mm, and counted machine-wide, so that the per-process sum plus
+ * this still equals cow_ksm. */
+static __always_inline void untracked_fault(u64 addr, int kernel_mode)
+{
+	u64 mm = 0, flags = 0, pgd = 0, pte = 0;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+
+	if (bpf_probe_read_kernel(&mm, sizeof(mm), (void *)((u64)task + TASK_MM_OFF)) || !mm)
+		return;
+	if (bpf_probe_read_kernel(&flags, sizeof(flags), (void *)(mm + MM_FLAGS_OFF)) ||
+	    !(flags & (1ULL << MMF_VM_MERGEABLE_BIT)))
+		return;
+	if (bpf_probe_read_kernel(&pgd, sizeof(pgd), (void *)(mm + MM_PGD_OFF)) || !pgd)
+		return;
+	if (pte_of(pgd, addr, &pte) < 0) {
+		stat_inc(FS_WALK_FAIL);
+		return;
+	}
+	if (!pte)
+		return;
+	int ksm = frame_is_ksm((pte & PTE_PFN_MASK) >> 12);
+	if (ksm < 0) {
+		stat_inc(FS_WALK_FAIL);
+		return;
+	}
+	if (ksm) {
+		stat_inc(FS_UNTRACKED);
+		if (kernel_mode)
+			stat_inc(FS_KERNEL_MODE);
+	}
+}
+
 static __always_inline int on_fault(u64 addr, u64 error_code, int kernel_mode)
 {
 	if ((error_code & (X86_PF_PROT | X86_PF_WRITE)) != (X86_PF_PROT | X86_PF_WRITE))
@@ -250,7 +293,15 @@ static __always_inline int on_fault(u64 addr, u64 error_code, int kernel_mode)
 	if (tgid != FILTER_TGID)
 		return 0;
 #endif
-	struct proc_slot *c = proc_of(tgid);
+	u64 *s = slot_of.lookup(&tgid);
+	if (!s) {
+		untracked_fault(addr, kernel_mode);
+		return 0;
+	}
+	if (!*s)
+		return 0;
+	u32 idx = *s;
+	struct proc_slot *c = procs.lookup(&idx);
 	if (!c || c->state == PS_NOT_MERGEABLE)
 		return 0;
 	if (c->state == PS_UNKNOWN && !settle(c))
@@ -348,7 +399,8 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 RAW_TRACEPOINT_PROBE(sched_process_exec)
 {
 	struct proc_slot *c = proc_of(bpf_get_current_pid_tgid() >> 32);
-	if (c) {
+	/* An exited slot is a dead process's: this one reused its pid. */
+	if (c && !c->exited) {
 		c->state = PS_UNKNOWN;
 		c->pgd = 0;
 	}
@@ -358,7 +410,8 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 /* TP_PROTO(struct task_struct *p, bool group_dead) (group_dead since 6.16;
  * before, the thread-group leader's exit stands for the process's). Stop
  * using the slot's cached pgd: until user space frees the slot, a new
- * process with the same pid must not walk the dead one's page tables. */
+ * process with the same pid must not walk the dead one's page tables, nor
+ * count in its slot (`exited`: proc_track gives the new one its own). */
 RAW_TRACEPOINT_PROBE(sched_process_exit)
 {
 	u64 id = bpf_get_current_pid_tgid();
@@ -373,6 +426,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	if (c) {
 		c->state = PS_NOT_MERGEABLE;
 		c->pgd = 0;
+		c->exited = 1;
 	}
 	return 0;
 }

@@ -31,7 +31,8 @@ struct region_counts {
 
 /* Per tracked process, in array `procs` at the slot that `slot_of[tgid]`
  * names. Header = one cache line (offsets for the mirror in faults.py):
- *   0 tgid  4 state  8 pgd  16 walk_all  20 has_merged  24 other (16)  40 pad */
+ *   0 tgid  4 state  8 pgd  16 walk_all  20 has_merged  24 other (16)
+ *   40 exited  44 pad */
 struct proc_slot {
 	__u32 tgid;			/* owner; 0: slot free */
 	__u32 state;			/* PS_* */
@@ -39,7 +40,12 @@ struct proc_slot {
 	__u32 walk_all;			/* merged-page set incomplete: check every fault */
 	__u32 has_merged;		/* some page of it entered the merged set */
 	struct fault_counts other;	/* outside every range of the table */
-	__u64 pad[3];
+	/* The process exited; user space frees the slot after reporting its
+	 * last counts. A new process that gets the same pid before then takes
+	 * a fresh slot (proc_track): counts never carry over to it. */
+	__u32 exited;
+	__u32 pad32;
+	__u64 pad[2];
 	struct region_counts region[MAX_REGIONS];
 };
 
@@ -74,7 +80,9 @@ enum fault_stat {
 	FS_STALE = 5,		/* merged-page entries found stale at a fault */
 	FS_COW_FAST = 6,	/* KSM COW counted from a merged-set hit (the fast path) */
 	FS_COW_WALKED = 7,	/* KSM COW counted by checking every fault (walk_all, NO_KSM_TP) */
-	FS_NSTATS = 8,
+	FS_UNTRACKED = 8,	/* KSM COW of a process whose pid is beyond the table
+				 * (pid_max raised after start): exact, not per process */
+	FS_NSTATS = 9,
 };
 
 #endif

@@ -12,8 +12,17 @@
  * Per-page counts (key: tgid and rmap_item->address) let user space sum
  * merges per VMA; that map is allocated on demand and counts what it drops.
  *
+ * Both maps are bounded. A drop counts one event that found no room (one
+ * counter increment not made), not one process or page: a process that did
+ * not fit loses every event of it, and each is counted in proc_drops; the
+ * page events of such a process are not looked up in `pages` at all (user
+ * space reads pages only of processes in `procs`), so page_drops counts only
+ * page events of processes that are counted. Every event of a wanted process
+ * lands in exactly one place: a counter, proc_drops or (its page half)
+ * page_drops.
+ *
  * Defines: MM_OWNER_OFF TASK_TGID_OFF RMAP_ITEM_ADDRESS_OFF MAX_PROCS
- *          MAX_PAGES [FILTER_TGID]
+ *          MAX_PAGES [FILTER_TGID | FILTER_TGIDS {a,b,..} with FILTER_NTGIDS n]
  */
 #include <uapi/linux/ptrace.h>
 #include "ksmd.h"
@@ -52,15 +61,29 @@ static __always_inline u64 rmap_page(void *rmap_item)
 	return address >> 12;
 }
 
+static __always_inline bool wanted(u32 tgid)
+{
+#ifdef FILTER_TGID
+	return tgid == FILTER_TGID;
+#elif defined(FILTER_TGIDS)
+	const u32 tgids[] = FILTER_TGIDS;
+	bool hit = false;
+#pragma unroll
+	for (int i = 0; i < FILTER_NTGIDS; i++)
+		if (tgids[i] == tgid)
+			hit = true;
+	return hit;
+#else
+	return true;
+#endif
+}
+
+/* Callers have the process's entry in `procs`: see the top of the file. */
 static __always_inline void page_count(u32 tgid, u64 page, int unmerge)
 {
 	struct page_key key = {.tgid = tgid, .page = page};
 	struct page_merges zero = {};
 	int idx = 0;
-#ifdef FILTER_TGID
-	if (tgid != FILTER_TGID)
-		return;
-#endif
 	struct page_merges *v = pages.lookup_or_try_init(&key, &zero);
 	if (!v) {
 		struct ksm_scan_state *s = scan.lookup(&idx);
@@ -78,10 +101,8 @@ static __always_inline struct ksm_proc_counts *proc(u32 tgid)
 {
 	struct ksm_proc_counts zero = {};
 	int idx = 0;
-#ifdef FILTER_TGID
-	if (tgid != FILTER_TGID)
+	if (!wanted(tgid))
 		return 0;
-#endif
 	struct ksm_proc_counts *c = procs.lookup_or_try_init(&tgid, &zero);
 	if (!c) {
 		struct ksm_scan_state *s = scan.lookup(&idx);
@@ -133,22 +154,25 @@ TRACEPOINT_PROBE(ksm, ksm_merge_with_ksm_page)
 		/* Second half of a pair: on failure ksmd breaks the first half. */
 		if (args->err && args->pfn == p->pfn) {
 			c = proc(p->tgid);
-			if (c)
+			if (c) {
 				__sync_fetch_and_add(&c->unmerges, 1);
-			page_count(p->tgid, p->page, 1);
+				page_count(p->tgid, p->page, 1);
+			}
 		}
 		p->valid = 0;
 	}
 	c = proc(tgid);
-	if (!c)
-		return 0;
 	if (args->err) {
-		__sync_fetch_and_add(&c->merge_fails, 1);
+		if (c)
+			__sync_fetch_and_add(&c->merge_fails, 1);
 		return 0;
 	}
-	__sync_fetch_and_add(&c->merges, 1);
 	u64 page = rmap_page(args->rmap_item);
-	page_count(tgid, page, 0);
+	if (c) {
+		__sync_fetch_and_add(&c->merges, 1);
+		page_count(tgid, page, 0);
+	}
+	/* Also for a process that did not fit: its break_cow is one more drop. */
 	if (!args->ksm_page && p) {
 		p->pfn = args->pfn;
 		p->page = page;
@@ -173,8 +197,9 @@ TRACEPOINT_PROBE(ksm, ksm_remove_rmap_item)
 {
 	u32 tgid = mm_tgid(args->mm);
 	struct ksm_proc_counts *c = proc(tgid);
-	if (c)
-		__sync_fetch_and_add(&c->unmerges, 1);
+	if (!c)
+		return 0;
+	__sync_fetch_and_add(&c->unmerges, 1);
 	page_count(tgid, rmap_page(args->rmap_item), 1);
 	return 0;
 }

@@ -127,6 +127,8 @@ class FaultsState:
         self.wanted_regions: dict[int, list[tuple[int, int]]] = {}
         # What the last look at each process found (see update()).
         self._seen: dict[int, _Seen] = {}
+        # tgid -> the fault probe's ident of its counts (FaultSnapshot.idents)
+        self._idents: dict[int, int] = {}
         self._refresh_after = 0
         for r in (self.rates, self.region_rates, self.wp_mg_rates):
             r.start(t0)
@@ -236,6 +238,13 @@ class FaultsState:
         of them are refreshed per update (REFRESH_PER_UPDATE), so that a
         host of a thousand quiet mergeable processes costs little."""
         t = faults.t
+        # Rates are keyed by (tgid, ident): a pid reused by a new process has
+        # a new ident (its own probe slot), so its counts start at zero.
+        ident = faults.idents
+        for tgid, i in ident.items():
+            if self._idents.get(tgid, i) != i:
+                self._seen.pop(tgid, None)  # another process: read its mappings again
+        self._idents = dict(ident)
         per: dict[int, dict[str, int]] = {}
         for tgid, c in faults.procs.items():
             per.setdefault(tgid, dict.fromkeys(COUNTERS, 0)).update(ksm_cow=c.total.ksm_cow, wp=c.total.wp)
@@ -244,7 +253,13 @@ class FaultsState:
                 if tgid == 0:
                     continue
                 per.setdefault(tgid, dict.fromkeys(COUNTERS, 0)).update(merges=k.merges, unmerges=k.unmerges)
-        rates = self.rates.update(t, per)
+        keyed: dict[tuple[int, int], dict[str, int]] = {(tg, ident.get(tg, 0)): v for tg, v in per.items()}
+        # Exited processes whose pid a new one took within the interval: their last counts.
+        for tgid, old, pf in faults.exited:
+            last = {**dict.fromkeys(COUNTERS, 0), "ksm_cow": pf.total.ksm_cow, "wp": pf.total.wp}
+            keyed[(tgid, old)] = last
+        by_key = self.rates.update(t, keyed)
+        rates = {tg: by_key[(tg, ident.get(tg, 0))] for tg in per}
 
         self.wanted_regions = {}
         merged_pages: dict[int, list[tuple[int, int, int]]] = {}
@@ -271,8 +286,18 @@ class FaultsState:
             if tgid in per:
                 region_counts.update(seen.region_counts)
                 wp_mg[tgid] = {"wp": seen.wp_mergeable}
-        rrates = self.region_rates.update(t, region_counts)
-        mrates = self.wp_mg_rates.update(t, wp_mg)
+        rrates = {
+            (tg, a, b): r
+            for (tg, _i, a, b), r in self.region_rates.update(
+                t, {(tg, ident.get(tg, 0), a, b): v for (tg, a, b), v in region_counts.items()}
+            ).items()
+        }
+        mrates = {
+            tg: r
+            for (tg, _i), r in self.wp_mg_rates.update(
+                t, {(tg, ident.get(tg, 0)): v for tg, v in wp_mg.items()}
+            ).items()
+        }
         by_tgid: dict[int, list[tuple[int, int, dict[str, Rate]]]] = {}
         for (rt, a, b), rr in rrates.items():
             by_tgid.setdefault(rt, []).append((a, b, rr))
@@ -308,6 +333,11 @@ class FaultsState:
                     unattributed=seen.unattributed,
                 )
             )
+        for tgid, old, _pf in faults.exited:
+            if tgid not in self._seen:
+                continue  # its pid is filtered out
+            # Its regions went with it; the row keeps its last interval in the sums.
+            rows.append(ProcessRow(tgid, "(exited)", by_key[(tgid, old)], _ZERO, None, None))
         rows.sort(key=lambda r: (-r.rates["ksm_cow"].per_s, -r.rates["ksm_cow"].total, r.pid))
         cow = None
         if cow_ksm is not None:

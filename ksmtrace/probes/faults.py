@@ -39,12 +39,13 @@ _STATS = (
     "stale_merged",
     "ksm_cow_fast",  # counted from a merged-set hit
     "ksm_cow_walked",  # counted by checking every fault of the process
+    "untracked_ksm_cow",  # of pids beyond the table: not in any process
 )
 # struct proc_slot header (bpf/faults.h): tgid, state, pgd, walk_all,
-# has_merged, other.wp, other.ksm_cow; then per region start, end, wp, ksm_cow.
-_HEADER = struct.Struct("<IIQIIQQ")
+# has_merged, other.wp, other.ksm_cow, exited; then per region start, end, wp, ksm_cow.
+_HEADER = struct.Struct("<IIQIIQQI")
 _REGION = struct.Struct("<QQQQ")
-_OFF_WALK_ALL, _OFF_HAS_MERGED = 16, 20
+_OFF_WALK_ALL, _OFF_HAS_MERGED, _OFF_EXITED = 16, 20, 40
 # walk_all = 2: set by user space until a process's earlier merges are preloaded
 # (the BPF side sets 1, for a full bucket, and that one is never cleared).
 PRELOAD_PENDING = 2
@@ -77,6 +78,12 @@ class FaultSnapshot:
     t: float  # time.monotonic() of the read
     procs: dict[int, ProcFaults]
     stats: dict[str, int] = field(default_factory=dict)
+    # tgid -> which slot (and which use of it) holds procs[tgid]: a new value
+    # for a tgid means another process with that pid, whose counts started at 0.
+    idents: dict[int, int] = field(default_factory=dict)
+    # (tgid, ident, last counts) of exited processes whose pid a newer process
+    # (in procs) already has; their slots are freed by the next forget().
+    exited: list[tuple[int, int, ProcFaults]] = field(default_factory=list)
 
 
 def already_mergeable(proc: ProcFS | None = None) -> list[int]:
@@ -121,10 +128,13 @@ class FaultProbe:
             "MERGED_WAYS": self.ways,
             "PID_MAX": self.pid_max,
         }
-        self.tables: dict[int, list[tuple[int, int]]] = {}
-        # slot -> (its bytes, tgid, decoded) at the last snapshot; tgids whose region table grew since
+        self.tables: dict[int, list[tuple[int, int]]] = {}  # slot -> its region table
+        # slot -> (its bytes, tgid, decoded) at the last snapshot; slots whose region table grew since
         self._decoded: dict[int, tuple[bytes, int, ProcFaults]] = {}
         self._retabled: set[int] = set()
+        # Times each slot was freed: (epoch, slot) names one process's counts.
+        self._epoch = [0] * self.max_procs
+        self._exited_seen: set[int] = set()  # slots exited at the last snapshot
         if pid is not None:
             defines["FILTER_TGID"] = pid
         # Without ksm:* tracepoints (features.FEATURES["ksm_tracepoints"]) every fault of a
@@ -198,13 +208,17 @@ class FaultProbe:
             return 0
         return int.from_bytes(self._slot_of[tgid * 8 : tgid * 8 + 8], "little")
 
+    def _exited(self, slot: int) -> bool:
+        return bool(struct.unpack_from("<I", self._procs, slot * SLOT_SIZE + _OFF_EXITED)[0])
+
     def _track(self, tgid: int) -> int:
-        """The slot of ``tgid``, taken from the free queue if it has none
-        (the same protocol as proc_track() in bpf/faults.bpf.c); 0: none free."""
+        """The slot of ``tgid``, taken from the free queue if it has none or
+        if its slot is an exited process's (the same protocol as proc_track()
+        in bpf/faults.bpf.c); 0: none free."""
         if not 0 < tgid < self.pid_max:
             return 0
         cur = self._slot(tgid)
-        if cur:
+        if cur and not self._exited(cur):
             return cur
         free = self.bpf["free_slots"]
         try:
@@ -212,8 +226,8 @@ class FaultProbe:
         except KeyError:
             return 0
         struct.pack_into("<I", self._procs, fresh * SLOT_SIZE, tgid)
-        seen = self._slot_words.cmpxchg(tgid * 8, 0, fresh)
-        if seen == 0:
+        seen = self._slot_words.cmpxchg(tgid * 8, cur, fresh)
+        if seen == cur:
             return fresh
         struct.pack_into("<I", self._procs, fresh * SLOT_SIZE, 0)
         free.push(ctypes.c_uint32(fresh))
@@ -333,17 +347,17 @@ class FaultProbe:
     def set_regions(self, tgid: int, ranges: Iterable[tuple[int, int]]) -> None:
         """Count faults in these ranges of ``tgid`` separately. Append-only: a
         range keeps its slot, new ones take free slots, the rest stay "other"."""
-        table = self.tables.setdefault(tgid, [])
+        slot = self._track(tgid)
+        if not slot:
+            return
+        table = self.tables.setdefault(slot, [])
         new = [r for r in ranges if r not in table and r[0] > 0]
         room = MAX_REGIONS - len(table)
         if not new or room <= 0:
             return
-        slot = self._track(tgid)
-        if not slot:
-            return
         first = len(table)
         table.extend(sorted(new, key=lambda r: r[0] - r[1])[:room])  # largest first
-        self._retabled.add(tgid)  # its regions dict must be built again
+        self._retabled.add(slot)  # its regions dict must be built again
         for i in range(first, len(table)):
             start, end = table[i]
             off = slot * SLOT_SIZE + 64 + i * _REGION.size
@@ -356,7 +370,10 @@ class FaultProbe:
         since the last snapshot is not decoded again (a thousand quiet
         processes would cost milliseconds per interval otherwise)."""
         t = time.monotonic()
-        procs = {}
+        procs: dict[int, ProcFaults] = {}
+        idents: dict[int, int] = {}
+        exited: list[tuple[int, int, ProcFaults]] = []
+        self._exited_seen = set()
         buf = self._procs
         words = memoryview(buf).cast("I")
         cache: dict[int, tuple[bytes, int, ProcFaults]] = {}
@@ -366,26 +383,36 @@ class FaultProbe:
                 tgid = words[base // 4]
                 if not tgid:
                     continue
+                gone = words[(base + _OFF_EXITED) // 4]
+                current = self._slot(tgid)
+                if current != slot and not gone:
+                    continue  # taken a moment ago by a claim that lost its race
+                if gone:
+                    self._exited_seen.add(slot)
                 raw = bytes(buf[base : base + SLOT_SIZE])
                 old = self._decoded.get(slot)
-                if old is not None and old[0] == raw and old[1] == tgid and tgid not in self._retabled:
-                    procs[tgid] = old[2]
+                if old is not None and old[0] == raw and old[1] == tgid and slot not in self._retabled:
+                    pf = old[2]
                     cache[slot] = old
-                    continue
-                pf = self._decode(raw, tgid)
-                procs[tgid] = pf
-                cache[slot] = (raw, tgid, pf)
+                else:
+                    pf = self._decode(raw, slot)
+                    cache[slot] = (raw, tgid, pf)
+                ident = self._epoch[slot] * self.max_procs + slot
+                if current == slot or (not current and tgid not in procs):
+                    procs[tgid], idents[tgid] = pf, ident
+                else:
+                    exited.append((tgid, ident, pf))  # a newer process has its pid
         finally:
             words.release()
         self._decoded = cache
         self._retabled.clear()
         st = self.bpf["stats"]
         stats = {name: int(sum(st[st.Key(i)])) for i, name in enumerate(_STATS)}
-        return FaultSnapshot(t, procs, stats)
+        return FaultSnapshot(t, procs, stats, idents, exited)
 
-    def _decode(self, raw: bytes, tgid: int) -> ProcFaults:
-        _tgid, _state, _pgd, _walk, _has, owp, oksm = _HEADER.unpack_from(raw, 0)
-        table = self.tables.get(tgid, [])
+    def _decode(self, raw: bytes, slot: int) -> ProcFaults:
+        _tgid, _state, _pgd, _walk, _has, owp, oksm, _exited = _HEADER.unpack_from(raw, 0)
+        table = self.tables.get(slot, [])
         other = FaultCounts(owp, oksm)
         slots = []
         for i in range(MAX_REGIONS):
@@ -402,25 +429,41 @@ class FaultProbe:
         )
 
     def forget(self, tgids: set[int]) -> None:
-        """Free exited processes' slots and merged chunks: their pids can be reused."""
-        tgids = {t for t in tgids if self._slot(t)}
-        if not tgids:
+        """Free exited processes' slots and merged chunks: their pids can be
+        reused. Besides ``tgids`` (exits the caller saw), every slot that was
+        already marked exited by the kernel at the last snapshot (its last
+        counts have been read) is freed, also when its pid has a new owner."""
+        free_slots: dict[int, int] = {}  # slot -> tgid
+        for tgid in tgids:
+            slot = self._slot(tgid)
+            if slot:
+                free_slots[slot] = tgid
+        for slot in self._exited_seen:
+            tgid = struct.unpack_from("<I", self._procs, slot * SLOT_SIZE)[0]
+            if tgid:
+                free_slots[slot] = tgid
+        self._exited_seen = set()
+        if not free_slots:
             return
+        # Merged chunks are tagged by pid: keep them while a newer process has
+        # that pid (a stale bit costs one check of the page, nothing more).
+        untag = {tgid for slot, tgid in free_slots.items() if self._slot(tgid) in (slot, 0)}
         tags = memoryview(self._tags).cast("Q")
         for idx, tag in enumerate(tags):
-            if tag and tag >> TAG_CHUNK_BITS in tgids:
+            if tag and tag >> TAG_CHUNK_BITS in untag:
                 # Bits first: a claim of the free tag must find them clear.
                 self._bits[idx * 64 : idx * 64 + 64] = bytes(64)
                 self._tag_words.cmpxchg(idx * 8, tag, 0)
         tags.release()
         free = self.bpf["free_slots"]
-        for tgid in tgids:
-            slot = self._slot(tgid)
-            if not slot or self._slot_words.cmpxchg(tgid * 8, slot, 0) != slot:
-                continue
+        for slot, tgid in free_slots.items():
+            # Unlink it if still linked; if the kernel linked a new slot for
+            # the pid meanwhile, ours is unlinked all the same.
+            self._slot_words.cmpxchg(tgid * 8, slot, 0)
             self._procs[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE] = bytes(SLOT_SIZE)
+            self._epoch[slot] += 1
             free.push(ctypes.c_uint32(slot))
-            self.tables.pop(tgid, None)
+            self.tables.pop(slot, None)
 
     def close(self) -> None:
         # Not cut in two by a signal: BCC would retry a half-done cleanup at exit and fail.

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ksmtrace.errors import TracingUnavailable
+from ksmtrace.errors import TracingUnavailable, UsageError
 from ksmtrace.kernel import btf, checks, features
 from ksmtrace.kernel.signals import critical
 from ksmtrace.probes import loader
@@ -60,10 +61,21 @@ def available() -> bool:
     )
 
 
+MAX_FILTER_PIDS = 64  # FILTER_TGIDS is an unrolled compare per event
+
+
 class KsmdProbe:
     def __init__(
-        self, pid: int | None = None, max_procs: int = MAX_PROCS, max_pages: int = MAX_PAGES
+        self,
+        pid: int | None = None,
+        max_procs: int | None = None,
+        max_pages: int | None = None,
+        pids: Iterable[int] | None = None,
     ) -> None:
+        """``pid``/``pids``: count only these processes (in the kernel).
+        ``max_procs``/``max_pages``: sizes of the two maps, default the module's
+        MAX_PROCS/MAX_PAGES (read at construction, so a test can shrink them for
+        a whole command); events that find a full map are counted as drops."""
         checks.ensure_tracefs()
         if not available():
             raise TracingUnavailable(features.lacks("ksm_tracepoints"))
@@ -72,11 +84,17 @@ class KsmdProbe:
             "MM_OWNER_OFF": b.offset("mm_struct", "owner"),
             "TASK_TGID_OFF": b.offset("task_struct", "tgid"),
             "RMAP_ITEM_ADDRESS_OFF": b.offset("ksm_rmap_item", "address"),
-            "MAX_PROCS": max_procs,
-            "MAX_PAGES": max_pages,
+            "MAX_PROCS": MAX_PROCS if max_procs is None else max_procs,
+            "MAX_PAGES": MAX_PAGES if max_pages is None else max_pages,
         }
         if pid is not None:
             defines["FILTER_TGID"] = pid
+        elif pids is not None:
+            uniq = sorted({int(p) for p in pids})
+            if not 0 < len(uniq) <= MAX_FILTER_PIDS:
+                raise UsageError(f"1 to {MAX_FILTER_PIDS} pids can be filtered on")
+            defines["FILTER_TGIDS"] = "{" + ",".join(map(str, uniq)) + "}"
+            defines["FILTER_NTGIDS"] = len(uniq)
         self.bpf: Any = loader.load("ksmd.bpf.c", defines)
         self._pages_key: tuple[int, int, int] | None = None
         self._page_counts: dict[tuple[int, int], tuple[int, int]] = {}

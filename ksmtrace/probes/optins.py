@@ -44,6 +44,7 @@ INHERIT_MERGE_ANY = 2
 STAT_LOST, STAT_INFLIGHT_FULL, STAT_MADVISE_ALL, STAT_EMITTED = 0, 1, 2, 3
 COMM_LEN = 16
 MAX_FILTER_PIDS = 64
+MAX_INFLIGHT = 10240  # calls in flight at once (per-thread table); OptinProbe's default
 
 SYSCALLS = {
     OPTIN_MADVISE: "madvise",
@@ -335,7 +336,8 @@ class OptinProbe:
     comm: str | None = None
     cgroup: CgroupFilter | None = None
     count_all_madvise: bool = False
-    max_inflight: int = 10240
+    # None: MAX_INFLIGHT as it is when the probe loads (a test can shrink it for a whole command)
+    max_inflight: int | None = None
     ringbuf_pages: int = 64
     _bpf: Any = field(default=None, init=False, repr=False)
     _pending: list[OptinEvent] = field(default_factory=list, init=False, repr=False)
@@ -346,7 +348,7 @@ class OptinProbe:
             self.comm,
             self.cgroup,
             self.count_all_madvise,
-            self.max_inflight,
+            MAX_INFLIGHT if self.max_inflight is None else self.max_inflight,
             ringbuf_pages=self.ringbuf_pages,
         )
         # TRACEPOINT_PROBE programs are attached by BCC at load time.

@@ -46,6 +46,17 @@ def text(rep: FaultsReport, now: str, exact: bool = False, filtered: bool = Fals
             f"  merged-page set full ({rep.drops['merged_drops']} pages): "
             "those processes are checked fault by fault"
         )
+    # Counted, but not per process (cumulative since start, like the drops).
+    if rep.drops.get("untracked_ksm_cow"):
+        out.append(
+            f"  {rep.drops['untracked_ksm_cow']} KSM COW faults of pids beyond the table "
+            "(pid_max raised since start): in cow_ksm, not in any process"
+        )
+    if rep.drops.get("kernel_mode_ksm_cow"):
+        out.append(
+            f"  {rep.drops['kernel_mode_ksm_cow']} KSM COW faults taken in kernel mode "
+            "(read(2) and the like writing into merged pages)"
+        )
     if not rep.processes:
         out.append("  no mergeable process faulted or merged yet")
         return out
