@@ -9,6 +9,7 @@ in before tracing started comes first (--no-inventory to skip it).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import time
 from typing import Any
@@ -104,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
 
     # Attach first, then read /proc: an opt-in made meanwhile shows up in the
     # stream, possibly in both, never in neither.
-    probe = OptinProbe(pids=pids, comm=args.name, cgroup=cgroup, count_all_madvise=args.count_all_madvise)
+    # The kernel filters on comm: an exec'd program's comm is its file's basename
+    # (cut to 15 bytes), so a path given to -n filters on that.
+    comm = os.path.basename(args.name) if args.name else None
+    probe = OptinProbe(pids=pids, comm=comm, cgroup=cgroup, count_all_madvise=args.count_all_madvise)
     events = 0
     inv = None
     # From here on Ctrl-C and SIGTERM only set a flag, so a signal that comes

@@ -2,8 +2,13 @@
 
 The BPF side counts write-protect faults of mergeable processes and, exactly,
 those whose PTE mapped a KSM page (see the comment in bpf/faults.bpf.c).
-Counters are cumulative since load; ksmtrace/rates.py turns two snapshots
-into rates.
+Counters are cumulative since load; ksmtrace/model/rates.py turns two
+snapshots into rates.
+
+Longer than most modules on purpose: the process slots, the merged-page set
+and the preload share one memory layout with bpf/faults.h and update words
+the BPF side updates at the same time; kept together, the protocol (who
+writes which word, with which atomic) can be read in one place.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 
 from ksmtrace import native
 from ksmtrace.errors import AccessDenied, ProcessGone, TracingUnavailable
-from ksmtrace.kernel import btf, checks, ksm_sysfs, pagemap, procfs
+from ksmtrace.kernel import btf, checks, host, ksm_sysfs, pagemap
 from ksmtrace.kernel.procfs import ProcFS
 from ksmtrace.kernel.signals import critical
 from ksmtrace.probes import kaddr, loader
@@ -114,7 +119,7 @@ class FaultProbe:
         self, pid: int | None = None, max_procs: int = MAX_PROCS, max_merged: int = MAX_MERGED
     ) -> None:
         lay = kaddr.layout()
-        self.pid_max = procfs.pid_max()
+        self.pid_max = host.pid_max()
         self.max_procs = max(2, max_procs)
         entries = 1 << max(0, max_merged - 1).bit_length()  # a power of two
         self.ways = min(MERGED_WAYS, entries)

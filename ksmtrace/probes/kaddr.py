@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from ksmtrace.errors import TracingUnavailable
-from ksmtrace.kernel import abi, btf, pagemap, procfs
+from ksmtrace.kernel import abi, btf, host, pagemap
 from ksmtrace.kernel.signals import critical
 from ksmtrace.probes import loader
 
@@ -62,11 +62,11 @@ class KernelLayout:
 
 def pgtable_l5() -> bool:
     """x86 runs 5-level paging only on CPUs with la57 (and a kernel built for it)."""
-    return "la57" in procfs.cpu_flags()
+    return "la57" in host.cpu_flags()
 
 
 def max_phys_gib() -> int:
-    end = procfs.max_ram_address()
+    end = host.max_ram_address()
     return end // GIB + 2 if end else 1024
 
 

@@ -10,6 +10,10 @@ when nobody drains it: such drops are counted in the kernel and reported by
     with OptinProbe(pids=[1234]) as probe:
         for ev in probe.events(duration=5):
             print(ev.describe())
+
+Over 400 lines because the event layout, its decoding and the filters'
+compile-time defines must agree with bpf/optins.bpf.c field for field; one
+file keeps them side by side.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 from ksmtrace.errors import UsageError
 from ksmtrace.kernel import btf as btf_mod
 from ksmtrace.kernel.abi import kernel_comm_bytes
-from ksmtrace.kernel.procfs import cgroup2_mount
+from ksmtrace.kernel.host import cgroup2_mount
 from ksmtrace.kernel.signals import critical
 from ksmtrace.probes import loader
 
