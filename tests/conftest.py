@@ -46,6 +46,7 @@ import pytest
 
 from ksmtrace.kernel import features, ksm_sysfs, pagemap
 from ksmtrace.workload import Workload
+from tests.stray import STRAY
 
 LOCK = (
     Path("/run/lock/ksmtrace-tests.lock") if Path("/run/lock").is_dir() else Path("/tmp/ksmtrace-tests.lock")
@@ -269,6 +270,16 @@ def ksm() -> Iterator[KsmControl]:
             want = {k: (0 if k == "run" and v == 2 else v) for k, v in ctl.saved.values.items()}
             wrong = {k: (want[k], now.get(k)) for k in want if now.get(k) != want[k]}
             assert not wrong, f"KSM knobs not restored (wanted, found): {wrong}"
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_processes() -> Iterator[None]:
+    yield
+    while STRAY:
+        p = STRAY.pop()
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
 
 
 @pytest.fixture

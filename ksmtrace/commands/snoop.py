@@ -67,27 +67,19 @@ def _inventory(
     """The start-up inventory under the same filters as the probe."""
     inv = inventory.take(proc, pids)
     keep = []
+    def wanted(p: inventory.MergeableProcess) -> bool:
+        if comm is not None and not proc.matches_name(p.pid, comm):
+            return False
+        return cgroup is None or cgroup.contains(proc.cgroup(p.pid) or "")
+
     for p in inv.processes:
         try:
-            if comm is not None and not proc.matches_name(p.pid, comm):
-                continue
+            if wanted(p):
+                keep.append(p)
         except ProcessGone:
             inv.exited += 1
-            continue
         except AccessDenied:
             inv.denied += 1
-            continue
-        if cgroup is not None:
-            try:
-                if not cgroup.contains(proc.cgroup(p.pid) or ""):
-                    continue
-            except ProcessGone:
-                inv.exited += 1
-                continue
-            except AccessDenied:
-                inv.denied += 1
-                continue
-        keep.append(p)
     inv.processes = keep
     return inv
 

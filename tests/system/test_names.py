@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ import pytest
 
 from ksmtrace.kernel.procfs import ProcFS
 from ksmtrace.workload import Workload
+from tests.stray import STRAY
 
 pytestmark = pytest.mark.system
 KSMTRACE = [sys.executable, "-m", "ksmtrace"]
@@ -108,18 +109,6 @@ def named(workload: Callable[..., Workload], tmp_path: Path) -> Callable[[str], 
     return make
 
 
-_RUNNING: list[subprocess.Popen[str]] = []
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_tracers() -> Iterator[None]:
-    """A failed test must not leave a tracer (and its BPF programs) behind."""
-    yield
-    while _RUNNING:
-        p = _RUNNING.pop()
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
 
 
 def _start_tracing(*args: str, timeout: float = 60.0) -> subprocess.Popen[str]:
@@ -127,7 +116,7 @@ def _start_tracing(*args: str, timeout: float = 60.0) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [*KSMTRACE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
     )
-    _RUNNING.append(proc)
+    STRAY.append(proc)
     assert proc.stderr is not None
     deadline = time.monotonic() + timeout
     seen = ""

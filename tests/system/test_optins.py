@@ -28,24 +28,13 @@ from ksmtrace.model import optins as optin_report
 from ksmtrace.model.inventory import Origin
 from ksmtrace.probes.optins import OptinProbe, cgroup2_mount, resolve_cgroup
 from ksmtrace.workload import PAGE
+from tests.stray import STRAY
 
 pytestmark = pytest.mark.system
 KSMTRACE = [sys.executable, "-m", "ksmtrace"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-_RUNNING: list[subprocess.Popen[str]] = []
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_snoops() -> Iterator[None]:
-    """A failed test must not leave a snoop (and its BPF programs) behind."""
-    yield
-    while _RUNNING:
-        p = _RUNNING.pop()
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
 
 
 class Snoop:
@@ -59,7 +48,7 @@ class Snoop:
             text=True,
             cwd=ROOT,
         )
-        _RUNNING.append(self.proc)
+        STRAY.append(self.proc)
         self.records: list[dict[str, Any]] = []
         self.stderr = ""
         self._wait_tracing()
