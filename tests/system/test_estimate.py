@@ -107,6 +107,10 @@ def _settle(ksm, regions: list[tuple[int, int, int]], timeout: float = 60.0) -> 
     raise AssertionError(f"KSM merging did not settle within {timeout}s (last {last} pages saved)")
 
 
+@pytest.mark.emulation_sensitive(
+    "in the 6.1 VM the scan after merging counted 693 of 772 merged pages "
+    "(seen once, not investigated yet); exact on 6.18"
+)
 @pytest.mark.ksm
 @pytest.mark.parametrize(
     ("fraction", "max_page_sharing", "use_zero_pages", "zero_pages"),

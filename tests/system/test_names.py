@@ -109,8 +109,6 @@ def named(workload: Callable[..., Workload], tmp_path: Path) -> Callable[[str], 
     return make
 
 
-
-
 def _start_tracing(*args: str, timeout: float = 60.0) -> subprocess.Popen[str]:
     """ksmtrace ARGS as a subprocess, returned once it says its probes are attached."""
     proc = subprocess.Popen(

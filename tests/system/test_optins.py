@@ -35,8 +35,6 @@ KSMTRACE = [sys.executable, "-m", "ksmtrace"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-
-
 class Snoop:
     """`ksmtrace snoop -j ...` as a subprocess, started and stopped like a user would."""
 

@@ -122,6 +122,7 @@ def test_signals_at_random_moments(ksm, workload) -> None:
         assert outcomes[name].get("interrupted"), f"{name} was never interrupted: {outcomes[name]}"
 
 
+@pytest.mark.emulation_sensitive("must kill the demo within seconds of start, after it changed KSM settings")
 def test_sigkill_leaves_a_journal_the_next_command_repairs(ksm) -> None:
     """demo killed at random moments: whatever it changed, the next command restores and says so."""
     rng = random.Random(SEED)
