@@ -14,14 +14,12 @@ import os
 import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from ksmtrace import native
 from ksmtrace.errors import AccessDenied, KsmtraceError, ProcessGone, UsageError
 from ksmtrace.kernel.abi import ADVICE_NAMES, MADV_MERGEABLE, MADV_UNMERGEABLE
 from ksmtrace.kernel.procfs import ProcFS, Vma
 from ksmtrace.kernel.tasks import (
-    PROC,
     comm_or_unknown,
     exe_elf_kind,
     is_kernel_thread,
@@ -98,7 +96,7 @@ def require_x86_64() -> None:
         )
 
 
-def pick_thread(pid: int, proc: Path = PROC) -> int:
+def pick_thread(pid: int, proc: ProcFS | None = None) -> int:
     """The main thread, unless it already exited (a zombie leader): then the newest live
     thread (the highest tid: of threads that come and go, the likeliest to last)."""
     live = live_threads(pid, proc)

@@ -111,18 +111,27 @@ static int tgid_of(int tid)
 	return tgid;
 }
 
-/* The state letter of /proc/TID/stat ('R', 'S', 'Z', ...), or 0 when it is gone. */
-static char task_state(int tid)
+/* /proc/TID/stat read into line; returns the ')' that ends the comm (the
+ * fields follow it), or NULL when the task is gone. */
+static char *read_stat(int tid, char *line, size_t size)
 {
-	char path[64], line[512], *p;
+	char path[64], *p;
 	FILE *f;
 
 	snprintf(path, sizeof(path), "/proc/%d/stat", tid);
 	f = fopen(path, "re");
 	if (!f)
-		return 0;
-	p = fgets(line, sizeof(line), f) ? strrchr(line, ')') : NULL;
+		return NULL;
+	p = fgets(line, (int)size, f) ? strrchr(line, ')') : NULL;
 	fclose(f);
+	return p;
+}
+
+/* The state letter of /proc/TID/stat ('R', 'S', 'Z', ...), or 0 when it is gone. */
+static char task_state(int tid)
+{
+	char line[512], *p = read_stat(tid, line, sizeof(line));
+
 	return p && p[1] == ' ' ? p[2] : 0;
 }
 
@@ -144,17 +153,10 @@ static uint64_t image_id(int tid)
 {
 	/* 1-based field numbers of /proc/PID/stat (proc(5)) */
 	static const int fields[] = { 26, 27, 28, 45, 46, 47, 48, 49, 50, 51 };
-	char path[64], line[1024], *p, *save = NULL;
+	char line[1024], *save = NULL, *p = read_stat(tid, line, sizeof(line));
 	uint64_t h = 1469598103934665603ull, any = 0;
 	size_t k = 0;
-	FILE *f;
 
-	snprintf(path, sizeof(path), "/proc/%d/stat", tid);
-	f = fopen(path, "re");
-	if (!f)
-		return 0;
-	p = fgets(line, sizeof(line), f) ? strrchr(line, ')') : NULL;
-	fclose(f);
 	if (!p)
 		return 0;
 	/* after ") " comes field 3 */

@@ -4,6 +4,10 @@
 fixture trees captured from a real machine (tests/fixtures/host1/proc). Errors are
 mapped by :func:`ksmtrace.errors.proc_errors`: a pid that exits mid-read is a
 :class:`ProcessGone`, one we may not read is an :class:`AccessDenied`.
+
+About 400 lines on purpose: it is the one parser of every /proc/PID file
+ksmtrace reads (stat, status, smaps, ksm_stat) and the one -p/-n resolver,
+so that no other module parses them again.
 """
 
 from __future__ import annotations
@@ -120,6 +124,7 @@ class ProcStat:
     comm: str  # (2), as the kernel keeps it: 15 characters at most
     state: str  # (3) R, S, D, T, t, Z, X...
     ppid: int  # (4)
+    flags: int  # (9) PF_* task flags (PF_KTHREAD: a kernel thread)
     utime: int  # (14) clock ticks
     stime: int  # (15) clock ticks
     num_threads: int  # (20)
@@ -154,6 +159,7 @@ def parse_stat(text: str) -> ProcStat:
         comm=comm,
         state=f[0],
         ppid=int(f[1]),
+        flags=int(f[6]),
         utime=int(f[11]),
         stime=int(f[12]),
         num_threads=int(f[17]),
@@ -235,11 +241,17 @@ def parse_ksm_stat(text: str) -> KsmStat:
     )
 
 
-def parse_status(pid: int, text: str) -> ProcStatus:
+def status_fields(text: str) -> dict[str, str]:
+    """Every "Key: value" line of a status file."""
     fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
         fields[key] = value.strip()
+    return fields
+
+
+def parse_status(pid: int, text: str) -> ProcStatus:
+    fields = status_fields(text)
     return ProcStatus(
         pid=pid,
         comm=fields.get("Name", "?"),
@@ -272,6 +284,11 @@ class ProcFS:
     @wrap_proc_errors
     def thread_stat(self, pid: int, tid: int) -> ProcStat:
         return parse_stat(self._read(pid, f"task/{tid}/stat"))
+
+    @wrap_proc_errors
+    def task_status(self, pid: int, tid: int) -> dict[str, str]:
+        """Every field of one thread's status (TracerPid, Seccomp... are per thread)."""
+        return status_fields(self._read(pid, f"task/{tid}/status"))
 
     @wrap_proc_errors
     def tids(self, pid: int) -> list[int]:
