@@ -174,8 +174,7 @@ def run(args: argparse.Namespace) -> int:
             summary["ksmd_merges"] = counts.merges if counts else 0
         if merged == 0:
             raise KsmtraceError(
-                "ksmd merged nothing within the timeout: is another tool "
-                "holding /sys/kernel/mm/ksm/run at 0?"
+                "ksmd merged nothing within the timeout: is another tool holding /sys/kernel/mm/ksm/run at 0?"
             )
 
         # Stop scanning (run=0 keeps merged pages merged): the written pages

@@ -67,6 +67,7 @@ def _inventory(
     """The start-up inventory under the same filters as the probe."""
     inv = inventory.take(proc, pids)
     keep = []
+
     def wanted(p: inventory.MergeableProcess) -> bool:
         if comm is not None and not proc.matches_name(p.pid, comm):
             return False

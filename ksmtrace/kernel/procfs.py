@@ -411,4 +411,3 @@ class ProcFS:
         if not pids and not name:
             return None
         return sorted(out)
-

@@ -93,7 +93,7 @@ def _not_stopped_or_traced(t: Target) -> None:
             assert not value.startswith(("t", "T")), f"{t.mode} target {key}={value}: left stopped"
 
 
-@pytest.mark.emulation_sensitive("counts injections done in a fixed time")
+@pytest.mark.host_only("counts injections done in a fixed time")
 @pytest.mark.ksm
 def test_injection_stress(ksm, target_bin: Path, wait_for) -> None:
     # The lock (ksmd stopped) keeps thousands of MADV_MERGEABLE/UNMERGEABLE calls from

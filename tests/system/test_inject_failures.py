@@ -156,7 +156,7 @@ def merge_args(t: Target, *ranges: tuple[int, int]) -> list[str]:
 # ---- the target dies: killed, or exits, while injections run ----------------------
 
 
-@pytest.mark.emulation_sensitive("needs kills to land within the ~100 us of an injection")
+@pytest.mark.host_only("needs kills to land within the ~100 us of an injection")
 def test_target_killed_or_exiting_mid_injection(target_bin: Path) -> None:
     """120 targets die at random moments under back-to-back injections: SIGKILL from a
     thread of their own, exit_group from another thread, a normal exit of the injected
@@ -213,6 +213,7 @@ def test_target_killed_or_exiting_mid_injection(target_bin: Path) -> None:
     assert ok > 50  # and injections did succeed before the deaths
 
 
+@pytest.mark.host_only("many trials; the VM's other injection tests cover its kernel paths")
 @pytest.mark.ksm
 def test_cli_on_a_target_dying_at_random_moments(ksm, target_bin: Path) -> None:
     """ksmtrace merge (a real CLI process) on targets killed at random moments around
@@ -236,7 +237,7 @@ def test_cli_on_a_target_dying_at_random_moments(ksm, target_bin: Path) -> None:
 # ---- the chosen thread exits during the injection --------------------------------
 
 
-@pytest.mark.emulation_sensitive("threads living 0.2-3 ms outlive no stop under emulation")
+@pytest.mark.host_only("threads living 0.2-3 ms outlive no stop under emulation")
 def test_chosen_thread_exits_during_injection(target_bin: Path) -> None:
     """A target whose main thread has exited and whose threads live 0.1-2 ms each: the
     native call fails only with ESRCH (or EPERM for a thread already exiting), and
@@ -381,7 +382,7 @@ def test_32bit_target_is_refused_in_words(target32_bin: Path) -> None:
 # ---- the target dies between two ranges of one merge ------------------------------
 
 
-@pytest.mark.emulation_sensitive("the target must see its range mergeable within a timeout")
+@pytest.mark.host_only("the target must see its range mergeable within a timeout")
 @pytest.mark.ksm
 def test_target_dies_between_ranges_of_one_merge(ksm, target_bin: Path) -> None:
     """The dieafter target exits the moment its first range became mergeable: the CLI,
@@ -443,6 +444,7 @@ def test_target_held_by_a_debugger_is_refused_and_left_alone(target_bin: Path) -
     assert rc == 0 and '"errors": 0' in out[-1], out
 
 
+@pytest.mark.host_only("the debugger test covers ptrace refusal in the VM")
 @pytest.mark.skipif(not shutil.which("strace"), reason="strace is not installed")
 def test_target_under_strace_is_refused_and_left_alone(target_bin: Path) -> None:
     t = Target(target_bin, "threads", 30)

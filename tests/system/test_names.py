@@ -36,7 +36,12 @@ from ksmtrace.kernel.procfs import ProcFS
 from ksmtrace.workload import Workload
 from tests.stray import STRAY
 
-pytestmark = pytest.mark.system
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.host_only(
+        "name matching is ksmtrace's logic over /proc; the VM's optins/faults tests cover -n"
+    ),
+]
 KSMTRACE = [sys.executable, "-m", "ksmtrace"]
 ROOT = Path(__file__).resolve().parents[2]
 COMM_MAX = 15  # TASK_COMM_LEN - 1

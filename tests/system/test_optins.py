@@ -407,6 +407,7 @@ def test_opted_in_before_start_shows_in_optins_and_snoop(ksm, workload) -> None:
     assert records[-1]["inventory"]["processes"] == 2
 
 
+@pytest.mark.host_only("messages are ksmtrace's; one BPF compile per case under emulation")
 def test_errors_for_people(workload) -> None:
     for args, rc, msg in (
         (["optins", "-p", "999999"], 2, "pid 999999 does not exist"),

@@ -30,7 +30,10 @@ from ksmtrace.coordinator.journal import RUN_DIR
 from ksmtrace.kernel import features, ksm_sysfs
 from ksmtrace.kernel.procfs import ProcFS
 
-pytestmark = pytest.mark.system
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.host_only("signal handling is ksmtrace's; ~30 s of BPF compile per trial under emulation"),
+]
 
 TRIALS = int(os.environ.get("KSMTRACE_SIGNAL_TRIALS", "27"))
 SEED = int(os.environ.get("KSMTRACE_SIGNAL_SEED", str(random.randrange(1 << 30))))
@@ -122,7 +125,7 @@ def test_signals_at_random_moments(ksm, workload) -> None:
         assert outcomes[name].get("interrupted"), f"{name} was never interrupted: {outcomes[name]}"
 
 
-@pytest.mark.emulation_sensitive("must kill the demo within seconds of start, after it changed KSM settings")
+@pytest.mark.host_only("must kill the demo within seconds of start, after it changed KSM settings")
 def test_sigkill_leaves_a_journal_the_next_command_repairs(ksm) -> None:
     """demo killed at random moments: whatever it changed, the next command restores and says so."""
     rng = random.Random(SEED)

@@ -106,7 +106,12 @@ def test_suite_passes_inside_debian12_vm(request: pytest.FixtureRequest) -> None
         lines.append(f"  timings: {timings.read_text().strip()}")
     _write(request, lines)
 
-    assert proc.returncode == 0, f"run-vm-tests.sh exited {proc.returncode}:\n{stderr[-3000:]}"
+    # The failing guest tests go into the message itself: CI logs keep the
+    # assertion when they cut the terminal output around it.
+    bad = [f"guest {o.upper()} {n}  -- {m[:300]}" for n, o, m in cases if o in ("failure", "error")]
+    assert proc.returncode == 0, (
+        f"run-vm-tests.sh exited {proc.returncode}:\n" + "\n".join(bad) + f"\n{stderr[-3000:]}"
+    )
     kernel = (RESULTS / "guest-kernel").read_text().strip()
     assert kernel.startswith("6.1."), f"guest kernel is {kernel}, expected Debian 12's 6.1"
     assert cases, "the guest produced no JUnit results"
