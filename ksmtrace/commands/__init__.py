@@ -11,4 +11,5 @@ COMMANDS = (
     "estimate",
     "merge",
     "unmerge",
+    "daemon",
 )

@@ -67,17 +67,22 @@ class Journal:
         self.path = _path(directory, pid)
 
     def write(self) -> None:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.entry.as_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, self.entry.as_dict())
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def write_atomic(path: Path, doc: Any) -> None:
+    """``doc`` as JSON at ``path``: written aside, synced, then renamed over it."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def entries(directory: Path = RUN_DIR) -> list[tuple[Path, Entry | None]]:

@@ -1,0 +1,129 @@
+"""ksmtrace daemon: the coordinator, a long-running loop driven by a policy.
+
+Processes the policy names (and those that opt in themselves) are looked
+at as their memory changes; the runs of duplicate pages that stay the same
+are made mergeable by remote madvise, ranges whose copy-on-write churn
+eats their saving are made unmergeable again, and ksmd's knobs are kept to
+a CPU budget. Without --policy it only observes: every decision is made and
+reported, none carried out. Machine-wide KSM settings are restored at stop
+(SIGTERM included); ranges it made are written down under /run/ksmtrace, so
+a daemon started after a SIGKILL takes them over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import select
+import time
+from typing import Any
+
+from ksmtrace.coordinator import policy as policy_mod
+from ksmtrace.coordinator.daemon import Daemon
+from ksmtrace.coordinator.decisions import Decision, DecisionLog
+from ksmtrace.errors import TracingUnavailable, UsageError
+from ksmtrace.kernel import checks, features
+from ksmtrace.kernel.proc_events import ProcEvents
+from ksmtrace.kernel.signals import critical
+from ksmtrace.probes import faults as faults_probe
+from ksmtrace.views import console
+from ksmtrace.views import daemon as view
+
+EPILOG = """\
+examples:
+  ksmtrace daemon                                  # observe only: what it would merge, and why
+  ksmtrace daemon --policy /etc/ksmtrace/policy.toml
+  ksmtrace daemon --check-policy policy.toml       # validate a policy file, change nothing
+  ksmtrace daemon -j --policy p.toml | jq .        # decisions as JSON lines
+  (a commented sample policy: docs/examples/policy.toml)
+"""
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "daemon",
+        help="the coordinator: merge hot duplicate runs, unmerge churn, keep ksmd in a CPU budget",
+        description=__doc__.split("\n", 1)[1].strip(),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--policy", metavar="FILE", help="policy (TOML); without it: observe only")
+    p.add_argument("--check-policy", metavar="FILE", help="validate FILE and exit (0: valid)")
+    p.add_argument("-j", "--json", action="store_true", help="decisions as JSON lines on stdout")
+    p.set_defaults(run=run)
+
+
+def _load(path: str) -> policy_mod.Policy:
+    try:
+        return policy_mod.load(path)
+    except FileNotFoundError:
+        raise UsageError(f"policy file {path} does not exist") from None
+    except (IsADirectoryError, PermissionError) as exc:
+        raise UsageError(f"cannot read policy file {path}: {exc.strerror}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.check_policy:
+        pol = _load(args.check_policy)
+        console.lines(f"{view.policy_summary(pol)}: valid")
+        return 0
+    pol = _load(args.policy) if args.policy else policy_mod.DEFAULT
+    checks.require_root("the daemon")
+    log = DecisionLog(pol.log or None)
+
+    def emit(d: Decision) -> None:
+        log.write(d)
+        if args.json:
+            console.json(view.as_json(d), stream=True)
+        else:
+            console.lines(view.line(d))
+
+    with contextlib.ExitStack() as stack:
+        stack.callback(log.close)
+        events = stack.enter_context(ProcEvents())
+        daemon = Daemon(pol, emit)
+        daemon.lock()
+        lacks = [
+            features.lacks(n) for n in ("ksm_tracepoints", "prctl_memory_merge") if not features.available(n)
+        ]
+        daemon.faults = _fault_probe(stack, lacks)
+        emit(
+            Decision(
+                "start",
+                view.policy_summary(pol) + ("; " + "; ".join(lacks) if lacks else ""),
+                applied=True,
+                numbers={"mode": pol.mode},
+            )
+        )
+        stopped: list[str] = []
+
+        def stop() -> None:
+            with critical():
+                stopped.extend(daemon.stop())
+            emit(
+                Decision(
+                    "stop", "stopped" + (": unmerged " + ", ".join(stopped) if stopped else ""), applied=True
+                )
+            )
+
+        stack.callback(stop)
+        daemon.adopt()
+        while True:
+            daemon.cycle()
+            deadline = time.monotonic() + min(1.0, pol.interval_s)
+            while (left := deadline - time.monotonic()) > 0:
+                ready, _, _ = select.select([events], [], [], left)
+                if ready:
+                    daemon.events([(e.kind, e.tgid) for e in events.read() if e.pid == e.tgid])
+
+
+def _fault_probe(stack: contextlib.ExitStack, lacks: list[str]) -> faults_probe.FaultProbe | None:
+    """The fault probe for exact KSM COW counts per range, or None (and why, in ``lacks``)."""
+    try:
+        checks.ensure_tracefs()
+        if not faults_probe.available():
+            raise TracingUnavailable("the exceptions:page_fault_user tracepoint is missing (x86 only)")
+        return stack.enter_context(faults_probe.FaultProbe())
+    except TracingUnavailable as exc:
+        lacks.append(f"{exc}: churn is judged by rmap cost alone")
+        return None

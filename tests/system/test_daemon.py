@@ -1,0 +1,299 @@
+"""ksmtrace daemon against the real kernel: real processes, real ksmd, real remote madvise.
+
+Each test starts the daemon as a user would (``python -m ksmtrace daemon -j
+--policy FILE``) with its run directory (journal, ranges, lock) in the
+test's temporary directory, reads its decisions (JSON lines) as they come,
+and checks the kernel's side: which mappings are VM_MERGEABLE (smaps
+``mg``), which pages are KSM pages, the KSM knobs.
+
+Workload processes are told apart from every other process on the host by
+a random comm tag: other checkouts run their tests here at the same time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ksmtrace.kernel import ksm_sysfs
+from ksmtrace.kernel.procfs import ProcFS
+from ksmtrace.workload import plan_content
+from tests.stray import STRAY
+
+pytestmark = pytest.mark.system
+
+PAGE = 4096
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class DaemonRun:
+    """A daemon process and the decisions it printed so far."""
+
+    def __init__(self, tmp: Path, policy: str | None, name: str = "d") -> None:
+        self.run_dir = tmp / "run"
+        args = [sys.executable, "-m", "ksmtrace", "daemon", "-j"]
+        if policy is not None:
+            path = tmp / f"{name}.toml"
+            path.write_text(policy)
+            args += ["--policy", str(path)]
+        env = {**os.environ, "KSMTRACE_RUN_DIR": str(self.run_dir), "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+        )
+        STRAY.append(self.proc)
+        self.decisions: list[dict[str, Any]] = []
+        self._q: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout
+        for line in self.proc.stdout:
+            try:
+                self._q.put(json.loads(line))
+            except ValueError:
+                self._q.put({"action": "unparsed", "reason": line})
+        self._q.put(None)
+
+    def wait(self, pred: Any, timeout: float, what: str) -> dict[str, Any]:
+        """The first decision (seen so far or to come) for which ``pred`` holds."""
+        for d in self.decisions:
+            if pred(d):
+                return d
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                d = self._q.get(timeout=left)
+            except queue.Empty:
+                break
+            if d is None:
+                raise AssertionError(
+                    f"daemon exited (rc {self.proc.wait()}) before {what}; decisions: "
+                    f"{self.decisions}; stderr: {self.proc.stderr.read() if self.proc.stderr else ''}"
+                )
+            self.decisions.append(d)
+            if pred(d):
+                return d
+        raise AssertionError(f"no decision: {what} within {timeout}s; decisions: {self.decisions}")
+
+    def drain(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            try:
+                d = self._q.get(timeout=left)
+            except queue.Empty:
+                return
+            if d is None:
+                return
+            self.decisions.append(d)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str]:
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=timeout)
+        self.drain(0.5)
+        err = self.proc.stderr.read() if self.proc.stderr else ""
+        return rc, err
+
+
+def mergeable_pages(pid: int) -> list[tuple[int, int]]:
+    return [(v.start, v.end) for v in ProcFS().smaps(pid) if v.mergeable]
+
+
+def _policy(tag: str, mode: str = "enforce", extra: str = "") -> str:
+    return f"""\
+mode = "{mode}"
+interval = "2s"
+self_opted = false
+
+[[candidate]]
+comm = ["{tag}a", "{tag}b"]
+
+[runs]
+min_run_pages = 4
+max_gap_pages = 4
+min_saving_pages = 8
+stable_looks = 2
+
+[churn]
+window = "4s"
+cooldown = "10m"
+{extra}
+"""
+
+
+def _scattered(wl: Any, seed: int) -> tuple[int, list[int | None]]:
+    """4 MiB: a tenth in runs of 8 duplicate pages (16 contents, also across processes)."""
+    pages = 1024
+    got = wl.call("alloc", name="m", pages=pages, kind="mix", fraction=0.1, run=8, pool=16, seed=seed)
+    return got["addr"], plan_content("mix", pages, seed, 0.1, 8, 16)
+
+
+def test_candidates_duplicate_runs_merge_and_unique_pages_stay_out(ksm, workload, tmp_path) -> None:
+    tag = secrets.token_hex(3)
+    a, b = workload(comm=f"{tag}a"), workload(comm=f"{tag}b")
+    addr_a, ids_a = _scattered(a, 11)
+    _scattered(b, 12)
+    d = DaemonRun(tmp_path, _policy(tag))
+    try:
+        d.wait(lambda x: x["action"] == "start", 120, "start")
+        merged = d.wait(
+            lambda x: x["action"] == "merge" and x["pid"] == a.pid and x["applied"], 90, "merge of a"
+        )
+        assert "duplicate" in merged["reason"]
+        d.drain(3)
+        ranges = mergeable_pages(a.pid)
+        assert ranges, "nothing of a was made mergeable"
+        dup = {addr_a + i * PAGE for i, c in enumerate(ids_a) if c is not None}
+        covered = {p for s, e in ranges for p in range(s, e, PAGE)}
+        unique_in = covered - dup
+        print(
+            f"\nmergeable: {len(covered)} pages in {len(ranges)} ranges; duplicates {len(dup)}, "
+            f"covered {len(dup & covered)}; unique pages made mergeable {len(unique_in)}"
+        )
+        assert len(dup & covered) >= 0.9 * len(dup)
+        # Only the gaps the policy lets runs join across (max_gap_pages = 4) may hold unique pages.
+        assert len(unique_in) <= 4 * len(ranges)
+        ksm.start()
+        ksm.wait_merged(a.pid, addr_a, 1024 * PAGE, want=int(0.8 * len(dup)), timeout=60)
+    finally:
+        rc, err = d.stop()
+    assert rc in (0, 128 + signal.SIGTERM), err
+
+
+def test_never_rule_wins_and_observe_mode_changes_nothing(ksm, workload, tmp_path) -> None:
+    tag = secrets.token_hex(3)
+    a, b = workload(comm=f"{tag}a"), workload(comm=f"{tag}b")
+    _scattered(a, 21)
+    _scattered(b, 22)
+    never = f'[[never]]\ncomm = "{tag}b"\n'
+    before = ksm_sysfs.read().knobs
+    d = DaemonRun(tmp_path, _policy(tag, extra=never))
+    try:
+        d.wait(lambda x: x["action"] == "merge" and x["pid"] == a.pid and x["applied"], 120, "merge of a")
+        refused = d.wait(lambda x: x["action"] == "refuse" and x["pid"] == b.pid, 10, "b refused")
+        assert "[[never]]" in refused["reason"] and "wins over" in refused["reason"]
+        d.drain(6)  # more looks: b must stay out whatever they find
+        assert mergeable_pages(b.pid) == []
+        assert not [x for x in d.decisions if x["action"] == "merge" and x["pid"] == b.pid]
+    finally:
+        d.stop()
+    # Observe: the same choices are made and said, nothing is changed.
+    c = workload(comm=f"{tag}a")
+    _scattered(c, 23)
+    o = DaemonRun(tmp_path, _policy(tag, mode="observe"), name="o")
+    try:
+        would = o.wait(lambda x: x["action"] == "merge" and x["pid"] == c.pid, 120, "would merge c")
+        assert would["applied"] is False
+        o.drain(3)
+        assert mergeable_pages(c.pid) == []
+    finally:
+        rc, err = o.stop()
+    assert ksm_sysfs.read().knobs == before or rc != 0, err
+
+
+def test_trust_domains_are_never_mergeable_at_once(ksm, workload, tmp_path) -> None:
+    tag = secrets.token_hex(3)
+    a, b = workload(comm=f"{tag}a"), workload(comm=f"{tag}b")
+    _scattered(a, 31)
+    _scattered(b, 32)
+    domains = f'[[domain]]\nname = "red"\ncomm = "{tag}a"\n\n[[domain]]\nname = "blue"\ncomm = "{tag}b"\n'
+    d = DaemonRun(tmp_path, _policy(tag, extra=domains))
+    try:
+        first = d.wait(lambda x: x["action"] == "merge" and x["applied"], 120, "a first merge")
+        other = b.pid if first["pid"] == a.pid else a.pid
+        refused = d.wait(lambda x: x["action"] == "refuse" and x["pid"] == other, 15, "other domain refused")
+        assert "domain" in refused["reason"]
+        d.drain(6)
+        assert mergeable_pages(other) == []
+    finally:
+        d.stop()
+
+
+def test_write_storm_is_unmerged_with_its_reason(ksm, workload, tmp_path) -> None:
+    tag = secrets.token_hex(3)
+    a = workload(comm=f"{tag}a")
+    b = workload(comm=f"{tag}b")
+    addr, ids = _scattered(a, 41)
+    _scattered(b, 41)  # the same contents: a's duplicates merge with b's too
+    d = DaemonRun(tmp_path, _policy(tag))
+    try:
+        m = d.wait(lambda x: x["action"] == "merge" and x["pid"] == a.pid and x["applied"], 120, "merge of a")
+        ksm.start()
+        start = int(m["start"], 16)
+        first, count = (start - addr) // PAGE, (int(m["end"], 16) - start) // PAGE
+        ksm.wait_merged(a.pid, start, count * PAGE, want=1, timeout=60)
+        # A write storm: every page of the range written again and again, so each
+        # merge ksmd makes is broken at once.
+        deadline = time.monotonic() + 60
+        unmerged = None
+        while time.monotonic() < deadline and unmerged is None:
+            a.call("write", name="m", first=first, count=count, value=int(time.monotonic()) & 0xFF)
+            d.drain(0.2)
+            unmerged = next((x for x in d.decisions if x["action"] == "unmerge" and x["pid"] == a.pid), None)
+        assert unmerged, f"no unmerge within 60 s: {d.decisions}"
+        assert unmerged["applied"] and "copy-on-write" in unmerged["reason"], unmerged
+        assert not any(s <= start < e for s, e in mergeable_pages(a.pid))
+    finally:
+        d.stop()
+
+
+def test_sigterm_restores_and_sigkill_leaves_what_the_next_daemon_takes_over(ksm, workload, tmp_path) -> None:
+    tag = secrets.token_hex(3)
+    a, b = workload(comm=f"{tag}a"), workload(comm=f"{tag}b")
+    _scattered(a, 51)
+    _scattered(b, 52)
+    ksm.set(pages_to_scan=123, sleep_millisecs=77)
+    before = ksm_sysfs.read().knobs
+    d = DaemonRun(tmp_path, _policy(tag))
+    d.wait(lambda x: x["action"] == "merge" and x["applied"], 120, "a merge")
+    rc, err = d.stop(signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    left = mergeable_pages(a.pid) + mergeable_pages(b.pid)
+    assert left and (d.run_dir / "daemon.ranges").exists()
+    # The next daemon repairs the knobs (through the journal) and takes the ranges over.
+    d2 = DaemonRun(tmp_path, _policy(tag), name="d2")
+    try:
+        adopted = d2.wait(lambda x: x["action"] == "adopt", 120, "adopt")
+        assert adopted["numbers"]["ranges"] >= 1
+    finally:
+        rc, err = d2.stop()
+    assert rc in (0, 128 + signal.SIGTERM), err
+    assert ksm_sysfs.read().knobs == before
+
+
+def test_one_daemon_per_host_and_a_bad_policy_is_refused_with_its_line(ksm, tmp_path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('mode = "enforce"\n\n[ksmd]\nbudget = "150%"\n')
+    p = subprocess.run(
+        [sys.executable, "-m", "ksmtrace", "daemon", "--check-policy", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert p.returncode == 2, p
+    assert f"{bad}:4:" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    d = DaemonRun(tmp_path, None)
+    try:
+        start = d.wait(lambda x: x["action"] == "start", 120, "start")
+        assert "observe" in start["reason"]
+        second = subprocess.run(
+            [sys.executable, "-m", "ksmtrace", "daemon"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "KSMTRACE_RUN_DIR": str(d.run_dir)},
+            timeout=120,
+        )
+        assert second.returncode == 1 and "another ksmtrace daemon" in second.stderr, second
+    finally:
+        d.stop()
