@@ -142,7 +142,9 @@ class Scanner:
         cap = 64
         while True:
             out = ffi.new("struct kn_run[]", cap)
-            n = check(int(lib.kn_scanner_runs(self._s, idx, max_gap_pages, out, cap)), f"runs of region {idx}")
+            n = check(
+                int(lib.kn_scanner_runs(self._s, idx, max_gap_pages, out, cap)), f"runs of region {idx}"
+            )
             if n <= cap:
                 return [(out[i].start, out[i].end, out[i].dup_pages, out[i].ksm_pages) for i in range(n)]
             cap = n  # told how many there are: once more with room for all
