@@ -132,6 +132,7 @@ class Estimate:
     gone: tuple[int, ...] = ()  # exited before or during the scan, left out
     denied: tuple[int, ...] = ()
     cost: ScanCost | None = None  # None only for records not made by estimate()
+    runs_gap: int | None = None  # regions' runs found with this gap; None: not looked for
 
     @property
     def saved(self) -> int:
@@ -152,6 +153,11 @@ class Estimate:
     def as_dict(self) -> dict[str, object]:
         out = asdict(self)
         out["saved_across"] = self.saved_across
+        if self.runs_gap is None:  # not looked for: no empty lists that would say "none found"
+            del out["runs_gap"]
+            for p in out["processes"]:  # type: ignore[attr-defined]
+                for r in p["regions"]:
+                    del r["runs"]
         return out
 
 
@@ -262,15 +268,8 @@ def estimate(
         gone += g
         denied += d
         try:
-            return _scan(
-                targets,
-                mps,
-                uzp,
-                progress,
-                (batch_pages, workers, confirm_bytes, runs_gap),
-                tuple(gone),
-                tuple(denied),
-            )
+            how = (batch_pages, workers, confirm_bytes, runs_gap)
+            return _scan(targets, mps, uzp, progress, how, tuple(gone), tuple(denied))
         except _TargetFailed as exc:
             if strict:
                 raise exc.error from None
@@ -368,6 +367,7 @@ def _scan(
         gone=gone,
         denied=denied,
         cost=cost,
+        runs_gap=runs_gap,
     )
 
 
