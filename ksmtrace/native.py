@@ -135,6 +135,20 @@ class Scanner:
         self.order_counts = {f: int(getattr(tot, f)) for f in ORDER_FIELDS}
         return regions, procs, total
 
+    def runs(self, idx: int, max_gap_pages: int) -> list[tuple[int, int, int, int]]:
+        """After finish: region ``idx``'s runs of duplicate pages as (start, end,
+        dup_pages, ksm_pages), runs at most ``max_gap_pages`` apart joined.
+        Raises OSError E2BIG for a region of 2^31 pages or more."""
+        cap = 64
+        while True:
+            out = ffi.new("struct kn_run[]", cap)
+            n = check(
+                int(lib.kn_scanner_runs(self._s, idx, max_gap_pages, out, cap)), f"runs of region {idx}"
+            )
+            if n <= cap:
+                return [(out[i].start, out[i].end, out[i].dup_pages, out[i].ksm_pages) for i in range(n)]
+            cap = n  # told how many there are: once more with room for all
+
 
 def self_memory(reset_peak: bool = False) -> tuple[int, int, bool]:
     """(RSS, peak RSS, peak was reset) of this process, in bytes. ``reset_peak``

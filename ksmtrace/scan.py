@@ -36,6 +36,21 @@ class SkippedRegion:
 
 
 @dataclass(frozen=True)
+class PageRun:
+    """Duplicate pages of a region close together (gaps of at most the gap asked
+    for joined in); [start, end) page aligned. ``dup_pages`` counts KSM pages too."""
+
+    start: int
+    end: int
+    dup_pages: int
+    ksm_pages: int
+
+    @property
+    def pages(self) -> int:
+        return (self.end - self.start) // native.PAGE
+
+
+@dataclass(frozen=True)
 class RegionEstimate:
     """One scanned mapping. Page counts; ``saved_share`` is fractional."""
 
@@ -54,6 +69,7 @@ class RegionEstimate:
     dup_cross: int
     saved_alone: int
     saved_share: float
+    runs: tuple[PageRun, ...] = ()  # only when estimate() was given runs_gap
 
     @property
     def length(self) -> int:
@@ -116,6 +132,7 @@ class Estimate:
     gone: tuple[int, ...] = ()  # exited before or during the scan, left out
     denied: tuple[int, ...] = ()
     cost: ScanCost | None = None  # None only for records not made by estimate()
+    runs_gap: int | None = None  # regions' runs found with this gap; None: not looked for
 
     @property
     def saved(self) -> int:
@@ -136,6 +153,11 @@ class Estimate:
     def as_dict(self) -> dict[str, object]:
         out = asdict(self)
         out["saved_across"] = self.saved_across
+        if self.runs_gap is None:  # not looked for: no empty lists that would say "none found"
+            del out["runs_gap"]
+            for p in out["processes"]:  # type: ignore[attr-defined]
+                for r in p["regions"]:
+                    del r["runs"]
         return out
 
 
@@ -216,6 +238,7 @@ def estimate(
     batch_pages: int = 0,
     workers: int = 0,
     confirm_bytes: bool = False,
+    runs_gap: int | None = None,
 ) -> Estimate:
     """Scan ``pids`` and predict what KSM would save if their candidate memory merged.
 
@@ -230,6 +253,8 @@ def estimate(
     first copy re-read from its process: exact, slower when duplicates are
     mostly distinct contents) instead of by 128-bit hash (odds of a false
     duplicate at most n^2/2^129 for n pages: see native/internal.h).
+    ``runs_gap``: also find each region's runs of duplicate pages, joining
+    runs at most that many pages apart (``RegionEstimate.runs``; None: not).
     """
     proc = proc or ProcFS()
     mps, uzp = rules or kernel_rules()
@@ -243,9 +268,8 @@ def estimate(
         gone += g
         denied += d
         try:
-            return _scan(
-                targets, mps, uzp, progress, batch_pages, workers, confirm_bytes, tuple(gone), tuple(denied)
-            )
+            how = (batch_pages, workers, confirm_bytes, runs_gap)
+            return _scan(targets, mps, uzp, progress, how, tuple(gone), tuple(denied))
         except _TargetFailed as exc:
             if strict:
                 raise exc.error from None
@@ -263,12 +287,11 @@ def _scan(
     mps: int,
     uzp: bool,
     progress: Progress | None,
-    batch_pages: int,
-    workers: int,
-    confirm_bytes: bool,
+    how: tuple[int, int, bool, int | None],  # batch_pages, workers, confirm_bytes, runs_gap
     gone: tuple[int, ...],
     denied: tuple[int, ...],
 ) -> Estimate:
+    batch_pages, workers, confirm_bytes, runs_gap = how
     # The peak restarts here, so the one read at the end is this scan's.
     rss0, _, reset = native.self_memory(reset_peak=True)
     t0, cpu0 = time.monotonic(), time.process_time()
@@ -298,7 +321,7 @@ def _scan(
             done += rss
     rstats, pstats, totals = sc.finish(len(order))
     by_pid: dict[int, list[RegionEstimate]] = {t.pid: [] for t in targets}
-    for (t, v), s in zip(order, rstats):
+    for idx, ((t, v), s) in enumerate(zip(order, rstats)):
         ints = {k: int(val) for k, val in s.items() if k != "saved_share"}
         by_pid[t.pid].append(
             RegionEstimate(
@@ -308,6 +331,7 @@ def _scan(
                 name=v.name,
                 mergeable=v.mergeable,
                 saved_share=float(s["saved_share"]),
+                runs=_runs(sc, idx, runs_gap),
                 **ints,
             )
         )
@@ -343,7 +367,19 @@ def _scan(
         gone=gone,
         denied=denied,
         cost=cost,
+        runs_gap=runs_gap,
     )
+
+
+def _runs(sc: native.Scanner, idx: int, gap: int | None) -> tuple[PageRun, ...]:
+    if gap is None:
+        return ()
+    try:
+        return tuple(PageRun(*r) for r in sc.runs(idx, gap))
+    except OSError as exc:
+        if exc.errno == errno.E2BIG:
+            return ()  # a region of 8 TiB or more (at 4 KiB pages): no offsets kept for it
+        raise KsmtraceError(f"runs of duplicate pages: {exc.strerror}") from None
 
 
 def parse_range(text: str) -> tuple[int, int]:

@@ -61,6 +61,9 @@ def plan_content(kind: str, pages: int, seed: int, fraction: float, run: int, po
     ``mix``: ``fraction`` of pages are copies from a pool of ``pool`` contents,
     laid out in runs of ``run`` pages, the rest unique. Processes given the same
     pool share duplicates across processes too.
+    ``runs``: the same, in runs of random length (2 to ``run`` pages) scattered
+    among unique pages, never touching: a host-like layout, where duplicates
+    are a small part of a process's memory, in short runs.
     """
     if kind == "dup":
         return [seed] * pages
@@ -82,7 +85,28 @@ def plan_content(kind: str, pages: int, seed: int, fraction: float, run: int, po
                 ids[p] = 1_000_000 + rng.randrange(pool)
                 got += 1
         return ids
+    if kind == "runs":
+        return _scattered_runs(pages, random.Random(seed), int(round(fraction * pages)), run, pool)
     raise ValueError(f"unknown content kind {kind!r}")
+
+
+def _scattered_runs(pages: int, rng: random.Random, want: int, longest: int, pool: int) -> list[int | None]:
+    lengths: list[int] = []
+    while sum(lengths) < want:
+        lengths.append(min(rng.randint(2, max(2, longest)), want - sum(lengths)))
+    # Unique pages between and around the runs: one at least between two runs,
+    # the rest spread at random over the k + 1 gaps.
+    gaps = [0] + [1] * (len(lengths) - 1) + [0]
+    spare = pages - want - (len(lengths) - 1)
+    if spare < 0:
+        raise ValueError(f"{want} duplicate pages in {len(lengths)} runs do not fit in {pages} pages apart")
+    for _ in range(spare):
+        gaps[rng.randrange(len(gaps))] += 1
+    ids: list[int | None] = []
+    for gap, n in zip(gaps, [*lengths, 0]):
+        ids += [None] * gap
+        ids += [1_000_000 + rng.randrange(pool) for _ in range(n)]
+    return ids
 
 
 class Region:

@@ -75,10 +75,11 @@ void kn_index_free(struct kn_scanner *s)
 	if (s->table)
 		kn_big_free(s->table, sizeof(uint32_t) * (s->table_mask + 1));
 	kn_big_free(s->items, sizeof(uint32_t) * s->items_cap);
+	kn_big_free(s->offs, sizeof(uint32_t) * s->items_cap);
 	kn_big_free(s->ksm_pfns, sizeof(uint64_t) * s->ksm_pfns_cap);
 	free(s->procs);
 	s->g_hash = s->g_hash_hi = s->g_where = NULL;
-	s->g_count = s->table = s->items = NULL;
+	s->g_count = s->table = s->items = s->offs = NULL;
 	s->ksm_pfns = NULL;
 	s->procs = NULL;
 }
@@ -167,17 +168,33 @@ static int grow_table(struct kn_scanner *s)
 	return 0;
 }
 
-static int push_item(struct kn_scanner *s, uint32_t g)
+/* Page i of batch b (region r) belongs to group g: its group and where it lies. */
+static int push_item(struct kn_scanner *s, const struct kn_region *r, const struct kn_slot *b, uint32_t i,
+		     uint32_t g)
 {
+	uint64_t off = (b->addr[i] - r->start) >> s->page_shift;
+
 	if (s->nitems == s->items_cap) {
 		uint64_t ncap = s->items_cap ? s->items_cap * 2 : 65536;
-		uint32_t *n = kn_big_realloc(s->items, sizeof(uint32_t) * s->items_cap, sizeof(uint32_t) * ncap);
+		size_t old = sizeof(uint32_t) * s->items_cap, nbytes = sizeof(uint32_t) * ncap;
+		uint32_t *n = kn_big_realloc(s->items, old, nbytes);
+		uint32_t *o;
 
 		if (!n)
 			return -ENOMEM;
 		s->items = n;
+		o = kn_big_realloc(s->offs, old, nbytes);
+		if (!o) {
+			/* Both arrays share items_cap: give the grown one its old size back. */
+			n = kn_big_realloc(s->items, nbytes, old);
+			if (n)
+				s->items = n;
+			return -ENOMEM;
+		}
+		s->offs = o;
 		s->items_cap = ncap;
 	}
+	s->offs[s->nitems] = ((uint32_t)off & KN_OFF_MASK) | (b->ksm[i] ? KN_OFF_KSM : 0);
 	s->items[s->nitems++] = g;
 	return 0;
 }
@@ -305,7 +322,7 @@ int kn_index_lookup(struct kn_scanner *s, struct kn_region *r, struct kn_slot *b
 				g = s->zero_group;
 				s->g_count[g]++;
 			}
-			if (push_item(s, g))
+			if (push_item(s, r, b, i, g))
 				return -ENOMEM;
 			continue;
 		}
@@ -318,7 +335,7 @@ int kn_index_lookup(struct kn_scanner *s, struct kn_region *r, struct kn_slot *b
 		}
 		if (g != KN_NONE && !s->confirm_bytes) {
 			s->g_count[g]++;
-			if (push_item(s, g))
+			if (push_item(s, r, b, i, g))
 				return -ENOMEM;
 			continue;
 		}
@@ -339,7 +356,7 @@ int kn_index_lookup(struct kn_scanner *s, struct kn_region *r, struct kn_slot *b
 		s->table[slot] = g; /* the free slot the probe ended on */
 		if ((uint64_t)s->ngroups * 2 > s->table_mask + 1 && grow_table(s))
 			return -ENOMEM;
-		if (push_item(s, g))
+		if (push_item(s, r, b, i, g))
 			return -ENOMEM;
 	}
 	s->index_ns += now_ns() - t0;
@@ -420,7 +437,7 @@ int kn_index_commit(struct kn_scanner *s, struct kn_region *r, struct kn_slot *b
 			if (g == KN_NONE)
 				return -ENOMEM;
 		}
-		if (push_item(s, g))
+		if (push_item(s, r, b, i, g))
 			return -ENOMEM;
 	}
 	s->index_ns += now_ns() - t0;

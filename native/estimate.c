@@ -24,6 +24,11 @@ static uint64_t saved_of(const struct kn_scanner *s, uint32_t g, uint64_t n)
 	return n - (n + s->max_page_sharing - 1) / s->max_page_sharing;
 }
 
+int kn_group_saves(const struct kn_scanner *s, uint32_t g)
+{
+	return saved_of(s, g, s->g_count[g]) > 0;
+}
+
 static int cmp_u64(const void *a, const void *b)
 {
 	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -62,7 +67,7 @@ static void count_region(const struct kn_scanner *s, const struct kn_region *r, 
  */
 static uint64_t index_peak(const struct kn_scanner *s, uint64_t table_slots)
 {
-	uint64_t common = s->nitems * 4 + s->nksm_pfns * 8 + (uint64_t)s->ngroups * 4;
+	uint64_t common = s->nitems * 8 + s->nksm_pfns * 8 + (uint64_t)s->ngroups * 4; /* group + offset */
 	uint64_t scanning = common + (uint64_t)s->ngroups * 16 + table_slots * 4 * 3 / 2;
 	uint64_t finishing = common + ((uint64_t)s->ngroups + 1) * 16;
 

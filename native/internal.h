@@ -17,15 +17,21 @@
  *     scan well below the copy bandwidth.
  * Either way:
  *   - one uint32 per scanned present page (its content group),
+ *   - one more uint32 per scanned present page: its page offset within its
+ *     region, the top bit set for a KSM page (kn_scanner_runs needs where
+ *     each page lies: workers index batches in any order),
  *   - per distinct content 20 bytes: the hash's low 64 bits, a count, and
  *     the high 64 bits (128-bit mode) or where the first page lives (bytes),
  *   - a 4-byte-per-slot open-addressing table of group indexes, load 1/4..1/2
  *     (8 to 16 bytes per content),
  *   - 8 bytes per KSM page seen (to count distinct KSM frames).
- * At most 40 bytes per scanned page while scanning, 48 while the table grows
- * (old and new table both live), 24 while finishing (the table and the
- * group's 64-bit fields are freed first). Plus a fixed part: per worker two
- * batch buffers (the batch, and the first pages it re-reads).
+ * At most 44 bytes per scanned page while scanning, 52 while the table grows
+ * (old and new table both live), 28 while finishing (the table and the
+ * group's 64-bit fields are freed first). Groups, offsets and counts outlive
+ * finish (kn_scanner_runs reads them); runs of a region add, for the call's
+ * length, 4 bytes per duplicate page of that region (16 per page at most).
+ * Plus a fixed part: per worker two batch buffers (the batch, and the first
+ * pages it re-reads).
  */
 #ifndef KSMNATIVE_INTERNAL_H
 #define KSMNATIVE_INTERNAL_H
@@ -48,6 +54,12 @@
 #define KN_WHERE_ADDR(w, shift) (((w) & ((1ull << KN_WHERE_PAGE_BITS) - 1)) << (shift))
 #define KN_MAX_PROCS (1u << (64 - KN_WHERE_PAGE_BITS))
 
+/* A page's offset in its region (pages) in 31 bits, and whether it is a KSM
+ * page in the top one: 8 TiB regions at 4 KiB pages. Larger regions scan as
+ * before; only their runs are refused (-E2BIG). */
+#define KN_OFF_KSM (1u << 31)
+#define KN_OFF_MASK (KN_OFF_KSM - 1)
+
 struct kn_region {
 	int32_t pid;
 	uint32_t check_ksm;
@@ -55,6 +67,7 @@ struct kn_region {
 	uint64_t start, end;
 	uint64_t scanned_to;      /* chunks must be scanned in order */
 	uint64_t first_item, nitems;
+	uint32_t too_big_for_runs; /* more pages than KN_OFF_MASK: offsets would not fit */
 	uint64_t present, zero, zero_mapped, ksm, volatile_pages;
 };
 
@@ -131,8 +144,9 @@ struct kn_scanner {
 	int32_t *procs;
 	uint32_t nprocs, procs_cap;
 
-	/* per page: its group */
+	/* per page: its group, and its offset in its region (KN_OFF_*); both items_cap long */
 	uint32_t *items;
+	uint32_t *offs;
 	uint64_t nitems, items_cap;
 
 	struct kn_region *regions;
@@ -167,6 +181,9 @@ int kn_index_lookup(struct kn_scanner *s, struct kn_region *r, struct kn_slot *b
 void kn_index_confirm(const struct kn_scanner *s, struct kn_slot *b);
 int kn_index_commit(struct kn_scanner *s, struct kn_region *r, struct kn_slot *b);
 int kn_page_is_zero(const unsigned char *p, size_t n);
+
+/* estimate.c: merging group g's pages would save some (KSM's rules, as the estimate counts). */
+int kn_group_saves(const struct kn_scanner *s, uint32_t g);
 
 /* bigmem.c: zero-filled arrays from mmap; p NULL (or old_bytes 0) allocates. NULL on ENOMEM, p intact. */
 void *kn_big_realloc(void *p, size_t old_bytes, size_t new_bytes);

@@ -90,6 +90,24 @@ int kn_scanner_scan(struct kn_scanner *s, int idx, uint64_t start, uint64_t end)
 int kn_scanner_finish(struct kn_scanner *s, struct kn_region_stats *regions, size_t nregions,
 		      struct kn_process_stats *procs, size_t nprocs, struct kn_total_stats *total);
 
+/* A run of duplicate pages of one region (kn_scanner_runs): addresses page
+ * aligned, end exclusive; gaps up to max_gap_pages joined in. */
+struct kn_run {
+	uint64_t start, end;
+	uint64_t dup_pages;      /* pages inside that merging would save on (or KSM pages already) */
+	uint64_t ksm_pages;      /* ... of which KSM pages already (KPF_KSM) */
+};
+/* After kn_scanner_finish: region idx's runs of duplicate pages, in address
+ * order. A page is a duplicate when its content is present twice or more in
+ * everything scanned, when it is a KSM page, or when it is all zeros and
+ * use_zero_pages would merge it alone. Runs whose gap (pages absent or not
+ * duplicates) is at most max_gap_pages are joined. Fills out[] up to cap and
+ * returns how many runs there are (more than cap: call again with room for
+ * them all), or -EINVAL (bad idx), -EBUSY (not finished), -E2BIG (a region
+ * over 2^31 pages), -ENOMEM. */
+int64_t kn_scanner_runs(struct kn_scanner *s, int region_idx, uint32_t max_gap_pages, struct kn_run *out,
+			size_t cap);
+
 /* Baseline for the benchmark: copy [start, end) with process_vm_readv in
  * batch_pages batches and nothing else; returns bytes copied or -errno. */
 int64_t kn_copy_bandwidth(int pid, uint64_t start, uint64_t end, uint32_t batch_pages);

@@ -279,6 +279,7 @@ int kn_scanner_add_region(struct kn_scanner *s, int pid, uint64_t start, uint64_
 	r->check_ksm = !!check_ksm;
 	r->proc = proc;
 	r->first_item = s->nitems;
+	r->too_big_for_runs = ((end - start) >> s->page_shift) > KN_OFF_MASK;
 	return (int)s->nregions++;
 }
 

@@ -12,7 +12,9 @@ import argparse
 from dataclasses import replace
 from typing import Any
 
-from ksmtrace import native, remote, scan
+from ksmtrace import remote, scan
+from ksmtrace.coordinator import worth
+from ksmtrace.coordinator.policy import Runs
 from ksmtrace.errors import KsmtraceError, ProcessGone, UsageError
 from ksmtrace.kernel import checks, ksm_sysfs
 from ksmtrace.kernel.procfs import ProcFS, Vma
@@ -21,10 +23,14 @@ from ksmtrace.views import console
 from ksmtrace.views import merge as view
 from ksmtrace.views.progress import ProgressBar
 
+# --auto's defaults are the daemon's (coordinator/policy.py): one judgement, one set of numbers.
+RUNS = Runs()
+
 EPILOG = """\
 examples:
   ksmtrace merge -p 1234 --auto --dry-run      # what --auto would choose, nothing changed
-  ksmtrace merge -p 1234 --auto                # merge the ranges worth it
+  ksmtrace merge -p 1234 --auto                # merge the runs of duplicates worth it
+  ksmtrace merge -p 1234 --auto --max-gap 32   # fewer, longer ranges (gaps of up to 32 pages)
   ksmtrace merge -p 1234 --range 7f0000000000-7f0040000000
 """
 
@@ -43,28 +49,29 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--auto",
         action="store_true",
-        help="estimate first and merge the regions that are worth it",
-    )
-    p.add_argument(
-        "--min-saving",
-        type=float,
-        default=10.0,
-        metavar="PCT",
-        help="--auto: minimum predicted saving, percent of the region's present pages (default 10)",
+        help="estimate first and merge the runs of duplicate pages that are worth it",
     )
     p.add_argument(
         "--min-pages",
         type=int,
-        default=16,
+        default=RUNS.min_saving_pages,
         metavar="N",
-        help="--auto: minimum predicted saving in pages (default 16)",
+        help=f"--auto: the ranges chosen must save N pages together (default {RUNS.min_saving_pages})",
     )
     p.add_argument(
-        "--granularity",
+        "--max-gap",
         type=int,
-        default=2048,
-        metavar="KIB",
-        help="--auto: judge mappings in windows of this size (default 2048 KiB)",
+        default=RUNS.max_gap_pages,
+        metavar="PAGES",
+        help="--auto: runs of duplicate pages at most PAGES apart become one range "
+        f"(default {RUNS.max_gap_pages})",
+    )
+    p.add_argument(
+        "--min-run",
+        type=int,
+        default=RUNS.min_run_pages,
+        metavar="PAGES",
+        help=f"--auto: leave out ranges of fewer duplicate pages (default {RUNS.min_run_pages})",
     )
     p.add_argument("--dry-run", action="store_true", help="--auto: show the choice, change nothing")
     p.add_argument("--progress", action="store_true", help="progress bar on stderr even when not a tty")
@@ -90,14 +97,12 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bytes", action="store_true", help="exact byte counts instead of KiB/MiB")
 
 
-def auto_ranges(
-    pid: int, min_pct: float, min_pages: int, progress: ProgressBar | None, granularity: int = 2 << 20
-) -> list[scan.RegionEstimate]:
-    """Ranges of pid worth merging, judged together with memory already mergeable elsewhere.
+def auto_ranges(pid: int, rules: Runs, progress: ProgressBar | None) -> worth.Choices:
+    """Runs of duplicate pages of pid worth merging, judged together with memory
+    already mergeable elsewhere (what KSM would merge them with).
 
-    The target's mappings are judged in windows of ``granularity`` bytes, so
-    that the duplicate-rich part of a large mapping is chosen without its
-    unique rest: ksmd rescans mergeable pages that never merge forever.
+    Only the runs are chosen, not the mappings around them: ksmd rescans
+    mergeable pages that never merge on every pass, forever.
     """
     proc = ProcFS()
     peers = []
@@ -110,48 +115,16 @@ def auto_ranges(
             continue  # gone or unreadable peers simply do not count
         if stat and stat.opted_in:
             peers.append(other)
-    windows = []
-    for v in proc.smaps(pid):
-        if v.mergeable or v.why_not_mergeable():
-            continue
-        at = v.start
-        while at < v.end:
-            nxt = min(v.end, (at // granularity + 1) * granularity)
-            windows.append((at, nxt))
-            at = nxt
 
     def only(p: int, v: Vma) -> bool:
         return p == pid or v.mergeable
 
     est = scan.estimate(
-        [pid, *peers], strict=False, progress=progress, only=only, ranges={pid: windows}, proc=proc
+        [pid, *peers], strict=False, progress=progress, only=only, proc=proc, runs_gap=rules.max_gap_pages
     )
     if pid in est.gone:
         raise ProcessGone(pid, "during the scan")
-    good = [
-        r
-        for p in est.processes
-        if p.pid == pid
-        for r in p.regions
-        if r.saved_share >= 1 and r.saving_ratio * 100 >= min_pct
-    ]
-    # Neighbouring windows become one range (one madvise, one VMA).
-    merged: list[scan.RegionEstimate] = []
-    for r in sorted(good, key=lambda r: r.start):
-        last = merged[-1] if merged else None
-        if last and last.end == r.start:
-            merged[-1] = replace(
-                last,
-                end=r.end,
-                **{f: getattr(last, f) + getattr(r, f) for f in _SUMMED},
-            )
-        else:
-            merged.append(r)
-    return [r for r in merged if r.saved_share >= min_pages]
-
-
-# Every per-region counter of the scanner adds up when windows are joined.
-_SUMMED = native.REGION_FIELDS
+    return worth.choose(est, pid, rules)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -163,8 +136,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--timeout must be a positive number of milliseconds")
     if auto and args.range:
         raise UsageError("give either --range or --auto")
-    if auto and (args.granularity < 4 or args.granularity * 1024 % PAGE):
-        raise UsageError("--granularity must be a multiple of the page size, in KiB")
+    if auto and (args.max_gap < 0 or args.min_run < 1 or args.min_pages < 0):
+        raise UsageError("--max-gap and --min-pages take 0 or more pages, --min-run 1 or more")
     if merging and not auto and not args.range:
         raise UsageError("give --range START-END or --auto")
     given = [scan.parse_range(r) for r in args.range or []]
@@ -172,17 +145,20 @@ def run(args: argparse.Namespace) -> int:
     ksm_sysfs.require_ksm()
     remote.require_x86_64()
     vmas = remote.check_target(args.pid)
-    chosen: list[scan.RegionEstimate] = []
+    chosen: worth.Choices | None = None
     if auto:
         bar = ProgressBar(enabled=True if args.progress else None)
+        rules = replace(
+            RUNS, max_gap_pages=args.max_gap, min_run_pages=args.min_run, min_saving_pages=args.min_pages
+        )
         try:
-            chosen = auto_ranges(args.pid, args.min_saving, args.min_pages, bar, args.granularity * 1024)
+            chosen = auto_ranges(args.pid, rules, bar)
         finally:
             bar.close()
-        ranges = [(r.start, r.end) for r in chosen]
+        ranges = [(c.start, c.end) for c in chosen.ranges]
         if getattr(args, "dry_run", False):
             if args.json:
-                console.json(view.choice_json(args.pid, chosen))
+                console.json(view.choice_json(chosen))
             else:
                 console.lines(view.choice(chosen, PAGE, args.bytes))
             return 0

@@ -1,1 +1,2 @@
-"""Deciding and acting: the actuator (the only writer of machine-wide KSM state) and its journal."""
+"""Deciding and acting: which runs are worth merging (worth), the actuator (the only writer of
+machine-wide KSM state) and its journal."""

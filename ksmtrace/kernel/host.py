@@ -1,5 +1,5 @@
 """Machine-wide facts under /proc that are not about one process: the cgroup2
-mount, pid_max, the CPU's flags, the end of physical RAM."""
+mount, pid_max, vm.max_map_count, the CPU's flags, the end of physical RAM."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ def cgroup2_mount(mounts: Path = PROC / "self" / "mounts") -> Path:
 
 
 def pid_max(path: Path = PROC / "sys" / "kernel" / "pid_max") -> int:
+    return int(path.read_text())
+
+
+def max_map_count(path: Path = PROC / "sys" / "vm" / "max_map_count") -> int:
+    """Mappings a process may have (mmap, and a VMA split by madvise, fail past it)."""
     return int(path.read_text())
 
 

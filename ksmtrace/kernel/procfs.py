@@ -291,6 +291,11 @@ class ProcFS:
         return status_fields(self._read(pid, f"task/{tid}/status"))
 
     @wrap_proc_errors
+    def map_count(self, pid: int) -> int:
+        """Mappings (VMAs) of pid now: what vm.max_map_count bounds."""
+        return self._read(pid, "maps").count("\n")
+
+    @wrap_proc_errors
     def tids(self, pid: int) -> list[int]:
         return sorted(int(t.name) for t in (self.root / str(pid) / "task").iterdir())
 

@@ -5,38 +5,83 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ksmtrace.coordinator.worth import Choices
 from ksmtrace.kernel.abi import ADVICE_NAMES
 from ksmtrace.remote import Injection
-from ksmtrace.scan import RegionEstimate
 from ksmtrace.views.fmt import human_bytes, table
 
 
-def choice_json(pid: int, chosen: Sequence[RegionEstimate]) -> dict[str, Any]:
+def choice_json(chosen: Choices) -> dict[str, Any]:
     ranges = [
-        {"start": r.start, "end": r.end, "name": r.name, "saved_pages": round(r.saved_share, 1)}
-        for r in chosen
+        {
+            "start": c.start,
+            "end": c.end,
+            "name": c.name,
+            "dup_pages": c.dup_pages,
+            "saved_pages": round(c.predicted_saving_pages, 1),
+            "reason": c.reason,
+        }
+        for c in chosen.ranges
     ]
-    return {"pid": pid, "dry_run": True, "ranges": ranges}
+    left_out = {
+        "short_runs": chosen.short,
+        "max_ranges": chosen.over_max_ranges,
+        "vma_headroom": chosen.over_vma_headroom,
+    }
+    return {"pid": chosen.pid, "dry_run": True, "ranges": ranges, "left_out": left_out}
 
 
 def injections_json(pid: int, done: Sequence[Injection]) -> dict[str, Any]:
     return {"pid": pid, "injections": [d.as_dict() for d in done]}
 
 
-def choice(chosen: Sequence[RegionEstimate], page: int, exact: bool) -> list[str]:
-    if not chosen:
-        return ["No region is worth merging at these thresholds."]
+def _notes(chosen: Choices, page: int, exact: bool) -> list[str]:
+    out = []
+    if chosen.too_small:
+        out.append(
+            f"Left alone: together the runs would save {human_bytes(chosen.too_small * page, exact)}, "
+            "under --min-pages."
+        )
+    if chosen.over_vma_headroom:
+        out.append(
+            f"{chosen.over_vma_headroom} more ranges worth it were left out: their VMAs would pass "
+            f"the share of vm.max_map_count allowed (room for {chosen.vma_headroom})."
+        )
+    if chosen.over_max_ranges:
+        out.append(
+            f"{chosen.over_max_ranges} more ranges worth it were left out: at most so many per process."
+        )
+    return out
+
+
+def choice(chosen: Choices, page: int, exact: bool) -> list[str]:
+    if not chosen.ranges:
+        return [
+            "No run of duplicate pages is worth merging at these thresholds.",
+            *_notes(chosen, page, exact),
+        ]
     rows = [
         (
-            f"{r.start:x}-{r.end:x}",
-            human_bytes(r.present * page, exact),
-            human_bytes(r.saved_share * page, exact),
-            f"{r.saving_ratio * 100:.1f}%",
-            r.name[-24:],
+            f"{c.start:x}-{c.end:x}",
+            human_bytes(c.length, exact),
+            str(c.dup_pages),
+            f"{c.dup_pages * page * 100 / c.length:.0f}%",
+            human_bytes(c.predicted_saving_pages * page, exact),
+            c.name[-24:],
         )
-        for r in chosen
+        for c in chosen.ranges
     ]
-    return table(("RANGE", "PRESENT", "SAVE", "SAVE%", "NAME"), rows, right=(False, True, True, True, False))
+    total = human_bytes(chosen.saving_pages * page, exact)
+    return [
+        *table(
+            ("RANGE", "SIZE", "DUP", "DENSE", "SAVE", "NAME"),
+            rows,
+            right=(False, True, True, True, True, False),
+        ),
+        f"{len(rows)} range{'s' if len(rows) > 1 else ''}, "
+        f"{sum(c.dup_pages for c in chosen.ranges)} duplicate pages, save {total}",
+        *_notes(chosen, page, exact),
+    ]
 
 
 def injections(pid: int, done: Sequence[Injection], exact: bool) -> list[str]:
@@ -53,10 +98,8 @@ def injections(pid: int, done: Sequence[Injection], exact: bool) -> list[str]:
     return out
 
 
-def text(
-    pid: int, chosen: Sequence[RegionEstimate], done: Sequence[Injection], page: int, exact: bool
-) -> list[str]:
+def text(pid: int, chosen: Choices | None, done: Sequence[Injection], page: int, exact: bool) -> list[str]:
     out: list[str] = []
-    if chosen:
+    if chosen is not None:
         out += [*choice(chosen, page, exact), ""]
     return out + injections(pid, done, exact)

@@ -309,7 +309,7 @@ def test_merge_auto_picks_only_regions_worth_it(ksm, workload) -> None:
     wl = workload(comm="merge-auto")
     dup = wl.call("alloc", name="d", pages=2048, kind="mix", fraction=0.8, run=8, pool=32, seed=4)
     # Allocated back to back: the kernel makes one mapping of the two, and --auto
-    # must still choose the duplicate-rich half only (it judges 2 MiB windows).
+    # must still choose the duplicate-rich half only (it chooses runs of duplicates).
     uniq = wl.call("alloc", name="u", pages=2048, kind="unique")
     before = wl.call("checksum", name="d")["sha256"]
     cmd = [sys.executable, "-m", "ksmtrace"]
@@ -318,8 +318,8 @@ def test_merge_auto_picks_only_regions_worth_it(ksm, workload) -> None:
     )
     assert dry.returncode == 0, dry.stderr
     chosen = json.loads(dry.stdout)["ranges"]
-    # Windows are 2 MiB-aligned; before 6.7 an 8 MiB mapping need not be, and a
-    # few pages at either end of it may share a window that is not worth it.
+    # Runs closer than --max-gap (8) pages join: the 8-page unique blocks between
+    # runs are taken in, never the unique half (a whole 2 MiB at most, as before).
     mid = dup["addr"] + dup["len"] // 2
 
     def covered(lo: int, hi: int) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from ksmtrace.coordinator.worth import Choices
 from ksmtrace.model import codec
 from ksmtrace.model.faults import FaultsReport
 from ksmtrace.model.ksmd import KsmdInterval
@@ -27,7 +28,7 @@ from ksmtrace.model.optins import Report
 from ksmtrace.model.snapshot import Snapshot
 from ksmtrace.probes.optins import OptinEvent
 from ksmtrace.remote import Injection
-from ksmtrace.scan import Estimate, RegionEstimate, ScanCost
+from ksmtrace.scan import Estimate, ScanCost
 from ksmtrace.views import estimate, faults, ksmd, merge, optins, status
 from ksmtrace.views.fmt import json_text
 
@@ -84,20 +85,13 @@ CASES: dict[str, Callable[[], str]] = {
     "merge.txt": lambda: _text(
         merge.text(
             _load("merge", list[Injection])[0].pid,
-            _load("merge_choice", list[RegionEstimate]),
+            _load("merge_choice", Choices),
             _load("merge", list[Injection]),
             PAGE,
             False,
         )
     ),
-    "merge.dry.json": lambda: (
-        json_text(
-            merge.choice_json(
-                _load("merge", list[Injection])[0].pid, _load("merge_choice", list[RegionEstimate])
-            )
-        )
-        + "\n"
-    ),
+    "merge.dry.json": lambda: json_text(merge.choice_json(_load("merge_choice", Choices))) + "\n",
     "merge.json": lambda: (
         json_text(
             merge.injections_json(_load("merge", list[Injection])[0].pid, _load("merge", list[Injection]))
