@@ -363,7 +363,8 @@ def _stable(looks: list[list[tuple[int, int]]], needed: int, min_len: int) -> li
     """Ranges chosen in each of the last ``needed`` looks: their intersections, long enough."""
     if len(looks) < needed:
         return []
-    common = looks[-needed]
-    for look in looks[-needed + 1 :]:
+    recent = looks[len(looks) - needed :]
+    common = recent[0]
+    for look in recent[1:]:
         common = [(max(s, s2), min(e, e2)) for s, e in common for s2, e2 in look if max(s, s2) < min(e, e2)]
     return [(s, e) for s, e in common if e - s >= min_len]
