@@ -395,7 +395,8 @@ class _Checker:
         return out
 
     def unknown(self, path: KeyPath, key: str, known: dict[str, Any]) -> None:
-        close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+        # 0.5: 'min_sise' still finds 'min_saving_pages'; unrelated words find nothing.
+        close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}?" if close else f"expected one of: {', '.join(known)}"
         self.fail(path, f"unknown key {_show(key)}; {hint}")
 
