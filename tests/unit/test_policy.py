@@ -623,8 +623,8 @@ def render(
 def documents(draw: st.DrawFn, values: st.SearchStrategy[str] | None) -> tuple[str, dict, tuple | None]:
     """A policy of valid keys (values: random literals, or valid ones with exactly one made wrong)."""
     doc: list[tuple[str, list[tuple[str, str]]]] = []
-    for section in TABLE_KEYS:
-        keys = draw(st.lists(st.sampled_from(TABLE_KEYS[section]), unique=True, max_size=4))
+    for section, known in TABLE_KEYS.items():
+        keys = draw(st.lists(st.sampled_from(known), unique=True, max_size=4))
         if keys:
             doc.append((section, [(k, draw(values) if values is not None else VALID[k]) for k in keys]))
     for rule, keys in RULE_KEYS.items():
