@@ -228,9 +228,11 @@ class Locator:
 # -- values ------------------------------------------------------------------------------------------
 
 _BAD = object()  # a value that failed its check (already reported)
-_DURATION = re.compile(r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|s|m|h)\s*", re.IGNORECASE)
+_DURATION = re.compile(r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|s|m|h|d)\s*", re.IGNORECASE)
 _PERCENT = re.compile(r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*%\s*")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Longer is a mistake (a unit slip), and a sleep that long overflows time.sleep().
+DURATION_MAX_S = 7 * 86400.0
 
 
 def _kind(v: Any) -> str:
@@ -335,18 +337,20 @@ class _Checker:
         return v
 
     def duration(self, path: KeyPath, v: Any, allow_zero: bool = False) -> Any:
-        """'500ms', '10s', '5m', '1h' or a number of seconds -> seconds."""
+        """'500ms', '10s', '5m', '1h', '1d' or a number of seconds -> seconds (at most 7 days)."""
         want = 'a duration like "500ms", "10s", "5m" or a number of seconds'
         if _is_number(v):
             seconds = float(v)
         elif isinstance(v, str) and (m := _DURATION.fullmatch(v)):
             seconds = float(m.group(1)) * _UNIT_S[m.group(2).lower()]
         else:
-            hint = " (a unit is needed: ms, s, m or h)" if isinstance(v, str) and _is_float(v) else ""
+            hint = " (a unit is needed: ms, s, m, h or d)" if isinstance(v, str) and _is_float(v) else ""
             return self.fail(path, f"expected {want}{hint}, {_got(v)}")
         if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
             least = "of at least 0" if allow_zero else "above 0"
             return self.fail(path, f'expected a duration {least} (like "10s"), got {_show(v)}')
+        if seconds > DURATION_MAX_S:
+            return self.fail(path, f'expected a duration of at most 7 days ("7d"), got {_show(v)}')
         return seconds
 
     def percent(self, path: KeyPath, v: Any) -> Any:
@@ -592,7 +596,12 @@ def _check(doc: dict[str, Any], text: str, source: str) -> Policy:
         )
     has_candidates = bool(candidates)
     self_opted = top.get("self_opted", Policy.self_opted)
-    if top.get("mode") == "enforce" and not has_candidates and self_opted is False and "candidate" not in doc:
+    if (
+        top.get("mode") == "enforce"
+        and not has_candidates
+        and self_opted is False
+        and not doc.get("candidate")
+    ):
         c.fail(
             ("mode",),
             '"enforce" has nothing to do: no [[candidate]] rule and self_opted = false; '

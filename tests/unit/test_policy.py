@@ -194,10 +194,18 @@ def test_sample_states_the_real_defaults() -> None:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [('"500ms"', 0.5), ('"10s"', 10.0), ('"5m"', 300.0), ('"1h"', 3600.0), ("7", 7.0), ("0.25", 0.25)],
+    [
+        ('"500ms"', 0.5),
+        ('"10s"', 10.0),
+        ('"5m"', 300.0),
+        ('"1h"', 3600.0),
+        ("7", 7.0),
+        ("0.25", 0.25),
+        ('"1d"', 86400.0),
+    ],
 )
 def test_durations(value: str, seconds: float) -> None:
-    assert parse(f"interval = {value}\n[churn]\nwindow = '2h'", SRC).interval_s == seconds
+    assert parse(f"interval = {value}\n[churn]\nwindow = '7d'", SRC).interval_s == seconds
 
 
 @pytest.mark.parametrize(("value", "pct"), [('"5%"', 5.0), ('"0.5 %"', 0.5), ("100", 100.0), ("2.5", 2.5)])
@@ -258,9 +266,11 @@ def test_unknown_keys_suggest_the_closest() -> None:
         ('log = "decisions.jsonl"', 1, 'log: expected an absolute file path or "" (stdout only), got'),
         ("interval = 0", 1, 'interval: expected a duration above 0 (like "10s"), got 0'),
         ('interval = "-1s"', 1, "interval: expected a duration above 0"),
-        ('interval = "10"', 1, "(a unit is needed: ms, s, m or h), got '10' (a string)"),
+        ('interval = "10"', 1, "(a unit is needed: ms, s, m, h or d), got '10' (a string)"),
         ('interval = "10 parsecs"', 1, 'interval: expected a duration like "500ms", "10s", "5m" or a number'),
         ("interval = nan", 1, "interval: expected a duration above 0"),
+        ('interval = "8d"', 1, "interval: expected a duration of at most 7 days (\"7d\"), got '8d'"),
+        ("interval = 1e300", 1, "expected a duration of at most 7 days"),
         ("interval = [1]", 1, "interval: expected a duration like"),
         (
             "\n[runs]\nmin_run_pages = 0",
@@ -347,6 +357,11 @@ def test_unknown_keys_suggest_the_closest() -> None:
             "never = [1]",
             1,
             "[[never]] #1: expected a table of criteria (write [[never]]), got 1 (an integer)",
+        ),
+        (
+            'mode = "enforce"\nself_opted = false\ncandidate = []',
+            1,
+            'mode: "enforce" has nothing to do: no [[candidate]] rule',
         ),
         (
             'mode = "enforce"\nself_opted = false',
