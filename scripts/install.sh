@@ -10,6 +10,12 @@
 #                          vagrant/run-vm-tests.sh does), so tests/unit/test_vagrant.py
 #                          can validate vagrant/Vagrantfile; implied by CI=true,
 #                          where that test fails rather than skip without them
+#   --with-service         also install the daemon's systemd unit: packaging/ksmtrace.service
+#                          to /etc/systemd/system/, /usr/local/sbin/ksmtrace linked to
+#                          the virtualenv's ksmtrace (the unit's ExecStart), and
+#                          docs/examples/policy-observe.toml as /etc/ksmtrace/policy.toml
+#                          unless one exists; enables and starts nothing
+#                          (KSMTRACE_DESTDIR=DIR: under DIR instead of /, for packaging)
 #   KSMTRACE_WHEELHOUSE=DIR install Python packages only from DIR (pip
 #                          --no-index --find-links): for machines without PyPI,
 #                          such as the offline VM of vagrant/run-vm-tests.sh
@@ -33,8 +39,14 @@ if [[ "${1:-}" == "--print-deb-packages" ]]; then
 fi
 # Not in the list above: the offline box of build-box.sh does not need them,
 # and a plain install stays small and fast.
-with_vagrant=0
-[[ "${1:-}" == "--with-vagrant" ]] && with_vagrant=1
+with_vagrant=0 with_service=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-vagrant) with_vagrant=1 ;;
+    --with-service) with_service=1 ;;
+    *) log "unknown option $arg"; exit 2 ;;
+  esac
+done
 case "${CI:-}" in 1|true|TRUE|True|yes) with_vagrant=1 ;; esac
 if ((with_vagrant)); then
   DEB_PACKAGES+=(vagrant vagrant-libvirt)
@@ -92,4 +104,17 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$digest" ]] || ! "$VENV/bin/python"
   echo "$digest" > "$STAMP"
 fi
 "$VENV/bin/python" -c 'import bcc, ksmtrace._native' || { log "import check failed"; exit 1; }
+
+if ((with_service)); then
+  DEST="${KSMTRACE_DESTDIR:-}"
+  [[ -n "$DEST" || $EUID -eq 0 ]] || { log "--with-service writes /etc and /usr/local: run as root"; exit 1; }
+  install -d "$DEST/usr/local/sbin" "$DEST/etc/systemd/system" "$DEST/etc/ksmtrace"
+  ln -sfn "$VENV/bin/ksmtrace" "$DEST/usr/local/sbin/ksmtrace"
+  install -m 0644 "$ROOT/packaging/ksmtrace.service" "$DEST/etc/systemd/system/ksmtrace.service"
+  # An existing policy is the operator's: never overwritten.
+  [[ -e "$DEST/etc/ksmtrace/policy.toml" ]] ||
+    install -m 0644 "$ROOT/docs/examples/policy-observe.toml" "$DEST/etc/ksmtrace/policy.toml"
+  if [[ -z "$DEST" && -d /run/systemd/system ]]; then systemctl daemon-reload; fi
+  log "service installed: systemctl enable --now ksmtrace (policy /etc/ksmtrace/policy.toml)"
+fi
 log "ready: $VENV/bin/ksmtrace"

@@ -3,14 +3,19 @@
 A TOML file (read with tomllib) becomes one frozen :class:`Policy`. With no
 file the daemon runs the default policy, which only observes.
 
-This module holds the records and their defaults; ``load()``/``parse()``
-validate a file and refuse every mistake with its line.
+This module holds the records, their defaults and :class:`PolicyError`;
+``load()``/``parse()`` (implemented in :mod:`.policy_file`) validate a file
+and refuse every mistake with its line.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from os import PathLike
 from typing import Literal
+
+from ksmtrace.errors import UsageError
 
 Mode = Literal["observe", "enforce"]
 
@@ -99,3 +104,37 @@ class Policy:
 
 
 DEFAULT = Policy()
+
+
+class PolicyError(UsageError):
+    """A policy with mistakes (a usage error: exit 2).
+
+    ``problems`` holds ``(line, sentence)`` pairs sorted by line, every mistake
+    found (not only the first), so one edit fixes them all; ``str(err)`` is one
+    ``FILE:LINE: what is wrong; what is expected`` line each. Line 0 means the
+    file as a whole (it could not be read): ``FILE: sentence``.
+    """
+
+    def __init__(self, source: str, problems: Iterable[tuple[int, str]]) -> None:
+        self.source = source
+        # dict.fromkeys: drop repeats, keep the order of discovery within a line.
+        self.problems = tuple(sorted(dict.fromkeys(problems), key=lambda p: p[0]))
+        super().__init__(
+            "\n".join(
+                f"{source}:{line}: {msg}" if line else f"{source}: {msg}" for line, msg in self.problems
+            )
+        )
+
+
+def parse(text: str, source: str = "<policy>") -> Policy:
+    """TOML text -> a validated :class:`Policy`; raises :class:`PolicyError`."""
+    from ksmtrace.coordinator import policy_file  # it imports this module's records
+
+    return policy_file.parse(text, source)
+
+
+def load(path: str | PathLike[str]) -> Policy:
+    """Read and validate a policy file; raises :class:`PolicyError` (also when unreadable)."""
+    from ksmtrace.coordinator import policy_file
+
+    return policy_file.load(path)
