@@ -258,8 +258,9 @@ class KsmdGovernor:
             if s.mergeable_pages:
                 head += f" (a full scan every {_secs(s.mergeable_pages / rate)}, wish {_secs(p.full_scan_s)})"
         budget_rate = (TARGET * p.budget_pct / 100.0) / cost if cost else math.inf
-        if s.advisor_mode == "scan-time" and self.advisor_owns:
-            return replace(prev, reason=f"{head}: the kernel's advisor owns pages_to_scan (now {pts})")
+        if self.advisor_owns:
+            why = f"{head}: the kernel's advisor owns pages_to_scan (now {pts})"
+            return replace(prev, pages_to_scan=pts, sleep_millisecs=s.sleep_millisecs, reason=why)
         over = share > p.budget_pct * DEADBAND[1]
         excess = rate is not None and need is not None and rate > need * NEED_SLACK[1]
         short = rate is None or need is None or rate < need * NEED_SLACK[0]
