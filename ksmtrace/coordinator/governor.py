@@ -36,6 +36,7 @@ from ksmtrace.kernel.procfs import ProcFS
 DEADBAND = (0.8, 1.0)  # of the budget: a share in here is left alone (no flapping)
 TARGET = 0.9  # of the budget: where a change aims, the deadband's middle
 STEP = (0.5, 2.0)  # bounds on the scan rate's change per step
+MIN_CHANGE = 0.1  # a smaller change of pages_to_scan is not made (flapping on noise)
 NEED_SLACK = (0.9, 1.5)  # of the needed rate: scanning within this is "as often as needed"
 MAX_SLEEP_MS = 10_000  # a longer sleep would make ksmd slow to notice a wake-up
 Knobs = list[tuple[str, "int | str"]]
@@ -107,6 +108,7 @@ class KsmdGovernor:
         self._quiet: GovernorSample | None = None
         self._off_mergeable = 0
         self._wake: str | None = None
+        self._left = (policy.min_pages_to_scan, self.sleep_ms)  # knobs when last turned off
 
     def setup(self, sample: GovernorSample) -> Knobs:
         """Advisor knobs to write once, before the first step: the policy's advisor, never fought."""
@@ -160,8 +162,15 @@ class KsmdGovernor:
 
     def _off(self, s: GovernorSample, why: str) -> KsmdSetting:
         self._quiet, self._off_mergeable = None, s.mergeable_pages or 0
-        prev = self.setting
-        return self._set(s, 0, prev.pages_to_scan if prev else s.pages_to_scan, s.sleep_millisecs, why)
+        if self.setting is None:  # off from the start: a wake-up starts from the policy's knobs
+            pts = min(max(s.pages_to_scan, self.policy.min_pages_to_scan), self.policy.max_pages_to_scan)
+            self._left = (pts, self.sleep_ms)
+        elif self.setting.run:
+            self._left = (self.setting.pages_to_scan, self.setting.sleep_millisecs)
+        else:  # off already: the knobs are not ours to hold; a wake-up puts back the ones we left
+            self._restart(s, (0, s.pages_to_scan, s.sleep_millisecs))
+            return KsmdSetting(0, s.pages_to_scan, s.sleep_millisecs, why)
+        return self._set(s, 0, *self._left, why)
 
     def _decide(self, s: GovernorSample) -> KsmdSetting:
         p, prev, mergeable = self.policy, self.setting, s.mergeable_pages
@@ -175,10 +184,10 @@ class KsmdGovernor:
             if (mergeable or 0) > self._off_mergeable:
                 woke = f"the mergeable set grew from {self._off_mergeable} to {mergeable} pages"
             else:
-                return self._set(s, 0, prev.pages_to_scan, prev.sleep_millisecs, prev.reason)
+                return self._off(s, prev.reason)
         if prev is None or woke is not None:
             # Back on where it was left; at the start, the policy's sleep.
-            pts_now, sleep = (prev.pages_to_scan, prev.sleep_millisecs) if prev else (pts_now, self.sleep_ms)
+            pts_now, sleep = self._left if prev else (pts_now, self.sleep_ms)
             self._quiet = None
             what = (
                 f"ksmd on: {woke}"
@@ -279,7 +288,10 @@ class KsmdGovernor:
             want = min(budget_rate, need if need is not None else math.inf)
             want = min(max(want, rate * STEP[0]), rate * STEP[1])
             new_pts, new_sleep = self._for_rate(want, cost)
-        if (new_pts, new_sleep) == (pts, s.sleep_millisecs):
+        if new_sleep == s.sleep_millisecs and abs(new_pts - pts) <= MIN_CHANGE * pts:
+            # Also the noise floor: the cost per page differs between parts of the
+            # mergeable set, so one window's estimate wanders by a few percent.
+            # (Never blocks a cut past the budget: that aims at 90% of it, a >= 10% cut.)
             limit = " (at max_pages_to_scan)" if pts >= p.max_pages_to_scan else ""
             return replace(prev, reason=f"{head}: pages_to_scan {pts} unchanged{limit}")
         change = f"pages_to_scan {pts} -> {new_pts}"
@@ -327,13 +339,9 @@ class KsmdReader:
             return None
 
     def sample(self, mergeable_pages: int | None, t: float | None = None) -> GovernorSample:
-        v = ksm_sysfs.read(self.sysfs)
-        cpu = self.cpu_s()
-
-        def num(name: str) -> int | None:
-            x = v.get(name)
-            return x if isinstance(x, int) else None
-
+        v, cpu = ksm_sysfs.read(self.sysfs).as_dict(), self.cpu_s()
+        ints = {k: x for k, x in v.items() if isinstance(x, int)}
+        num = ints.get
         mode = v.get("advisor_mode")
         return GovernorSample(
             t=time.monotonic() if t is None else t,

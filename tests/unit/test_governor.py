@@ -256,3 +256,18 @@ def test_writes_put_run_last() -> None:
     s = SimKsmd(pts=100, run=0).sample()
     w = g.writes(KsmdSetting(1, 200, 30, "x"), s)
     assert w == [("pages_to_scan", 200), ("sleep_millisecs", 30), ("run", 1)]
+
+
+def test_off_from_the_start_wakes_at_the_policy_knobs() -> None:
+    g, sim = gov(), SimKsmd(pts=50_000, sleep_ms=0, mergeable=0, run=1)
+    d = sim.step(g)
+    assert d.run == 0 and sim.run == 0
+    sim.pts = 7  # someone else's write while off is left alone
+    assert sim.step(g).pages_to_scan == 7 and sim.pts == 7
+    sim.mergeable = 100
+    g.wake("new range")
+    d = sim.step(g)
+    assert (d.run, d.pages_to_scan, d.sleep_millisecs) == (1, 16384, 20) and (sim.pts, sim.sleep_ms) == (
+        16384,
+        20,
+    )
