@@ -85,7 +85,7 @@ class KsmdGovernor:
         policy: Ksmd,
         has_advisor: bool,
         min_window_s: float = 1.0,
-        max_window_s: float = 60.0,
+        max_window_s: float = 10.0,
         quiet_scans: int = 2,
     ) -> None:
         self.policy = policy
@@ -93,6 +93,8 @@ class KsmdGovernor:
         self.advisor_owns = policy.advisor == "kernel" and has_advisor
         self.has_advisor = has_advisor
         self.min_window_s = min_window_s
+        # The window: samples since the last change, at most this long (the cost per page
+        # changes as merging goes on, and an old window hides it).
         self.max_window_s = max_window_s
         self.quiet_scans = quiet_scans  # full scans in a row that merged nothing before ksmd goes off
         self.sleep_ms = max(1, policy.sleep_millisecs)  # sleep 0 would leave no way to bound the share
@@ -292,7 +294,7 @@ class KsmdGovernor:
             # Also the noise floor: the cost per page differs between parts of the
             # mergeable set, so one window's estimate wanders by a few percent.
             # (Never blocks a cut past the budget: that aims at 90% of it, a >= 10% cut.)
-            limit = " (at max_pages_to_scan)" if pts >= p.max_pages_to_scan else ""
+            limit = " (at max_pages_to_scan)" if pts >= p.max_pages_to_scan else f" (wants {new_pts})"
             return replace(prev, reason=f"{head}: pages_to_scan {pts} unchanged{limit}")
         change = f"pages_to_scan {pts} -> {new_pts}"
         if new_sleep != s.sleep_millisecs:

@@ -185,3 +185,28 @@ def test_tiny_cpu_never_cranks_past_max(ksm, workload, tmp_path: Path) -> None:
         assert max(seen) == 400 and seen[-1] == 400
         assert share < policy.budget_pct
     knobs_restored(change)
+
+
+@pytest.mark.ksm
+@pytest.mark.requires_kernel_feature("ksm_advisor")
+def test_kernel_advisor_is_set_up_and_left_alone(ksm, workload, tmp_path: Path) -> None:
+    wl = workload(comm="gov-advisor")
+    wl.call("alloc", name="a", pages=8192, kind="mix", fraction=0.5, seed=3)
+    assert wl.call("madvise", name="a")["ret"] == 0
+    ksm.set(pages_to_scan=5000, sleep_millisecs=0)
+    policy = Ksmd(budget_pct=5.0, full_scan_s=30.0, advisor="kernel", sleep_millisecs=20)
+    with KnobChange("test-governor", journal_dir=tmp_path) as change:
+        driver = GovernorDriver(KsmdGovernor(policy, True, quiet_scans=10_000), change)
+        log: list[KsmdSetting] = []
+        print()
+        run_steps(driver, 5, (wl.pid,), log)
+        knobs = ksm_sysfs.read().knobs
+        assert knobs["advisor_mode"] == "scan-time" and knobs["run"] == 1
+        assert (knobs["advisor_max_cpu"], knobs["advisor_target_scan_time"]) == (5, 30)
+        assert knobs["sleep_millisecs"] == 20
+        # The advisor owns pages_to_scan: the governor never wrote it (the journal
+        # lists every knob it set), whatever the advisor chose.
+        assert "pages_to_scan" not in change.journal.entry.knobs_set
+        assert "advisor owns pages_to_scan" in log[-1].reason
+    knobs_restored(change)
+    assert ksm_sysfs.read().knobs["advisor_mode"] == "none"
