@@ -19,8 +19,10 @@ import time
 from typing import Any
 
 from ksmtrace.coordinator import policy as policy_mod
+from ksmtrace.coordinator.actuator import KnobChange
 from ksmtrace.coordinator.daemon import Daemon
 from ksmtrace.coordinator.decisions import Decision, DecisionLog
+from ksmtrace.coordinator.governor import GovernorDriver, KsmdGovernor, KsmdReader, KsmdSetting
 from ksmtrace.errors import TracingUnavailable, UsageError
 from ksmtrace.kernel import checks, features
 from ksmtrace.kernel.proc_events import ProcEvents
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         console.lines(f"{view.policy_summary(pol)}: valid")
         return 0
     pol = _load(args.policy) if args.policy else policy_mod.DEFAULT
-    checks.require_root("the daemon")
+    for purpose in ("ptrace", "pagemap", "sysfs"):
+        checks.require_root(purpose)
     log = DecisionLog(pol.log or None)
 
     def emit(d: Decision) -> None:
@@ -87,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
             features.lacks(n) for n in ("ksm_tracepoints", "prctl_memory_merge") if not features.available(n)
         ]
         daemon.faults = _fault_probe(stack, lacks)
+        daemon.governor = _governor(stack, pol)
+        lacks += daemon.governor.governor.notes
         emit(
             Decision(
                 "start",
@@ -127,3 +132,25 @@ def _fault_probe(stack: contextlib.ExitStack, lacks: list[str]) -> faults_probe.
     except TracingUnavailable as exc:
         lacks.append(f"{exc}: churn is judged by rmap cost alone")
         return None
+
+
+class _Proposal:
+    """Observe mode's governor: decides as it would, writes nothing."""
+
+    def __init__(self, pol: policy_mod.Policy) -> None:
+        self.governor = KsmdGovernor(pol.ksmd, features.available("ksm_advisor"))
+        self.reader = KsmdReader()
+
+    def wake(self, reason: str) -> None:
+        self.governor.wake(reason)
+
+    def step(self, mergeable_pages: int | None) -> KsmdSetting:
+        return self.governor.step(self.reader.sample(mergeable_pages))
+
+
+def _governor(stack: contextlib.ExitStack, pol: policy_mod.Policy) -> GovernorDriver | _Proposal:
+    if pol.mode != "enforce":
+        return _Proposal(pol)
+    # Entered last of the machine changes: closed (knobs restored as found) first.
+    knobs = stack.enter_context(KnobChange("daemon"))
+    return GovernorDriver.for_policy(pol.ksmd, knobs)

@@ -85,7 +85,10 @@ class Daemon:
         self.said_never: set[int] = set()
         self._since: dict[tuple[int, int], float] = {}
         self.verdicts: dict[int, Verdict] = {}
-        self._next_survey = 0.0  # (pid, start) -> monotonic time made mergeable
+        self._next_survey = 0.0
+        self._knobs: tuple[int, int, int] | None = (
+            None  # ksmd's knobs as last set (or proposed)  # (pid, start) -> monotonic time made mergeable
+        )
         self._lock_fd: int | None = None
 
     # --- life --------------------------------------------------------------
@@ -205,7 +208,32 @@ class Daemon:
             self._look(due, verdicts, domain if domain is not None else due[0].verdict.domain, now)
         if now >= self._next_survey:
             self._judge_churn(now)
+            self._govern()
             self._next_survey = now + self.policy.interval_s
+
+    def _govern(self) -> None:
+        """One governor step; a decision when ksmd's knobs change (or would, observing)."""
+        if self.governor is None:
+            return
+        setting = self.governor.step(self.mergeable_pages())
+        if setting is None:
+            return
+        knobs = (setting.run, setting.pages_to_scan, setting.sleep_millisecs)
+        if knobs != self._knobs:
+            self._knobs = knobs
+            numbers = dict(zip(("run", "pages_to_scan", "sleep_millisecs"), knobs, strict=True))
+            self.emit(Decision("ksmd", setting.reason, applied=self.enforce, numbers=numbers))
+
+    def mergeable_pages(self) -> int:
+        """Pages in VM_MERGEABLE areas: the daemon's ranges and self-opted processes' mappings."""
+        total = sum(r.pages for r in self.book.ranges.values())
+        for v in self.verdicts.values():
+            if v.facts.self_opted:
+                try:
+                    total += sum(m.length for m in self.proc.smaps(v.facts.pid) if m.mergeable) // PAGE
+                except (ProcessGone, AccessDenied):
+                    continue
+        return total
 
     def _domains(self, verdicts: list[Verdict]) -> str | None:
         """The domain whose processes are mergeable now (None: none is); warns on several."""
