@@ -64,12 +64,16 @@ def _new_vmas(start: int, end: int, region: RegionEstimate) -> int:
     return (start > region.start) + (end < region.end)
 
 
+def _size(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+
+
 def _reason(run: PageRun, saving: float, page: int) -> str:
     pages = run.pages
     ksm = f", {run.ksm_pages} KSM already" if run.ksm_pages else ""
     return (
         f"{run.dup_pages} duplicate pages of {pages} ({run.dup_pages / pages:.0%}){ksm}, "
-        f"saves {saving:.0f} pages ({saving * page / 2**20:.1f} MiB)"
+        f"saves {saving:.0f} pages ({_size(saving * page)})"
     )
 
 
