@@ -50,7 +50,7 @@ def test_short_runs_dropped_and_the_rest_in_address_order() -> None:
     assert got.saving_pages == 10 + 20 + 30 + 5
     first = got.ranges[0]
     assert first.dup_pages == 10 and first.predicted_saving_pages == 10
-    assert first.reason == "10 duplicate pages of 10 (100%), saves 10 pages (0.0 MiB)"
+    assert first.reason == "10 duplicate pages of 10 (100%), saves 10 pages (40 KiB)"
 
 
 def test_saving_is_the_regions_spread_over_its_duplicate_pages() -> None:
