@@ -6,7 +6,9 @@ import argparse
 from typing import Any
 
 from ksmtrace.commands._common import add_filter_args, add_output_args, resolve_pids
+from ksmtrace.coordinator.ranges import RangeBook
 from ksmtrace.kernel import checks
+from ksmtrace.kernel.procfs import ProcFS
 from ksmtrace.model import snapshot
 from ksmtrace.views import console
 from ksmtrace.views import optins as view
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     # Frame numbers in pagemap are hidden from anyone without CAP_SYS_ADMIN.
     checks.require_root("pagemap")
     pids = resolve_pids(args)
-    rep = snapshot.take(pids=pids, live=True).optins
+    proc = ProcFS()
+    rep = snapshot.take(proc, pids=pids, live=True, made=RangeBook().made(proc)).optins
     assert rep is not None  # live=True always measures
     if args.json:
         console.json(view.optins_json(rep))

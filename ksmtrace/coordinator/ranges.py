@@ -77,6 +77,20 @@ class RangeBook:
         self.save()
         return kept, dropped
 
+    def made(self, proc: ProcFS) -> dict[int, list[tuple[int, int, int]]]:
+        """pid -> (start, end, duplicate pages) of the ranges made mergeable, read
+        from the file for other commands (optins, faults); records of processes
+        gone or of reused pids left out."""
+        out: dict[int, list[tuple[int, int, int]]] = {}
+        for r in self.load():
+            try:
+                if r.state != "done" or proc.stat(r.pid).starttime != r.starttime:
+                    continue
+            except (ProcessGone, AccessDenied):
+                continue
+            out.setdefault(r.pid, []).append((r.start, r.end, r.dup_pages))
+        return out
+
     def of(self, pid: int) -> list[MadeRange]:
         return [r for (p, _), r in sorted(self.ranges.items()) if p == pid]
 

@@ -28,12 +28,13 @@ keeps VM_MERGEABLE per VMA and MMF_VM_MERGE_ANY per mm, not who set them):
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ksmtrace.errors import AccessDenied, ProcessGone
 from ksmtrace.kernel.procfs import KsmStat, ProcFS, Vma
 
-HOWS = ("madvise", "prctl", "exec", "fork")
+HOWS = ("madvise", "prctl", "exec", "fork", "daemon")  # daemon: made mergeable by ksmtrace daemon
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class MergeableProcess:
     # whole-process opt-in (merge_any) and per-region opt-ins, aligned with regions
     origin: Origin | None = None
     region_origins: tuple[Origin, ...] = ()
+    # what ksmtrace daemon made mergeable here: (runs, duplicate pages), None if nothing
+    made_by_daemon: tuple[int, int] | None = None
 
     @property
     def merge_any(self) -> bool:
@@ -128,6 +131,11 @@ class MergeableProcess:
             "mergeable_bytes": self.mergeable_bytes,
             "merging_pages": self.merging_pages,
             "rmap_items": self.stat.rmap_items if self.stat else 0,
+            "made_by_daemon": (
+                None
+                if self.made_by_daemon is None
+                else {"runs": self.made_by_daemon[0], "dup_pages": self.made_by_daemon[1]}
+            ),
             "zero_pages": self.stat.zero_pages if self.stat else 0,
             "profit_bytes": self.profit,
         }
@@ -140,7 +148,13 @@ class Inventory:
     denied: int = 0
 
 
-def take(proc: ProcFS | None = None, pids: list[int] | None = None) -> Inventory:
+# pid -> (start, end, duplicate pages) of each range ksmtrace daemon made mergeable
+Made = Mapping[int, Sequence[tuple[int, int, int]]]
+
+
+def take(proc: ProcFS | None = None, pids: list[int] | None = None, made: Made | None = None) -> Inventory:
+    """Opted-in processes; ``made``: the ranges ksmtrace daemon made mergeable
+    (its range book, read by the caller), whose regions then say "daemon"."""
     proc = proc or ProcFS()
     inv = Inventory()
     for pid in proc.pids() if pids is None else pids:
@@ -172,7 +186,7 @@ def take(proc: ProcFS | None = None, pids: list[int] | None = None) -> Inventory
         except AccessDenied:
             inv.denied += 1
     parents = _ParentView(proc, inv.processes)  # one view for all: per process it was O(n^2)
-    inv.processes = [_with_origins(p, parents) for p in inv.processes]
+    inv.processes = [_with_origins(p, parents, (made or {}).get(p.pid, ())) for p in inv.processes]
     return inv
 
 
@@ -199,7 +213,9 @@ class _ParentView:
         return self.cache[pid]
 
 
-def _with_origins(p: MergeableProcess, parents: _ParentView) -> MergeableProcess:
+def _with_origins(
+    p: MergeableProcess, parents: _ParentView, made: Sequence[tuple[int, int, int]] = ()
+) -> MergeableProcess:
     parent = parents.get(p.ppid) if p.ppid > 1 else None
     origin: Origin | None = None
     if p.merge_any:
@@ -211,10 +227,14 @@ def _with_origins(p: MergeableProcess, parents: _ParentView) -> MergeableProcess
             origin = Origin("prctl")
     regions: list[Origin] = []
     for v in p.regions:
-        if origin is not None:
+        if any(s <= v.start and v.end <= e for s, e, _ in made):
+            regions.append(Origin("daemon"))
+        elif origin is not None:
             regions.append(origin)
         elif parent is not None and (v.start, v.end) in parent[1]:
             regions.append(Origin("fork", p.ppid))
         else:
             regions.append(Origin("madvise"))
-    return replace(p, origin=origin, region_origins=tuple(regions))
+    runs = [m for m in made if any(m[0] <= v.start and v.end <= m[1] for v in p.regions)]
+    by_daemon = (len(runs), sum(m[2] for m in runs)) if runs else None
+    return replace(p, origin=origin, region_origins=tuple(regions), made_by_daemon=by_daemon)

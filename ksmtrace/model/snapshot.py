@@ -66,15 +66,16 @@ def take(
     estimate: Estimate | None = None,
     kernel_features: dict[str, dict[str, Any]] | None = None,
     processes: bool = True,
+    made: inventory.Made | None = None,
 ) -> Snapshot:
     """The host now: ``pids`` limits the process part (None: every process);
     ``live`` adds each opted-in region's KSM pages from pagemap (root);
     ``processes=False`` leaves the process inventory out (a periodic view
     whose probes already name the processes that matter: it costs a read of
-    every process's ksm_stat)."""
+    every process's ksm_stat); ``made``: ranges ksmtrace daemon made mergeable."""
     proc = proc or ProcFS()
     sys_state = ksm_sysfs.read(sysfs)
-    inv = inventory.take(proc, pids) if processes else inventory.Inventory()
+    inv = inventory.take(proc, pids, made) if processes else inventory.Inventory()
     exited, denied = inv.exited, inv.denied
     live_rep = None
     if live:

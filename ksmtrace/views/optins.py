@@ -166,6 +166,9 @@ def optins_tables(
             shown = regs if max_regions is None else regs[:max_regions]
             plural = "" if len(regs) == 1 else "s"
             out += ["", f"pid {lp.proc.pid} ({lp.proc.comm}): {len(regs)} opted-in region{plural}"]
+            if lp.proc.made_by_daemon:
+                runs, dup = lp.proc.made_by_daemon
+                out.append(f"made mergeable by ksmtrace daemon: {dup} duplicate pages in {runs} runs")
             out += table(
                 ("START", "SIZE", "HOW", "KSM:(smaps)", "MERGING(pg)", "MAPPING"),
                 [

@@ -97,6 +97,11 @@ class DaemonRun:
                 return
             self.decisions.append(d)
 
+    def book_ranges(self, pid: int) -> list[dict[str, Any]]:
+        """The daemon's range book (run_dir/daemon.ranges): what it says it made mergeable."""
+        doc = json.loads((self.run_dir / "daemon.ranges").read_text())
+        return [r for r in doc["ranges"] if r["pid"] == pid and r["state"] == "done"]
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str]:
         self.proc.send_signal(sig)
         rc = self.proc.wait(timeout=timeout)
@@ -163,6 +168,16 @@ def test_candidates_duplicate_runs_merge_and_unique_pages_stay_out(ksm, workload
         assert len(dup & covered) >= 0.9 * len(dup)
         # Only the gaps the policy lets runs join across (max_gap_pages = 4) may hold unique pages.
         assert len(unique_in) <= 4 * len(ranges)
+        # ksmtrace optins says which regions the daemon made mergeable, and how much they hold.
+        env = {**os.environ, "KSMTRACE_RUN_DIR": str(d.run_dir), "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-m", "ksmtrace", "optins", "-p", str(a.pid)]
+        text = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+        assert "made mergeable by ksmtrace daemon:" in text and "daemon" in text, text
+        doc = json.loads(
+            subprocess.run([*cmd, "-j"], capture_output=True, text=True, env=env, check=True).stdout
+        )
+        made = doc["processes"][0]["made_by_daemon"]
+        assert made["runs"] == len(d.book_ranges(a.pid)) and made["dup_pages"] > 0, made
         ksm.start()
         ksm.wait_merged(a.pid, addr_a, 1024 * PAGE, want=int(0.8 * len(dup)), timeout=60)
     finally:
