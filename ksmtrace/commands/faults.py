@@ -16,6 +16,7 @@ from ksmtrace.commands._common import (
     intervals,
     resolve_pids,
 )
+from ksmtrace.coordinator.ranges import RangeBook
 from ksmtrace.errors import AccessDenied, ProcessGone, TracingUnavailable
 from ksmtrace.kernel import checks, vmstat
 from ksmtrace.kernel.proc_events import ProcEvents
@@ -130,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             # Earlier merges of processes not preloaded at start-up, a slice at a time.
             fp.preload_pending(PRELOAD_SLICE * args.interval)
             gone = state.apply_events(events.read())
+            state.made = RangeBook().made(proc)  # a small file: which regions the daemon made
             snap = snapshot.take(proc, faults=_update(state, fp, kp, args, keep), processes=False)
             for tgid, ranges in state.wanted_regions.items():
                 fp.set_regions(tgid, ranges)

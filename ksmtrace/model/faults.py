@@ -12,7 +12,7 @@ holds the page now.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ksmtrace.errors import AccessDenied, ProcessGone
@@ -36,6 +36,7 @@ class RegionRow:
     mergeable: bool
     rates: dict[str, Rate]
     ksm_bytes: int | None  # smaps "KSM:" (features.FEATURES["smaps_ksm"]): merged as of ksmd's last visit
+    made_by_daemon: bool = False  # ksmtrace daemon made it mergeable (its range book)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -44,6 +45,7 @@ class RegionRow:
             "name": self.name,
             "mergeable": self.mergeable,
             "ksm_bytes": self.ksm_bytes,
+            "made_by_daemon": self.made_by_daemon,
             **{f"{k}_per_s": round(r.per_s, 3) for k, r in self.rates.items()},
             **{f"{k}_total": r.total for k, r in self.rates.items()},
         }
@@ -116,6 +118,8 @@ class FaultsState:
         """``t0``: when the probes were loaded (their counters were zero then);
         ``cow_ksm0``: /proc/vmstat cow_ksm read at that moment."""
         self.proc = proc or ProcFS()
+        # pid -> (start, end, dup pages) ksmtrace daemon made mergeable; the caller sets it
+        self.made: Mapping[int, Sequence[tuple[int, int, int]]] = {}
         self.rates = Rates()
         self.region_rates = Rates()
         self.wp_mg_rates = Rates()
@@ -318,7 +322,8 @@ class FaultsState:
                 name = v.name if v else "(unmapped)"
                 mergeable = bool(v and v.mergeable)
                 ksm_bytes = v.ksm_bytes if v and (v.start, v.end) == (a, b) else None
-                regs.append(RegionRow(a, b, name, mergeable, rr, ksm_bytes))
+                ours = any(s <= a and b <= e for s, e, _ in self.made.get(tgid, ()))
+                regs.append(RegionRow(a, b, name, mergeable, rr, ksm_bytes, ours))
             regs.sort(key=lambda r: (r.start == 0, r.start))
             st = seen.stat
             rows.append(

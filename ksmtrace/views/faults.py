@@ -20,12 +20,13 @@ def _rate(v: float) -> str:
     return f"{v:.0f}" if v >= 10 or v == 0 else f"{v:.1f}"
 
 
-def _region(start: int, end: int, name: str, mergeable: bool, exact: bool) -> str:
+def _region(start: int, end: int, name: str, mergeable: bool, exact: bool, daemon: bool = False) -> str:
     if not start:
         return name
     size = human_bytes(end - start, exact)
     short = name if len(name) <= 10 else "…" + name[-9:]
-    return f"{start:x}+{size} {short}{' mg' if mergeable else ''}"
+    # "daemon": made mergeable by ksmtrace daemon (so mergeable too)
+    return f"{start:x}+{size} {short}{' daemon' if daemon else ' mg' if mergeable else ''}"
 
 
 def text(rep: FaultsReport, now: str, exact: bool = False, filtered: bool = False) -> list[str]:
@@ -84,7 +85,7 @@ def text(rep: FaultsReport, now: str, exact: bool = False, filtered: bool = Fals
                 (
                     "",
                     "",
-                    _region(g.start, g.end, g.name, g.mergeable, exact),
+                    _region(g.start, g.end, g.name, g.mergeable, exact, g.made_by_daemon),
                     _rate(rr["ksm_cow"].per_s),
                     _rate(rr["wp"].per_s) if g.mergeable else "-",
                     _rate(rr["merges"].per_s) if m else "-",
