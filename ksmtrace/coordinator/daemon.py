@@ -38,8 +38,8 @@ from ksmtrace.coordinator.decisions import Decision
 from ksmtrace.coordinator.journal import RUN_DIR
 from ksmtrace.coordinator.policy import Policy
 from ksmtrace.coordinator.ranges import MadeRange, RangeBook
+from ksmtrace.coordinator.unmerge import Judged, Unmerger
 from ksmtrace.errors import AccessDenied, KsmtraceError, ProcessGone
-from ksmtrace.kernel import pagemap
 from ksmtrace.kernel.procfs import ProcFS
 
 PAGE = 4096
@@ -77,13 +77,13 @@ class Daemon:
         self.enforce = policy.mode == "enforce"
         self.book = RangeBook(run_dir)
         self.churn = ChurnJudge(policy.churn)
+        self.unmerger = Unmerger(self.churn, self.book, emit, self.forget, self.enforce, self.proc)
         self.faults = faults  # a FaultProbe, or None (churn then judges rmap cost only)
         self.governor = governor
         self.cands: dict[int, _Candidate] = {}
         self.observed: set[tuple[int, int, int]] = set()  # observe mode: merges already said
         self.warned: set[frozenset[str]] = set()
         self.said_never: set[int] = set()
-        self._since: dict[tuple[int, int], float] = {}
         self.verdicts: dict[int, Verdict] = {}
         self._next_survey = 0.0
         self._knobs: tuple[int, int, int] | None = (
@@ -132,7 +132,8 @@ class Daemon:
         done = []
         if self.policy.on_stop == "unmerge" and self.enforce:
             for r in list(self.book.ranges.values()):
-                if self._unmerge(r, 'the daemon stops and the policy says on_stop = "unmerge"'):
+                j = Judged(r.pid, "", r.start, r.end, True)
+                if self.unmerger.unmerge(j, 'the daemon stops and the policy says on_stop = "unmerge"'):
                     done.append(f"pid {r.pid} {r.start:#x}-{r.end:#x}")
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -168,6 +169,7 @@ class Daemon:
             self.said_never.discard(pid)
         self.book.forget(gone)
         self.churn.forget(gone)
+        self.unmerger.forget_pids(gone)
 
     def survey(self) -> None:
         """Every process judged again (at each interval: memory and cgroups change)."""
@@ -335,7 +337,7 @@ class Daemon:
             self.emit(Decision("error", f"could not make it mergeable: {exc}", f.pid, f.comm, start, end))
             return
         self.book.add(MadeRange(f.pid, f.starttime, start, end, dup, time.time(), "done"))
-        self._since[(f.pid, start)] = now
+        self.unmerger.made(f.pid, start, now)
         if self.faults is not None:
             self.faults.set_regions(f.pid, [(start, end)])
         if self.governor is not None:
@@ -345,46 +347,13 @@ class Daemon:
     # --- churn ---------------------------------------------------------------
 
     def _judge_churn(self, now: float) -> None:
-        if not self.book.ranges:
-            return
-        snap = self.faults.snapshot() if self.faults is not None else None
-        for r in list(self.book.ranges.values()):
-            since = self._since.setdefault((r.pid, r.start), now)
-            cow = None
-            if snap is not None and r.pid in snap.procs:
-                counts = snap.procs[r.pid].regions.get((r.start, r.end))
-                cow = counts.ksm_cow if counts else None
-            try:
-                pages = pagemap.range_pages(r.pid, r.start, r.end)
-            except (ProcessGone, AccessDenied):
-                self.forget({r.pid})
-                continue
-            verdict = self.churn.judge((r.pid, r.start), now, since, cow, pages.ksm, pages.present)
-            if verdict is None:
-                continue
-            if self.enforce:
-                if self._unmerge(r, verdict.reason, verdict.numbers):
-                    self.churn.cool(r.pid, r.start, r.end, now)
-            elif (r.pid, r.start, -r.end) not in self.observed:
-                self.observed.add((r.pid, r.start, -r.end))
-                self.emit(
-                    Decision("unmerge", verdict.reason, r.pid, "", r.start, r.end, False, verdict.numbers)
-                )
-
-    def _unmerge(self, r: MadeRange, why: str, numbers: dict | None = None) -> bool:
-        comm = self.cands[r.pid].verdict.facts.comm if r.pid in self.cands else ""
-        try:
-            remote.madvise(r.pid, r.start, r.end, remote.MADV_UNMERGEABLE)
-        except ProcessGone:
-            self.forget({r.pid})
-            return False
-        except KsmtraceError as exc:
-            self.emit(Decision("error", f"could not unmerge it: {exc}", r.pid, comm, r.start, r.end))
-            return False
-        self.book.remove(r.pid, r.start)
-        self._since.pop((r.pid, r.start), None)
-        self.emit(Decision("unmerge", why, r.pid, comm, r.start, r.end, True, dict(numbers or {})))
-        return True
+        comm = {pid: c.verdict.facts.comm for pid, c in self.cands.items()}
+        ranges = [Judged(r.pid, comm.get(r.pid, ""), r.start, r.end, True) for r in self.book.ranges.values()]
+        if self.policy.narrow_self_opted:
+            selfs = [(v.facts.pid, v.facts.comm) for v in self.verdicts.values() if v.role == "self"]
+            ranges += self.unmerger.self_opted(selfs)
+        self.unmerger.faults = self.faults
+        self.unmerger.judge(now, ranges)
 
 
 def _stable(looks: list[list[tuple[int, int]]], needed: int, min_len: int) -> list[tuple[int, int]]:

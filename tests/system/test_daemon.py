@@ -114,11 +114,12 @@ def mergeable_pages(pid: int) -> list[tuple[int, int]]:
     return [(v.start, v.end) for v in ProcFS().smaps(pid) if v.mergeable]
 
 
-def _policy(tag: str, mode: str = "enforce", extra: str = "") -> str:
+def _policy(tag: str, mode: str = "enforce", extra: str = "", narrow: bool = False) -> str:
     return f"""\
 mode = "{mode}"
 interval = "2s"
-self_opted = false
+self_opted = {"true" if narrow else "false"}
+narrow_self_opted = {"true" if narrow else "false"}
 
 [[candidate]]
 comm = ["{tag}a", "{tag}b"]
@@ -235,12 +236,14 @@ def test_trust_domains_are_never_mergeable_at_once(ksm, workload, tmp_path) -> N
 
 
 def test_write_storm_is_unmerged_with_its_reason(ksm, workload, tmp_path) -> None:
+    """A range the daemon made, and (narrowing allowed) a self-opted process's region."""
     tag = secrets.token_hex(3)
     a = workload(comm=f"{tag}a")
-    b = workload(comm=f"{tag}b")
-    addr, ids = _scattered(a, 41)
-    _scattered(b, 41)  # the same contents: a's duplicates merge with b's too
-    d = DaemonRun(tmp_path, _policy(tag))
+    c = workload(comm=f"{tag}c")  # not a candidate: opts in itself
+    addr, _ = _scattered(a, 41)
+    _scattered(c, 41)  # the same contents: a's duplicates merge with c's too
+    assert c.call("madvise", name="m")["ret"] == 0
+    d = DaemonRun(tmp_path, _policy(tag, narrow=True))
     try:
         # The first merge inside the workload's region (the interpreter's own heap has duplicates too).
         m = d.wait(
@@ -257,16 +260,28 @@ def test_write_storm_is_unmerged_with_its_reason(ksm, workload, tmp_path) -> Non
         start = int(m["start"], 16)
         first, count = (start - addr) // PAGE, (int(m["end"], 16) - start) // PAGE
         ksm.wait_merged(a.pid, start, count * PAGE, want=1, timeout=60)
-        # A write storm: every page of the range written again and again, so each
-        # merge ksmd makes is broken at once.
-        deadline = time.monotonic() + 60
-        unmerged = None
-        while time.monotonic() < deadline and unmerged is None:
-            a.call("write", name="m", first=first, count=count, value=int(time.monotonic()) & 0xFF)
+        # A write storm: every page written again and again, so each merge ksmd
+        # makes is broken at once.
+        deadline = time.monotonic() + 90
+        got: dict[int, dict[str, Any]] = {}
+        while time.monotonic() < deadline and len(got) < 2:
+            v = int(time.monotonic() * 10) & 0xFF
+            if a.pid not in got:
+                a.call("write", name="m", first=first, count=count, value=v)
+            if c.pid not in got:
+                c.call("write", name="m", value=v)
             d.drain(0.2)
-            unmerged = next((x for x in d.decisions if x["action"] == "unmerge" and x["pid"] == a.pid), None)
-        assert unmerged, f"no unmerge within 60 s: {d.decisions}"
-        assert unmerged["applied"] and "copy-on-write" in unmerged["reason"], unmerged
+            got = {
+                x["pid"]: x for x in d.decisions if x["action"] == "unmerge" and x["pid"] in (a.pid, c.pid)
+            }
+        assert a.pid in got and c.pid in got, f"unmerges within 90 s: {got}; decisions: {d.decisions}"
+        for x in got.values():
+            assert x["applied"] and "copy-on-write" in x["reason"], x
+        assert "opted in itself" in got[c.pid]["reason"]
+        assert not any(s <= start < e for s, e in mergeable_pages(a.pid))
+        assert not mergeable_pages(c.pid)
+        # Never made mergeable again while it cools down (policy cooldown: 10 minutes).
+        d.drain(5)
         assert not any(s <= start < e for s, e in mergeable_pages(a.pid))
     finally:
         d.stop()
