@@ -52,6 +52,9 @@ class TargetExecuted(KsmtraceError):
 # the whole process, so another thread serves as well. Bounded: a process whose
 # threads all live shorter than an attach is refused in words, not chased forever.
 THREAD_ATTEMPTS = 16
+# How long a process with no live thread is watched before it counts as gone
+# (an exec in progress; software emulation stretches it to many milliseconds).
+EXEC_SETTLE_S = 0.5
 
 # image_id() of each pid as check_target() saw it: an exec (or a reused pid) between
 # the checks and the injection is then refused instead of advising a stranger's memory.
@@ -100,6 +103,13 @@ def pick_thread(pid: int, proc: ProcFS | None = None) -> int:
     """The main thread, unless it already exited (a zombie leader): then the newest live
     thread (the highest tid: of threads that come and go, the likeliest to last)."""
     live = live_threads(pid, proc)
+    deadline = time.monotonic() + EXEC_SETTLE_S
+    while not live and time.monotonic() < deadline:
+        # An exec from a non-leader thread briefly leaves only the zombie leader
+        # listed (de_thread: the other threads die, then the execing one takes the
+        # leader's pid); an exited process looks the same, but stays so.
+        time.sleep(0.005)
+        live = live_threads(pid, proc)
     if not live:
         raise ProcessGone(pid, "no live thread")
     return live[0] if live[0] == pid else max(live)

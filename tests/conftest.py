@@ -46,6 +46,7 @@ import pytest
 
 from ksmtrace.kernel import features, ksm_sysfs, pagemap
 from ksmtrace.workload import Workload
+from tests import vmrun
 from tests.stray import STRAY
 
 LOCK = (
@@ -316,3 +317,13 @@ def workload() -> Iterator[Callable[..., Workload]]:
     yield make
     for wl in started:
         wl.close()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # The VM run overlaps the host's suite (tests/vmrun.py): started now if it will run.
+    if any(i.get_closest_marker("vm") for i in session.items):
+        vmrun.start()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    vmrun.stop()

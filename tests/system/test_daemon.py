@@ -186,6 +186,9 @@ def test_candidates_duplicate_runs_merge_and_unique_pages_stay_out(ksm, workload
     assert rc in (0, 128 + signal.SIGTERM), err
 
 
+@pytest.mark.host_only(
+    "the daemon's own decisions; the VM's daemon tests cover its kernel paths (scan, madvise, knobs)"
+)
 def test_never_rule_wins_and_observe_mode_changes_nothing(ksm, workload, tmp_path) -> None:
     tag = secrets.token_hex(3)
     a, b = workload(comm=f"{tag}a"), workload(comm=f"{tag}b")
@@ -217,6 +220,9 @@ def test_never_rule_wins_and_observe_mode_changes_nothing(ksm, workload, tmp_pat
     assert ksm_sysfs.read().knobs == before or rc != 0, err
 
 
+@pytest.mark.host_only(
+    "the daemon's own decisions; the VM's daemon tests cover its kernel paths (scan, madvise, knobs)"
+)
 def test_trust_domains_are_never_mergeable_at_once(ksm, workload, tmp_path) -> None:
     tag = secrets.token_hex(3)
     a, b = workload(comm=f"{tag}a"), workload(comm=f"{tag}b")
@@ -235,6 +241,9 @@ def test_trust_domains_are_never_mergeable_at_once(ksm, workload, tmp_path) -> N
         d.stop()
 
 
+@pytest.mark.host_only(
+    "the daemon's own decisions; the VM's daemon tests cover its kernel paths (scan, madvise, knobs)"
+)
 def test_write_storm_is_unmerged_with_its_reason(ksm, workload, tmp_path) -> None:
     """A range the daemon made, and (narrowing allowed) a self-opted process's region."""
     tag = secrets.token_hex(3)

@@ -224,6 +224,7 @@ def test_delayacct_restored() -> None:
     assert open("/proc/sys/kernel/task_delayacct").read() == before
 
 
+@pytest.mark.host_only("CLI text and JSON; the VM's exactness tests cover the probes")
 def test_cli_faults_and_ksmd_json(ksm, workload) -> None:  # type: ignore[no-untyped-def]
     w = workload(comm="faults-cli")
     r = w.call("alloc", name="r", pages=128, kind="dup", seed=5)
@@ -283,6 +284,7 @@ def test_pages_merged_before_tracing_started(ksm, workload) -> None:  # type: ig
     _assert_path(fp, s0, s1, fast=True)
 
 
+@pytest.mark.host_only("the VM's exactness test covers fork COW")
 def test_forked_child_breaking_inherited_merges(ksm, workload) -> None:  # type: ignore[no-untyped-def]
     """A child inherits its parent's KSM pages without any merge event naming
     it: its faults are checked one by one (walk_all), and still exact."""
@@ -367,6 +369,7 @@ def test_ksmd_command_without_ksm_tracepoints(ksm, workload, monkeypatch, capsys
     assert 0 < sum(r["rounds"] for r in recs) <= scans1 - scans0, (recs, scans1 - scans0)
 
 
+@pytest.mark.host_only("a capacity fallback of ksmtrace's")
 def test_merged_set_full_falls_back_to_checking_every_fault(ksm, workload) -> None:  # type: ignore[no-untyped-def]
     """The merged-page set holds 2 MiB chunks; with room for one, the merges of
     a 3 MiB region overflow it: the drop is counted, the process is checked
@@ -385,6 +388,7 @@ def test_merged_set_full_falls_back_to_checking_every_fault(ksm, workload) -> No
     _assert_path(fp, s0, s1, fast=False)
 
 
+@pytest.mark.host_only("bitmap bookkeeping is ksmtrace's")
 def test_stale_merged_bits_do_not_count(ksm, workload) -> None:  # type: ignore[no-untyped-def]
     """MADV_UNMERGEABLE undoes merges without a fault or an event per page: the
     merged-page bits go stale. Fork copy-on-write on those pages then hits the
@@ -413,6 +417,7 @@ def test_stale_merged_bits_do_not_count(ksm, workload) -> None:  # type: ignore[
     assert _traced(s0, s1) == cow1 - cow0
 
 
+@pytest.mark.host_only("slot bookkeeping is ksmtrace's; one BPF compile per cycle under emulation")
 def test_process_slots_are_recycled_after_exit(ksm, workload) -> None:  # type: ignore[no-untyped-def]
     """Processes live in a fixed number of slots: when they run out, a new
     opt-in is counted as a drop, and the slot of a process that exited (as
@@ -469,6 +474,9 @@ def _own_attachments() -> list[str]:
     return sorted(names)
 
 
+@pytest.mark.host_only(
+    "forces fallbacks that are the natural path on the VM's 6.1, which the exactness test takes"
+)
 @pytest.mark.parametrize("why", ["no kfunc", "refused"])
 def test_helper_reads_without_rdonly_cast(ksm, workload, monkeypatch, why: str) -> None:  # type: ignore[no-untyped-def]
     """The KSM check reads page tables with inlined loads through

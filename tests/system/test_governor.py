@@ -77,6 +77,9 @@ def big_workload(workload, pages: int) -> Workload:  # noqa: ANN001
     return wl
 
 
+@pytest.mark.host_only(
+    "512 MiB filled page by page, ksmd timed: minutes under emulation; the VM's off/on test drives the knobs"
+)
 @pytest.mark.ksm
 def test_governor_holds_ksmd_to_its_budget(ksm, workload, tmp_path: Path) -> None:
     budget = 5.0
@@ -159,6 +162,7 @@ def test_governor_turns_ksmd_off_when_nothing_is_left(ksm, workload, tmp_path: P
     knobs_restored(change)
 
 
+@pytest.mark.host_only("the governor's bound is its own logic (unit tests too)")
 @pytest.mark.ksm
 def test_tiny_cpu_never_cranks_past_max(ksm, workload, tmp_path: Path) -> None:
     wl = workload(comm="gov-tiny")

@@ -101,6 +101,7 @@ def _assert_matches(events: list[dict[str, Any]], expected: list[dict[str, Any]]
     assert got == expected and len(events) == len(expected), json.dumps(events, indent=1)
 
 
+@pytest.mark.host_only("snoop's lines and JSON; the VM's probe API test covers the events")
 def test_snoop_reports_each_optin_once_with_its_fields(workload) -> None:
     wl = workload(comm="optin-wl")
     other = workload(comm="optin-other")
@@ -241,6 +242,7 @@ def test_lost_events_are_counted(workload) -> None:
     assert all(e.op_name == "PR_GET_MEMORY_MERGE" and e.pid == wl.pid for e in got)
 
 
+@pytest.mark.host_only("the filter's logic; the VM's probe API test covers the probe")
 def test_cgroup_filter(workload) -> None:
     mount = cgroup2_mount()
     path = mount / f"ksmtrace-test-{os.getpid()}"
@@ -336,6 +338,7 @@ def test_madvise_counts_agree_with_perf(workload) -> None:
     assert snoop.summary()["lost"] == 0
 
 
+@pytest.mark.host_only("the inventory's logic; the VM's optins tests cover its kernel readers")
 @pytest.mark.ksm
 def test_opted_in_before_start_shows_in_optins_and_snoop(ksm, workload) -> None:
     pre = workload(comm="optin-pre")

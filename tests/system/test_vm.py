@@ -11,17 +11,18 @@ log shows them. Slow (TCG): marked ``vm``, runs with --vm or CI=true.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
+from tests import vmrun
+
 pytestmark = [pytest.mark.system, pytest.mark.vm]
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "build" / "vm"
+RESULTS = vmrun.RESULTS
 # Box build ~2 min (once per machine), boot ~3, install ~2, suite ~5-10 under TCG.
 TIMEOUT = 45 * 60
 # The guest's strict-mode hook lets only these skips through (tests/conftest.py KernelLacks).
@@ -64,20 +65,15 @@ def _cases(junit: Path) -> list[tuple[str, str, str]]:
 
 
 def test_suite_passes_inside_debian12_vm(request: pytest.FixtureRequest) -> None:
-    env = {**os.environ, "KSMTRACE_VM_RESULTS": str(RESULTS)}
-    proc = subprocess.Popen(
-        [str(ROOT / "vagrant" / "run-vm-tests.sh")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    # Started at collection's end (tests/conftest.py): it ran beside the host's suite.
+    proc = vmrun.start()
     try:
-        _, stderr = proc.communicate(timeout=TIMEOUT)
+        proc.wait(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         # SIGTERM lets the script's traps destroy the VM and stop libvirtd.
         proc.terminate()
-        _, stderr = proc.communicate(timeout=300)
+        proc.wait(timeout=300)
+    stderr = vmrun.STDERR.read_text(errors="replace") if vmrun.STDERR.exists() else ""
     steps = [line for line in stderr.splitlines() if line.startswith(("vm-test:", "build-box:"))]
     lines = ["==== ksmtrace test suite inside the Debian 12 VM (vagrant/run-vm-tests.sh) ====", *steps]
     console = RESULTS / "console.log"
