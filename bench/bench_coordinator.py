@@ -63,7 +63,14 @@ from coordlib import (
 from ksmtrace.kernel import features, ksm_sysfs, pagemap
 
 SHIPPED = {"advisor_mode": "none", "pages_to_scan": 100, "sleep_millisecs": 20, "smart_scan": 1}
-SHIPPED_ALSO = {"use_zero_pages": 0}
+# Not part of any arm's difference, but a previous user's values must not leak in.
+SHIPPED_ALSO = {
+    "use_zero_pages": 0,
+    "advisor_max_cpu": 70,
+    "advisor_min_pages_to_scan": 500,
+    "advisor_max_pages_to_scan": 30000,
+    "advisor_target_scan_time": 200,
+}
 LOCK = "/run/lock/ksmtrace-tests.lock"
 INF = float("inf")
 
@@ -81,7 +88,7 @@ def set_knobs(extra: dict[str, Any]) -> None:
     """Unmerge everything, then the shipped knobs with ``extra`` over them; run last."""
     ksm_sysfs.write("run", 2)
     have = ksm_sysfs.read().knobs
-    want = {**SHIPPED, **SHIPPED_ALSO, **extra}
+    want = {**SHIPPED_ALSO, **SHIPPED, **extra}
     if want.get("advisor_mode") == "scan-time":
         want.pop("pages_to_scan")  # the advisor owns it (setting the mode resets it)
     for k, v in want.items():  # advisor_mode first: switching it resets pages_to_scan
@@ -223,7 +230,8 @@ def report(args: argparse.Namespace, res: dict[str, Any], skipped: dict[str, str
         print()
         for what, v, goal, lower in goals:
             print(
-                f"{what:<30} {fmt(v, '.3f'):>7}  goal {'<=' if lower else '>='} {goal:.3f}  {verdict(v, goal, lower)}"
+                f"{what:<30} {fmt(v, '.3f'):>7}  goal {'<=' if lower else '>='} {goal:.3f}  "
+                f"{verdict(v, goal, lower)}"
             )
             ratios[what] = {"value": v, "goal": goal, "verdict": verdict(v, goal, lower)}
         for o in ("b", "c"):
@@ -251,7 +259,8 @@ def report(args: argparse.Namespace, res: dict[str, Any], skipped: dict[str, str
     if e:
         print(
             f"exec to first merged page: {fmt(e['first_ksm_page_s'])} s (goal < 10 s) "
-            f"{verdict(e['first_ksm_page_s'], 10.0)}; the daemon's first madvise at {fmt(e['first_madvise_s'])} s"
+            f"{verdict(e['first_ksm_page_s'], 10.0)}; "
+            f"the daemon's first madvise at {fmt(e['first_madvise_s'])} s"
         )
     if "d" in res["arms"]:
         arm = res["arms"]["d"]
@@ -275,26 +284,29 @@ def report(args: argparse.Namespace, res: dict[str, Any], skipped: dict[str, str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--procs", type=int, default=4)
-    ap.add_argument("--mib", type=int, default=128, help="private memory per process")
+    ap.add_argument("--mib", type=int, help="private memory per process (128; --quick 32)")
     ap.add_argument("--dup-pct", type=int, default=10)
     ap.add_argument("--hot-kib", type=int, default=1024)
     ap.add_argument("--hot-period-ms", type=int, default=20)
-    ap.add_argument("--duration", type=float, default=150, help="seconds per arm")
+    ap.add_argument("--duration", type=float, help="seconds per arm (150; --quick 60)")
     ap.add_argument("--every", type=float, default=0.5, help="sampling period (s)")
     ap.add_argument("--budget", default="5%", help="the daemon's [ksmd] budget")
-    ap.add_argument("--idle", type=float, default=30, help="seconds of the idle-daemon measurement")
-    ap.add_argument("--exec-mib", type=int, default=64)
+    ap.add_argument("--idle", type=float, help="seconds of the idle-daemon measurement (30; --quick 10)")
+    ap.add_argument("--exec-mib", type=int, help="the exec test's process (64; --quick 32)")
     ap.add_argument("--arms", default="abcd")
-    ap.add_argument("--quick", action="store_true", help="4 x 32 MiB, 60 s arms, 10 s idle")
+    ap.add_argument("--quick", action="store_true", help="a smaller, shorter run")
     ap.add_argument("-j", "--json", action="store_true", help="also print the results as JSON")
     args = ap.parse_args()
-    if args.quick:
-        args.mib, args.duration, args.idle, args.exec_mib = 32, 60, 10, 32
+    sizes = {"mib": (128, 32), "duration": (150, 60), "idle": (30, 10), "exec_mib": (64, 32)}
+    for k, (full, quick) in sizes.items():  # given explicitly wins over either size
+        if getattr(args, k) is None:
+            setattr(args, k, quick if args.quick else full)
     load = os.getloadavg()
     print(
         f"bench_coordinator: {args.procs} processes x {args.mib} MiB, {args.dup_pct}% duplicate in runs of "
         f"2-32 pages, {args.hot_kib} KiB hot every {args.hot_period_ms} ms; {args.duration:.0f} s per arm, "
-        f"daemon budget {args.budget}; {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+        f"daemon budget {args.budget}; {os.cpu_count()} CPUs, "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
         flush=True,
     )
     res: dict[str, Any] = {"arms": {}, "summary": {}}
@@ -316,7 +328,8 @@ def main() -> None:
                     saved.restore()
                 if res["arms"][name]["others_mergeable"]:
                     print(
-                        f"  note: also mergeable on the host: {', '.join(res['arms'][name]['others_mergeable'])}"
+                        "  note: also mergeable on the host: "
+                        + ", ".join(res["arms"][name]["others_mergeable"])
                     )
             if "d" in args.arms:
                 print("daemon idle ...", flush=True)
