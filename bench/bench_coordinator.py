@@ -296,6 +296,7 @@ def main() -> None:
     ap.add_argument("--arms", default="abcd")
     ap.add_argument("--quick", action="store_true", help="a smaller, shorter run")
     ap.add_argument("-j", "--json", action="store_true", help="also print the results as JSON")
+    ap.add_argument("--dump", metavar="FILE", help="the results with every sample, as JSON")
     args = ap.parse_args()
     sizes = {"mib": (128, 32), "duration": (150, 60), "idle": (30, 10), "exec_mib": (64, 32)}
     for k, (full, quick) in sizes.items():  # given explicitly wins over either size
@@ -347,10 +348,14 @@ def main() -> None:
     target = summarize(base, 0)["final_saved_mib"] * 2**20 / 4096
     res["summary"] = {n: summarize(a, target) for n, a in res["arms"].items()}
     ratios = report(args, res, skipped, load)
-    if args.json:
-        for a in res["arms"].values():
-            a["samples"] = [list(s.__dict__.values()) for s in a["samples"]]
-        print(json.dumps({"args": vars(args), "skipped": skipped, "ratios": ratios, **res}, default=str))
+    doc = {"args": vars(args), "skipped": skipped, "ratios": ratios, **res}
+    samples = {n: [list(s.__dict__.values()) for s in a.pop("samples")] for n, a in res["arms"].items()}
+    if args.json:  # without the samples: a few KiB a reader can take in
+        print(json.dumps(doc, default=str))
+    if args.dump:
+        Path(args.dump).write_text(
+            json.dumps({**doc, "samples": samples, "fields": list(Sample.__annotations__)})
+        )
 
 
 if __name__ == "__main__":
