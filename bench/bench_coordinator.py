@@ -127,6 +127,8 @@ def run_arm(name: str, knobs: dict[str, Any] | None, args: argparse.Namespace, e
         out["startup"] = startup
         out["merged_ranges"] = daemon.count("merge")
         out["unmerged_ranges"] = daemon.count("unmerge")
+        made = [d["_t"] - t0 for d in daemon.decisions if d["action"] == "merge" and d.get("applied")]
+        out["merges_s"] = (min(made), max(made)) if made else None
         out["ksmd_decisions"] = [
             (round(d["_t"] - t0, 1), d.get("numbers")) for d in daemon.decisions if d["action"] == "ksmd"
         ]
@@ -234,6 +236,9 @@ def report(args: argparse.Namespace, res: dict[str, Any], skipped: dict[str, str
                 f"{verdict(v, goal, lower)}"
             )
             ratios[what] = {"value": v, "goal": goal, "verdict": verdict(v, goal, lower)}
+        both = div(d["steady_ksmd_pct"] + d["steady_daemon_pct"], a["steady_ksmd_pct"])
+        print(f"{'steady ksmd+daemon CPU d/a':<30} {fmt(both, '.3f'):>7}  (no goal; with the daemon's own)")
+        ratios["steady ksmd+daemon CPU d/a"] = both
         for o in ("b", "c"):
             if o not in sums:
                 continue
@@ -267,7 +272,9 @@ def report(args: argparse.Namespace, res: dict[str, Any], skipped: dict[str, str
         print(
             f"daemon (d): started in {arm['startup']['s']:.1f} s ({arm['startup']['cpu_s']:.1f} s CPU, "
             f"not counted above), {arm['merged_ranges']} ranges made mergeable, {arm['unmerged_ranges']} "
-            f"unmerged for churn, peak RSS {sums['d']['daemon_rss_max_mib']:.0f} MiB; ksmd settings "
+            f"unmerged for churn (made from {fmt(arm['merges_s'] and arm['merges_s'][0])} s to "
+            f"{fmt(arm['merges_s'] and arm['merges_s'][1])} s), "
+            f"peak RSS {sums['d']['daemon_rss_max_mib']:.0f} MiB; ksmd settings "
             f"(s after spawn: run/pages_to_scan/sleep): "
             + ", ".join(
                 f"{t}: {n['run']}/{n['pages_to_scan']}/{n['sleep_millisecs']}"
