@@ -90,6 +90,7 @@ class Daemon:
             None  # ksmd's knobs as last set (or proposed)  # (pid, start) -> monotonic time made mergeable
         )
         self._lock_fd: int | None = None
+        self._woken = False  # a range was made mergeable this cycle: ksmd is governed at once
 
     # --- life --------------------------------------------------------------
 
@@ -212,6 +213,11 @@ class Daemon:
             self._judge_churn(now)
             self._govern()
             self._next_survey = now + self.policy.interval_s
+        elif self._woken:
+            # ksmd is off while nothing is mergeable: waiting for the next interval to
+            # turn it on would add up to a whole interval to exec-to-first-merge.
+            self._govern()
+        self._woken = False
 
     def _govern(self) -> None:
         """One governor step; a decision when ksmd's knobs change (or would, observing)."""
@@ -314,35 +320,50 @@ class Daemon:
                     f"({chosen.vma_headroom} more mappings allowed) would be passed",
                 )
             by_start = {(ch.start, ch.end): ch for ch in picked}
+            todo = []
             for start, end in stable:
                 ch = by_start.get((start, end))
                 dup = ch.dup_pages if ch else (end - start) // PAGE
                 why = ch.reason if ch else f"{dup} pages seen duplicate in {rules.stable_looks} looks"
-                self._merge(c.verdict, start, end, dup, why, now)
+                todo.append((start, end, dup, why))
+            if todo:
+                self._merge(c.verdict, todo, now)
 
-    def _merge(self, v: Verdict, start: int, end: int, dup: int, why: str, now: float) -> None:
+    def _merge(self, v: Verdict, todo: list[tuple[int, int, int, str]], now: float) -> None:
+        """Make one process's ranges (start, end, dup pages, why) mergeable.
+
+        The book is written twice per process and look, not twice per range: each
+        write is the whole book (fsynced), and hundreds of ranges written one by one
+        cost the daemon tens of CPU seconds (bench/bench_coordinator.py)."""
         f = v.facts
-        numbers = {"dup_pages": dup, "pages": (end - start) // PAGE}
         if not self.enforce:
-            if (f.pid, start, end) not in self.observed:
-                self.observed.add((f.pid, start, end))
-                self.emit(Decision("merge", why, f.pid, f.comm, start, end, False, numbers))
+            for start, end, dup, why in todo:
+                if (f.pid, start, end) not in self.observed:
+                    self.observed.add((f.pid, start, end))
+                    numbers = {"dup_pages": dup, "pages": (end - start) // PAGE}
+                    self.emit(Decision("merge", why, f.pid, f.comm, start, end, False, numbers))
             return
-        r = MadeRange(f.pid, f.starttime, start, end, dup, time.time(), "pending")
-        self.book.add(r)  # written down before the kernel is asked
-        try:
-            remote.madvise(f.pid, start, end, remote.MADV_MERGEABLE)
-        except KsmtraceError as exc:
-            self.book.remove(f.pid, start)
-            self.emit(Decision("error", f"could not make it mergeable: {exc}", f.pid, f.comm, start, end))
-            return
-        self.book.add(MadeRange(f.pid, f.starttime, start, end, dup, time.time(), "done"))
-        self.unmerger.made(f.pid, start, now)
-        if self.faults is not None:
-            self.faults.set_regions(f.pid, [(start, end)])
-        if self.governor is not None:
-            self.governor.wake(f"pid {f.pid} gained a mergeable range")
-        self.emit(Decision("merge", why, f.pid, f.comm, start, end, True, numbers))
+        t = time.time()
+        # Written down before the kernel is asked.
+        self.book.add_many([MadeRange(f.pid, f.starttime, s, e, dup, t, "pending") for s, e, dup, _ in todo])
+        done, failed = [], []
+        for start, end, dup, why in todo:
+            try:
+                remote.madvise(f.pid, start, end, remote.MADV_MERGEABLE)
+            except KsmtraceError as exc:
+                failed.append((f.pid, start))
+                self.emit(Decision("error", f"could not make it mergeable: {exc}", f.pid, f.comm, start, end))
+                continue
+            done.append(MadeRange(f.pid, f.starttime, start, end, dup, time.time(), "done"))
+            self.unmerger.made(f.pid, start, now)
+            numbers = {"dup_pages": dup, "pages": (end - start) // PAGE}
+            self.emit(Decision("merge", why, f.pid, f.comm, start, end, True, numbers))
+        self.book.add_many(done, drop=failed)
+        if done and self.faults is not None:
+            self.faults.set_regions(f.pid, [(r.start, r.end) for r in done])
+        if done and self.governor is not None:
+            self.governor.wake(f"pid {f.pid} gained {len(done)} mergeable ranges")
+            self._woken = True
 
     # --- churn ---------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ksmtrace.coordinator.journal import RUN_DIR, write_atomic
@@ -98,8 +98,16 @@ class RangeBook:
         return {p for p, _ in self.ranges}
 
     def add(self, r: MadeRange) -> None:
-        self.ranges[(r.pid, r.start)] = r
-        self.save()
+        self.add_many([r])
+
+    def add_many(self, rs: list[MadeRange], drop: list[tuple[int, int]] | None = None) -> None:
+        """``rs`` added (or replaced), the (pid, start) keys in ``drop`` removed: one write."""
+        for r in rs:
+            self.ranges[(r.pid, r.start)] = r
+        for key in drop or ():
+            self.ranges.pop(key, None)
+        if rs or drop:
+            self.save()
 
     def remove(self, pid: int, start: int) -> None:
         if self.ranges.pop((pid, start), None) is not None:
@@ -117,4 +125,5 @@ class RangeBook:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
             return
-        write_atomic(self.path, {"ranges": [asdict(r) for r in self.ranges.values()]})
+        # vars(), not asdict(): asdict deep-copies every field, and the book is written whole.
+        write_atomic(self.path, {"ranges": [dict(vars(r)) for r in self.ranges.values()]})
