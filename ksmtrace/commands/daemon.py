@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             while (left := deadline - time.monotonic()) > 0:
                 ready, _, _ = select.select([events], [], [], left)
                 if ready:
-                    daemon.events([(e.kind, e.tgid) for e in events.read() if e.pid == e.tgid])
+                    daemon.events([(e.kind, e.tgid, e.parent_tgid) for e in events.read() if e.pid == e.tgid])
 
 
 def _fault_probe(stack: contextlib.ExitStack, lacks: list[str]) -> faults_probe.FaultProbe | None:

@@ -143,15 +143,19 @@ class Daemon:
 
     # --- one cycle ---------------------------------------------------------
 
-    def events(self, kinds: list[tuple[str, int]]) -> None:
-        """fork/exec/exit seen by the proc connector: exits forget; a process that
-        forks or executes is judged again at once, and looked at soon if it is a
-        candidate now (exec to first merge in seconds, not a survey interval)."""
-        gone = {pid for kind, pid in kinds if kind == "exit"}
+    def events(self, kinds: list[tuple[str, int, int]]) -> None:
+        """(kind, pid, parent) of fork/exec/exit from the proc connector: exits
+        forget; a process that executes is judged again at once, and looked at
+        soon if it is a candidate now (exec to first merge in seconds, not a
+        survey interval). A fork's child has its parent's comm, executable,
+        cgroup and uid: it is judged only if its parent is a candidate (a host
+        forks all the time; reading every child's facts cost the idle daemon
+        more than everything else)."""
+        gone = {pid for kind, pid, _ in kinds if kind == "exit"}
         if gone:
             self.forget(gone)
-        for kind, pid in kinds:
-            if kind not in ("fork", "exec") or pid in gone:
+        for kind, pid, parent in kinds:
+            if pid in gone or kind == "exit" or (kind == "fork" and parent not in self.cands):
                 continue
             try:
                 v = candidates.classify(
