@@ -1,7 +1,7 @@
 """The daemon's re-look gate (ksmtrace.coordinator.relook) on fake kernels: no root, no scan.
 
 The kernel side (soft-dirty bits really set by writes, clear_refs really
-clearing them) is tests/system/test_relook.py.
+clearing them) is tests/system/test_soft_dirty.py.
 """
 
 from __future__ import annotations
