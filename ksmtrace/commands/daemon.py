@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         ]
         daemon.faults = _fault_probe(stack, lacks)
         daemon.governor = _governor(stack, pol)
-        lacks += daemon.governor.governor.notes
+        lacks += daemon.governor.governor.notes + daemon.relook.notes
         emit(
             Decision(
                 "start",

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ksmtrace import remote, scan
+from ksmtrace import remote
 from ksmtrace.coordinator import candidates, worth
 from ksmtrace.coordinator.candidates import Verdict
 from ksmtrace.coordinator.churn import ChurnJudge
@@ -38,6 +38,7 @@ from ksmtrace.coordinator.decisions import Decision
 from ksmtrace.coordinator.journal import RUN_DIR
 from ksmtrace.coordinator.policy import Policy
 from ksmtrace.coordinator.ranges import MadeRange, RangeBook
+from ksmtrace.coordinator.relook import RelookGate
 from ksmtrace.coordinator.unmerge import Judged, Unmerger
 from ksmtrace.errors import AccessDenied, KsmtraceError, ProcessGone
 from ksmtrace.kernel.procfs import ProcFS
@@ -86,9 +87,8 @@ class Daemon:
         self.said_never: set[int] = set()
         self.verdicts: dict[int, Verdict] = {}
         self._next_survey = 0.0
-        self._knobs: tuple[int, int, int] | None = (
-            None  # ksmd's knobs as last set (or proposed)  # (pid, start) -> monotonic time made mergeable
-        )
+        self._knobs: tuple[int, int, int] | None = None  # ksmd's knobs as last set (or proposed)
+        self.relook = RelookGate(policy.runs.relook, self.proc)
         self._lock_fd: int | None = None
         self._woken = False  # a range was made mergeable this cycle: ksmd is governed at once
 
@@ -175,6 +175,7 @@ class Daemon:
         self.book.forget(gone)
         self.churn.forget(gone)
         self.unmerger.forget_pids(gone)
+        self.relook.forget(gone)
 
     def survey(self) -> None:
         """Every process judged again (at each interval: memory and cgroups change)."""
@@ -287,29 +288,33 @@ class Daemon:
             and (v.facts.self_opted or v.facts.pid in ours)
             and v.facts.pid not in targets
         ]
-
-        def only(pid: int, vma: object) -> bool:
-            return pid in targets or getattr(vma, "mergeable", False)
-
+        # Candidates whose memory did not change since their last look are not
+        # read again (relook.py): their last choice stands; no scan if none changed.
         rules = self.policy.runs
-        est = scan.estimate(
-            [*sorted(targets), *peers],
-            strict=False,
-            only=only,
-            proc=self.proc,
-            runs_gap=rules.max_gap_pages,
+        fresh = self.relook.unchanged_of(targets)
+        est = (
+            self.relook.scan(targets, fresh, peers, rules.max_gap_pages)
+            if len(fresh) < len(targets)
+            else None
         )
         for c in due:
             pid = c.verdict.facts.pid
             if pid not in targets:
                 continue
-            if pid in est.gone or pid in est.denied:
-                self.forget({pid})
-                continue
-            chosen = worth.choose(est, pid, rules)
+            chosen = None
+            if pid in fresh:
+                ranges: tuple = fresh[pid]
+            else:
+                assert est is not None
+                if pid in est.gone or pid in est.denied:
+                    self.forget({pid})
+                    continue
+                chosen = worth.choose(est, pid, rules)
+                self.relook.after_scan(pid, est, chosen.ranges)
+                ranges = chosen.ranges
             picked = [
                 ch
-                for ch in chosen.ranges
+                for ch in ranges
                 if not any(r.start < ch.end and ch.start < r.end for r in self.book.of(pid))
                 and not self.churn.cooling(pid, ch.start, ch.end, now)
             ]
@@ -317,7 +322,7 @@ class Daemon:
             stable = _stable(c.looks, rules.stable_looks, rules.min_run_pages * PAGE)
             waiting = bool(picked) and not stable
             c.due = now + (min(QUICK_RELOOK_S, self.policy.interval_s) if waiting else self.policy.interval_s)
-            if chosen.over_vma_headroom:
+            if chosen is not None and chosen.over_vma_headroom:
                 self._refuse(
                     c,
                     f"{chosen.over_vma_headroom} worthwhile ranges left out: the VMA bound "

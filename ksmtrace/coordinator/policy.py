@@ -62,6 +62,13 @@ class Runs:
     stable_looks: int = 2  # looks in a row a run must be seen duplicate in
     max_ranges_per_process: int = 256  # VMAs the daemon may create by splitting, per process
     max_map_count_share: float = 0.5  # ... and never past this share of vm.max_map_count
+    # How a candidate is looked at again (ksmtrace.coordinator.relook). "soft-dirty":
+    # skip the scan when none of its pages was written and its mappings are the
+    # same; the price is paid by the target (its PTEs are write-protected at each
+    # clear, so its next write to each page takes a minor fault) and by any other
+    # soft-dirty user of the process (CRIU's pre-dump), whose bits the clear erases:
+    # "rescan" reads and hashes every page at every look and touches nothing.
+    relook: Literal["soft-dirty", "rescan"] = "soft-dirty"
 
 
 @dataclass(frozen=True)

@@ -513,6 +513,7 @@ _RUNS: dict[str, _Key] = {
     "stable_looks": _Key("stable_looks", lambda c, p, v: c.integer(p, v, 1)),
     "max_ranges_per_process": _Key("max_ranges_per_process", lambda c, p, v: c.integer(p, v, 1)),
     "max_map_count_share": _Key("max_map_count_share", lambda c, p, v: c.number(p, v, 0, 1, lo_open=True)),
+    "relook": _Key("relook", lambda c, p, v: c.choice(p, v, ("soft-dirty", "rescan"))),
 }
 _CHURN: dict[str, _Key] = {
     "max_cow_per_page_min": _Key("max_cow_per_page_min", lambda c, p, v: c.number(p, v, 0)),

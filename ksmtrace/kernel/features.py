@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import mmap
 import os
 import platform
 from collections.abc import Callable
@@ -108,6 +109,31 @@ def _vmstat(name: str) -> Callable[[], bool]:
 
 def _proc_self(name: str) -> Callable[[], bool]:
     return Path(f"/proc/{os.getpid()}/{name}").exists
+
+
+def _soft_dirty() -> bool:
+    # Asked of a child, not of ksmtrace itself: clear_refs write-protects every
+    # PTE of the process it clears. The child maps a page, writes it, clears,
+    # checks bit 55 is off, writes again, checks it is on. Without
+    # CONFIG_MEM_SOFT_DIRTY the write of "4" is accepted and bit 55 stays 0.
+    pid = os.fork()
+    if pid == 0:
+        ok = 1
+        try:
+            m = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+            m[0] = 1
+            with open(f"/proc/{os.getpid()}/clear_refs", "wb", buffering=0) as f:
+                f.write(b"4")
+            with open(f"/proc/{os.getpid()}/pagemap", "rb", buffering=0) as f:
+                before = int.from_bytes(os.pread(f.fileno(), 8, addr // mmap.PAGESIZE * 8), "little")
+                m[0] = 2
+                after = int.from_bytes(os.pread(f.fileno(), 8, addr // mmap.PAGESIZE * 8), "little")
+            ok = 0 if not before & (1 << 55) and after & (1 << 55) else 1
+        finally:
+            os._exit(ok)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 # _IOWR('f', 16, struct pm_scan_arg): struct pm_scan_arg is 12 u64s (96 bytes).
@@ -258,6 +284,16 @@ FEATURES: dict[str, Feature] = {
                 '52526ca7fdb9 ("fs/proc/task_mmu: implement IOCTL to get and optionally clear'
                 ' info about PTEs")'
             ),
+        ),
+        # Soft-dirty is older than most of this table, but a build option
+        # (CONFIG_MEM_SOFT_DIRTY) many kernels leave out: the daemon's cheap
+        # re-look (policy [runs] relook = "soft-dirty") needs it.
+        Feature(
+            "soft_dirty",
+            "soft-dirty bits (CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 set by a write after clear_refs 4)",
+            "3.11",
+            _soft_dirty,
+            commit='0f8975ec4db2 ("mm: soft-dirty bits for user memory changes tracking")',
         ),
         # The advisor itself is 4e5fa4f5eff6 ("mm/ksm: add ksm advisor"); the
         # advisor_mode file probed here came with the next commit.

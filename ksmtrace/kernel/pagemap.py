@@ -18,6 +18,9 @@ from pathlib import Path
 from ksmtrace.errors import proc_errors
 
 PAGEMAP_PRESENT = 1 << 63
+# Set when the page was written since the process's last clear_refs "4"
+# (see features.FEATURES["soft_dirty"]); always 0 without CONFIG_MEM_SOFT_DIRTY.
+PAGEMAP_SOFT_DIRTY = 1 << 55
 PAGEMAP_PFN_MASK = (1 << 55) - 1
 KPF_KSM = 1 << 21
 KPF_ZERO_PAGE = 1 << 24
@@ -121,6 +124,60 @@ def ksm_pages(pid: int, start: int, end: int, proc: Path = Path("/proc")) -> lis
     present = [(va, pfn) for va, pfn in present_pages(pid, start, end, proc) if pfn]
     flags = frame_flags([pfn for _, pfn in present], proc)
     return [(va, pfn) for va, pfn in present if flags.get(pfn, 0) & KPF_KSM]
+
+
+# Bit 55 is bit 7 of byte 6 of each little-endian 8-byte entry: bytes.translate
+# maps those bytes to 0/1 and count() adds them up in C, no Python loop per page.
+_SOFT_DIRTY_BYTE = bytes(1 if b & 0x80 else 0 for b in range(256))
+
+
+def soft_dirty_pages(
+    pid: int, ranges: list[tuple[int, int]], proc: Path = Path("/proc"), page: int | None = None
+) -> int:
+    """Pages of ``ranges`` written since the last :func:`clear_soft_dirty` of ``pid``.
+
+    Counts pagemap entries with bit 55, present or not: the kernel also marks
+    every page of a mapping created or grown since the clear (VM_SOFTDIRTY),
+    and swapped-out pages keep the bit in their swap entry. Reading 8 bytes a
+    page is cheap (pagemap at ~29 M pages/s here: 256 MiB in about 2 ms), so
+    no PAGEMAP_SCAN ioctl (PAGE_IS_SOFT_DIRTY) is needed for the sizes the
+    daemon looks at.
+    """
+    page = page or os.sysconf("SC_PAGE_SIZE")
+    dirty = 0
+    with proc_errors(pid):
+        fd = os.open(proc / str(pid) / "pagemap", os.O_RDONLY)
+    try:
+        for start, end in ranges:
+            idx, last = start // page, (end + page - 1) // page
+            while idx < last:
+                n = min(_CHUNK_PAGES, last - idx)
+                with proc_errors(pid):
+                    raw = os.pread(fd, n * 8, idx * 8)
+                dirty += raw[6::8].translate(_SOFT_DIRTY_BYTE).count(1)
+                if len(raw) < n * 8:
+                    break
+                idx += n
+    finally:
+        os.close(fd)
+    return dirty
+
+
+def clear_soft_dirty(pid: int, proc: Path = Path("/proc")) -> None:
+    """Clear every soft-dirty bit of ``pid`` (``echo 4 > /proc/PID/clear_refs``).
+
+    Not free for the target: the kernel write-protects each of its PTEs, so
+    its next write to each page takes a minor fault (bench/bench_relook.py
+    measures it). And soft-dirty bits are one per PTE for all users: a
+    checkpointer (CRIU's pre-dump) tracking the same process loses the writes
+    it had not read yet.
+    """
+    with proc_errors(pid, "clear_refs"):
+        fd = os.open(proc / str(pid) / "clear_refs", os.O_WRONLY)
+        try:
+            os.write(fd, b"4")
+        finally:
+            os.close(fd)
 
 
 def self_entry(addr: int, proc: Path = Path("/proc")) -> int:

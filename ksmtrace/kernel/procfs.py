@@ -217,6 +217,16 @@ def parse_smaps(text: str) -> list[Vma]:
     return vmas
 
 
+def parse_map_spans(text: str) -> tuple[tuple[int, int], ...]:
+    """(start, end) of each line of /proc/PID/maps ("7f...-7f... rw-p ...")."""
+    out = []
+    for line in text.splitlines():
+        lo, _, hi = line.partition(" ")[0].partition("-")
+        if hi:
+            out.append((int(lo, 16), int(hi, 16)))
+    return tuple(out)
+
+
 def parse_ksm_stat(text: str) -> KsmStat:
     raw: dict[str, str] = {}
     for line in text.splitlines():
@@ -307,6 +317,13 @@ class ProcFS:
     def map_count(self, pid: int) -> int:
         """Mappings (VMAs) of pid now: what vm.max_map_count bounds."""
         return self._read(pid, "maps").count("\n")
+
+    @wrap_proc_errors
+    def map_spans(self, pid: int) -> tuple[tuple[int, int], ...]:
+        """(start, end) of every mapping: maps, not smaps, because this is asked
+        at every look to see whether anything was mapped, unmapped or moved, and
+        smaps walks every page table to count its sizes (maps does not)."""
+        return parse_map_spans(self._read(pid, "maps"))
 
     @wrap_proc_errors
     def tids(self, pid: int) -> list[int]:

@@ -95,3 +95,11 @@ def test_the_checks_can_fail(tmp_path: Path) -> None:
     assert {"print", "write", "open"} <= set(names)
     consts = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)]
     assert "/proc/1/stat" in consts
+
+
+def test_test_files_have_unique_basenames() -> None:
+    """pytest imports test files without packages by basename: two test_x.py in
+    tests/unit and tests/system break the whole collection (the README's command)."""
+    tests = Path(__file__).resolve().parents[1]
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

@@ -3,7 +3,7 @@
 Every page's content is chosen here, so where the runs lie is known by hand:
 gaps joined or not, runs at the region's edges, absent pages in a gap, pages
 indexed out of order by several workers in small batches. KSM pages (which
-need ksmd) are covered by tests/system/test_runs.py.
+need ksmd) are covered by tests/system/test_merge_runs.py.
 """
 
 from __future__ import annotations
