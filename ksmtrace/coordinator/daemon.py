@@ -19,6 +19,9 @@ One :class:`Daemon` per host (a lock under the run directory). Each cycle:
 
 In observe mode every decision is made and reported, none carried out.
 Decisions go to ``emit`` (the command hands them to the view and the log).
+
+(A little over 400 lines: the loop is where the rooms meet; each step's
+judgement lives in its own module, what is left here is their order.)
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ PAGE = 4096
 # After a new candidate's first look, the next comes this soon (or at the
 # interval, if shorter): exec to first merge in seconds, not a full interval.
 QUICK_RELOOK_S = 2.0
+# A quiet candidate's looks come at most this many intervals apart.
+MAX_BACKOFF = 8
 
 
 class AlreadyRunning(KsmtraceError):
@@ -59,6 +64,7 @@ class _Candidate:
     due: float = 0.0
     looks: list[list[tuple[int, int]]] = field(default_factory=list)  # chosen ranges, newest last
     said: str = ""  # the last refusal said, not repeated every cycle
+    idle: int = 0  # looks in a row that found nothing new worth merging
 
 
 class Daemon:
@@ -165,7 +171,7 @@ class Daemon:
                 continue
             self.verdicts[pid] = v
             if pid in self.cands:
-                self.cands[pid].due = 0.0
+                self.cands[pid].due, self.cands[pid].idle = 0.0, 0
 
     def forget(self, gone: set[int]) -> None:
         for pid in gone:
@@ -321,7 +327,13 @@ class Daemon:
             c.looks = [*c.looks, [(ch.start, ch.end) for ch in picked]][-rules.stable_looks :]
             stable = _stable(c.looks, rules.stable_looks, rules.min_run_pages * PAGE)
             waiting = bool(picked) and not stable
-            c.due = now + (min(QUICK_RELOOK_S, self.policy.interval_s) if waiting else self.policy.interval_s)
+            # A candidate whose looks find nothing new is looked at less and less
+            # often (up to MAX_BACKOFF intervals): a full rescan of a quiet
+            # process every interval was most of the daemon's steady CPU
+            # (bench_coordinator). An exec or fork brings it back at once.
+            c.idle = 0 if picked else c.idle + 1
+            every = self.policy.interval_s * min(MAX_BACKOFF, 2 ** max(0, c.idle - 1))
+            c.due = now + (min(QUICK_RELOOK_S, self.policy.interval_s) if waiting else every)
             if chosen is not None and chosen.over_vma_headroom:
                 self._refuse(
                     c,
