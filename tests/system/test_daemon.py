@@ -217,7 +217,8 @@ def test_never_rule_wins_and_observe_mode_changes_nothing(ksm, workload, tmp_pat
         assert mergeable_pages(c.pid) == []
     finally:
         rc, err = o.stop()
-    assert ksm_sysfs.read().knobs == before or rc != 0, err
+    assert rc in (0, 128 + signal.SIGTERM), err
+    assert ksm_sysfs.read().knobs == before  # observe mode proposed ksmd settings, wrote none
 
 
 @pytest.mark.host_only(
