@@ -319,11 +319,22 @@ def workload() -> Iterator[Callable[..., Workload]]:
         wl.close()
 
 
+_VM_OWNER = pytest.StashKey[bool]()
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    # The VM run overlaps the host's suite (tests/vmrun.py): started now if it will run.
-    if any(i.get_closest_marker("vm") for i in session.items):
+    # The VM run overlaps the host's suite (tests/vmrun.py): started now if
+    # tests/system/test_vm.py will run. Only that file counts, and only the
+    # session that started the run stops it: tests/system/test_strict_mode.py
+    # runs inner sessions in this process, with vm-marked tests of their own,
+    # whose end once stopped the real VM run halfway.
+    if vmrun.RUN is None and any(
+        i.get_closest_marker("vm") and i.path.name == "test_vm.py" for i in session.items
+    ):
         vmrun.start()
+        session.config.stash[_VM_OWNER] = True
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    vmrun.stop()
+    if config.stash.get(_VM_OWNER, False):
+        vmrun.stop()
