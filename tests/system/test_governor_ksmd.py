@@ -148,8 +148,9 @@ def test_governor_turns_ksmd_off_when_nothing_is_left(ksm, workload, tmp_path: P
         d = driver.step(mergeable_pages(wl.pid))
         print(f"woken: {d.reason}")
         assert d.run == 1 and f"pid {wl.pid}" in d.reason and ksm_sysfs.read().knobs["run"] == 1
-        ksm.wait_merged(wl.pid, reg["addr"], reg["len"], 4096)
-        deadline = time.monotonic() + 60
+        # Upper bounds for the CI VM's software emulation; seconds here.
+        ksm.wait_merged(wl.pid, reg["addr"], reg["len"], 4096, timeout=240)
+        deadline = time.monotonic() + 240
         while d.run == 1 and time.monotonic() < deadline:
             time.sleep(0.5)
             d = driver.step(mergeable_pages(wl.pid))
