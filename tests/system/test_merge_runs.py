@@ -54,6 +54,10 @@ def _mergeable_pages(pid: int, start: int, end: int) -> int:
     )
 
 
+@pytest.mark.host_only(
+    "96 MiB written page by page and merged twice: many minutes under emulation; "
+    "the VM's merge --auto and daemon tests take the same runs path"
+)
 @pytest.mark.ksm
 def test_merge_auto_chooses_runs_that_save_what_whole_regions_do(ksm, workload) -> None:
     rules = Runs()
