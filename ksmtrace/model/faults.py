@@ -61,6 +61,7 @@ class ProcessRow:
     merging_pages: int | None
     regions: list[RegionRow] = field(default_factory=list)
     unattributed: int = 0  # merged pages no longer inside any VMA (unmapped since)
+    rmap_items: int | None = None  # ksm_stat ksm_rmap_items: ksmd's bookkeeping for it
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -73,6 +74,7 @@ class ProcessRow:
             "profit_bytes": self.profit_bytes,
             "merging_pages": self.merging_pages,
             "unattributed_pages": self.unattributed,
+            "rmap_items": self.rmap_items,
             "regions": [r.as_dict() for r in self.regions],
         }
 
@@ -336,6 +338,7 @@ class FaultsState:
                     merging_pages=st.merging_pages if st else None,
                     regions=regs,
                     unattributed=seen.unattributed,
+                    rmap_items=st.rmap_items if st else None,
                 )
             )
         for tgid, old, _pf in faults.exited:
