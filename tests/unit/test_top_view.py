@@ -1,0 +1,299 @@
+"""``ksmtrace top`` rendered from snapshots recorded on the real kernel (no terminal, no root).
+
+tests/fixtures/snapshots/top.json holds six snapshots that top's own sampler
+took of three workloads breaking merges and one whose rmap items per merged
+page pass 64 (tests/fixtures/capture_top.py). The screen widget is rendered
+through urwid's canvas at 80x24 and other sizes; keys go through the same
+handler the terminal's keys go through; ``--connect`` reads a stub daemon on
+loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import urwid
+
+from ksmtrace.commands import top as command
+from ksmtrace.model import codec
+from ksmtrace.model.snapshot import Snapshot
+from ksmtrace.views import dash
+from ksmtrace.views import top as view
+from ksmtrace.views.top_ui import TopScreen
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "snapshots" / "top.json"
+RAW = json.loads(FIXTURE.read_text())
+SNAPS = [codec.load(Snapshot, d) for d in RAW]
+COMMS = {"top-golden-0", "top-golden-1", "top-golden-2", "top-sparse"}
+
+
+def _model() -> view.TopModel:
+    m = view.TopModel()
+    for s in SNAPS:
+        m.update(s)
+    return m
+
+
+def _screen(cols: int = 80, rows: int = 24, state: view.TopState | None = None) -> tuple[TopScreen, list[str]]:
+    w = TopScreen(_model(), state)
+    canvas = w.render((cols, rows))
+    return w, [line.decode("utf-8") for line in canvas.text]
+
+
+def _pid(comm: str) -> int:
+    return next(r.pid for r in _model().rows if r.comm == comm)
+
+
+def _table(lines: list[str]) -> list[str]:
+    start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("PID COMM"))
+    return [ln for ln in lines[start + 1 :] if ln.strip() and ln.split()[0].isdigit()]
+
+
+def test_fixture_is_what_the_tests_need() -> None:
+    rows = _model().rows
+    assert {r.comm for r in rows} == COMMS
+    assert any(r.ksm_cow_per_s > 0 for r in rows)
+    assert [r.comm for r in rows if r.rmap_flag] == ["top-sparse"]
+    assert all(r.regions for r in rows)
+
+
+def test_80x24_fits_and_shows_everything() -> None:
+    w, lines = _screen()
+    assert len(lines) == 24
+    assert all(len(ln) == 80 for ln in lines)  # one column per character here
+    # Nothing urwid had to clip: every line the view made fits in 80 columns.
+    made = [view.text(ln) for ln in w.lines(80, 24)]
+    assert all(len(t) <= 80 for t in made), [t for t in made if len(t) > 80]
+    head = "\n".join(lines[:4])
+    for word in ("saved", "general_profit", "ksmd CPU", "pages/s", "KSM COW", "cow_ksm", "merges", "unmerges"):
+        assert word in head, word
+    assert "full scans" in head and "COW/s" in head and "ksmd running" in head and "advisor" in head
+    assert any(b in lines[3] for b in view.BLOCKS[1:]), lines[3]  # the sparklines drew something
+    titles = [c.title for c in view.COLUMNS]
+    assert any(ln.split() == titles for ln in lines), "table header"
+    shown = _table(lines)
+    assert {ln.split()[1] for ln in shown} == COMMS
+    # Sorted by KSM COW/s, largest first; the flagged row carries its mark.
+    cow = [float(ln.split()[6]) for ln in shown]
+    assert cow == sorted(cow, reverse=True) and cow[0] > 0
+    sparse = next(ln for ln in shown if "top-sparse" in ln)
+    assert sparse.rstrip().endswith("!")
+    assert "q quit" in lines[-1]
+
+
+@pytest.mark.parametrize(("cols", "rows"), [(80, 24), (120, 40), (100, 30), (60, 12), (20, 5)])
+def test_other_sizes_render(cols: int, rows: int) -> None:
+    _, lines = _screen(cols, rows)
+    assert len(lines) == rows
+    if cols >= 80:
+        assert len(_table(lines)) == len(COMMS)
+
+
+def test_wider_screen_widens_comm() -> None:
+    assert view.comm_width(80) == 13 and view.comm_width(120) == 53
+
+
+def test_sort_keys_filter_and_drill_down() -> None:
+    w = TopScreen(_model())
+    w.render((80, 24))
+
+    def order() -> list[str]:
+        lines = [ln.decode() for ln in w.render((80, 24)).text]
+        return [ln.split()[1] for ln in _table(lines)]
+
+    assert w.handle("n")
+    pids = sorted(r.pid for r in _model().rows)
+    assert order() == [r.comm for r in sorted(_model().rows, key=lambda r: r.pid)]
+    assert w.handle("n")  # again: the other way
+    assert [r.pid for r in view.visible(w.model, w.state)] == pids[::-1]
+    assert w.handle("r") and order()[0] == "top-sparse"  # rmap ratio, largest first
+    assert w.handle("p") and order()[-1] == "top-sparse"  # its profit is negative
+    assert w.handle("c") and order()[0] == "top-golden-2"
+    assert w.handle(">") and w.state.sort == "merges"
+    assert w.handle("<") and w.state.sort == "ksm_cow"
+    assert w.handle("i") and w.state.ascending
+    # '/' filter: typed text, Enter keeps it, the first match is selected.
+    for key in ["/", *"golden-1", "enter"]:
+        assert w.handle(key)
+    assert order() == ["top-golden-1"] and w.state.selected == _pid("top-golden-1")
+    assert w.handle("enter")
+    lines = [ln.decode() for ln in w.render((80, 24)).text]
+    row = next(r for r in _model().rows if r.comm == "top-golden-1")
+    reg = next(r for r in row.regions if r.start)
+    assert any(f"{reg.start:x}-{reg.end:x}" in ln for ln in lines), lines
+    assert any(ln.startswith(f"pid {row.pid} top-golden-1") for ln in lines)
+    assert w.handle("esc") and w.state.drill is None
+    assert w.handle("esc") and w.state.filter == ""  # Esc in the table clears the filter
+    assert w.handle("h") and w.state.help
+    assert any("this help" in ln.decode() for ln in w.render((80, 24)).text)
+    assert w.handle("x") and not w.state.help
+    with pytest.raises(urwid.ExitMainLoop):
+        w.handle("q")
+
+
+def test_arrows_move_the_selection_and_scroll() -> None:
+    w = TopScreen(_model())
+    w.render((80, 8))  # room for two rows of the table
+    first = w.state.selected
+    assert w.handle("down") and w.handle("down")
+    w.render((80, 8))
+    assert w.state.selected != first and w.state.offset == 1
+    assert w.handle("end")
+    w.render((80, 8))
+    assert w.state.selected == view.visible(w.model, w.state)[-1].pid
+    assert w.handle("home")
+    w.render((80, 8))
+    assert w.state.selected == first and w.state.offset == 0
+
+
+def test_drill_into_a_process_that_left() -> None:
+    w = TopScreen(_model(), view.TopState(drill=999999))
+    lines = [ln.decode() for ln in w.render((80, 24)).text]
+    assert any("pid 999999: no longer traced" in ln for ln in lines)
+
+
+def test_sparkline() -> None:
+    assert view.sparkline([0, 1, 2, 4], 4) == "▁▃▅█"
+    assert view.sparkline([], 3) == "   "
+    assert view.sparkline([5] * 10, 4) == "████"
+    assert view.sparkline([0, 0], 2, ascii_only=True) == "__"
+
+
+@pytest.mark.parametrize("n", [0, 1, 1023, 1024, 10 * 1024**2, -(5 * 1024**3), 1023 * 1024**4, 2**63])
+def test_sizes_fit(n: int) -> None:
+    assert len(view.size(n)) <= 7
+
+
+@pytest.mark.parametrize("v", [0, 0.04, 9.96, 123.4, 99999.0, 1.5e6, 3e9])
+def test_rates_fit(v: float) -> None:
+    assert len(view.rate(v, 5)) <= 5 and len(view.rate(v)) <= 7
+
+
+def test_header_fits_with_large_numbers() -> None:
+    m = _model()
+    assert m.machine is not None
+    big = dash.MachineRow(
+        **{
+            **m.machine.as_dict(),
+            "saved_bytes": 900 * 1024**3,
+            "general_profit_bytes": -(900 * 1024**3),
+            "ksmd_cpu_pct": 100.0,
+            "pages_scanned_per_s": 9_999_999.0,
+            "full_scans_per_min": 99999.0,
+            "ksm_cow_per_s": 999_999.0,
+            "cow_ksm_per_s": 999_999.0,
+            "cow_ksm_total": 123_456_789_012,
+            "merges_per_s": 999_999.0,
+            "unmerges_per_s": 999_999.0,
+            "advisor": "scan-time",
+            "pages_to_scan": 100000,
+            "sleep_millisecs": 1000,
+            "run": 2,
+        }
+    )
+    m.machine = big
+    for line in view.header(m, 80):
+        assert len(view.text(line)) <= 80, view.text(line)
+
+
+def test_batch_lines_fit() -> None:
+    lines = view.batch(_model(), view.TopState(sort="pid"))
+    assert all(len(ln) <= 80 for ln in lines)
+    assert sum(1 for ln in lines if ln.split() and ln.split()[0].isdigit()) == len(COMMS)
+
+
+# -- --connect: a stub daemon on loopback --------------------------------
+
+
+class _Stub(BaseHTTPRequestHandler):
+    body = json.dumps(RAW[-1]).encode()
+    status = 200
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.path != "/api/snapshot":
+            self.send_error(404)
+            return
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def stub() -> Iterator[str]:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_snapshot_url() -> None:
+    assert command.snapshot_url("127.0.0.1:9477") == "http://127.0.0.1:9477/api/snapshot"
+    assert command.snapshot_url("http://h:1/") == "http://h:1/api/snapshot"
+    assert command.snapshot_url("http://h:1/api/snapshot") == "http://h:1/api/snapshot"
+
+
+def test_daemon_source_reads_a_snapshot(stub: str) -> None:
+    assert command.DaemonSource(stub).fetch() == SNAPS[-1]
+
+
+def test_daemon_not_there_is_a_sentence() -> None:
+    port = _free_port()
+    with pytest.raises(command.DaemonUnreachable) as exc:
+        command.DaemonSource(f"127.0.0.1:{port}").fetch()
+    assert str(exc.value).startswith(f"no ksmtrace daemon answers at http://127.0.0.1:{port}")
+    assert "ksmtrace daemon" in str(exc.value)
+
+
+def test_not_a_daemon_is_a_sentence(stub: str) -> None:
+    with pytest.raises(command.DaemonUnreachable, match="is not a ksmtrace daemon"):
+        command.DaemonSource(stub + "/elsewhere").fetch()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ksmtrace", "top", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_batch_from_a_daemon(stub: str) -> None:
+    r = _cli("--connect", stub, "-b", "2", "-d", "0.1", "-s", "pid", "-n", "top-golden-1")
+    assert r.returncode == 0, r.stderr
+    tables = [ln for ln in r.stdout.splitlines() if ln.split() and ln.split()[0].isdigit()]
+    assert [ln.split()[1] for ln in tables] == ["top-golden-1"] * 2
+    assert r.stdout.count("ksmtrace top") == 2
+
+
+def test_cli_daemon_not_there() -> None:
+    r = _cli("--connect", f"http://127.0.0.1:{_free_port()}")
+    assert r.returncode == 69
+    assert r.stderr.startswith("ksmtrace: no ksmtrace daemon answers at") and "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize(("args", "words"), [(["-d", "0"], "-d takes"), (["-b", "0"], "-b takes")])
+def test_cli_usage_errors(args: list[str], words: str) -> None:
+    r = _cli(*args)
+    assert r.returncode == 2 and words in r.stderr
