@@ -369,21 +369,14 @@ def footer(state: TopState, width: int) -> Line:
         return [("prompt", f"filter: {state.filter}_"), ("label", "   Enter keep  Esc clear")]
     if state.drill is not None:
         return [("key", "Esc"), ("label", " back  "), ("key", "q"), ("label", " quit  up/down scroll")]
-    order = "ascending" if state.ascending else "descending"
+    order = "asc" if state.ascending else "desc"
     title = next(c.title for c in COLUMNS if c.sort == state.sort)
-    out: Line = [
-        ("key", "q"),
-        ("label", " quit "),
-        ("key", "h"),
-        ("label", " help "),
-        ("key", "/"),
-        ("label", " filter "),
-        ("key", "Enter"),
-        ("label", " regions  "),
-        ("label", f"sort {title} {order}"),
-    ]
+    out: Line = [("key", "q"), ("label", " quit "), ("key", "h"), ("label", " help ")]
     if state.filter:
-        out.append(("prompt", f"  filter '{state.filter}'"))
+        out.append(("prompt", f"filter '{state.filter}'"))
+    else:
+        out += [("key", "/"), ("label", " filter")]
+    out += [("label", " "), ("key", "Enter"), ("label", f" regions  sort {title} {order}")]
     return out
 
 
