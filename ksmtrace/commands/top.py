@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     state = view.TopState(sort=args.sort)
     if args.connect:
         src = DaemonSource(args.connect)
-        model = view.TopModel(source=f"daemon {src.base.split('://', 1)[-1]}", keep=_daemon_keep(args))
+        model = view.TopModel(source=f"from {src.base.split('://', 1)[-1]}", keep=_daemon_keep(args))
         first: Snapshot | None = None
         try:
             first = src.fetch()  # a daemon that is not there: a sentence before any screen
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     initial = None if not args.pid else list(pids or ())
     if not ksmd_probe.available():
         console.note(sampler_mod.NO_KSM_TRACEPOINTS)
-    model = view.TopModel(source="probes")
+    model = view.TopModel()
     if not args.batch:
         console.note("ksmtrace top: loading the probes...")
     # The sampler detaches every probe when the stack unwinds: after q, and

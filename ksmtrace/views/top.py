@@ -171,7 +171,7 @@ class TopState:
 class TopModel:
     """The latest rows and a short history for the sparklines."""
 
-    source: str = "probes"
+    source: str = ""  # where the rows come from, when not top's own probes
     snapshot: Snapshot | None = None
     machine: dash.MachineRow | None = None
     rows: list[dash.ProcRow] = field(default_factory=list)
@@ -216,17 +216,23 @@ def header(model: TopModel, width: int, ascii_only: bool = False) -> list[Line]:
     """Four lines of the machine's KSM state (what KSM saves, what it costs)."""
     m = model.machine
     when = time.strftime("%H:%M:%S", time.localtime(m.wall)) if m else "--:--:--"
-    title = f"ksmtrace top {when}  {model.source}"
+    title = f"ksmtrace top {when}"
     if m is None:
-        return [[("title", title[:width])], [("", "waiting for the first sample...")], [], []]
-    # What does not fit is left out, least needed first.
-    parts = [f"ksmd {_run_state(m.run)}", f"advisor {m.advisor or '-'}", f"{m.processes} procs"]
+        first = f"{title}  {model.source}"[:width]
+        return [[("title", first)], [("", "waiting for the first sample...")], [], []]
+    # What does not fit is left out: the source first, then ksmd's knobs, then from the end.
+    state = f"ksmd {_run_state(m.run)}"
+    knobs = ""
     if m.pages_to_scan is not None and m.sleep_millisecs is not None:
-        parts.insert(1, f"{m.pages_to_scan} pages/{m.sleep_millisecs}ms")
-    line1 = title
-    for part in parts:
-        if len(line1) + 2 + len(part) <= width:
-            line1 += "  " + part
+        knobs = f" {m.pages_to_scan} pages/{m.sleep_millisecs}ms"
+    rest = [f"advisor {m.advisor or '-'}", f"{m.processes} procs"]
+    source = [model.source] if model.source else []
+    for parts in ([state + knobs, *rest, *source], [state + knobs, *rest], [state, *rest]):
+        if len("  ".join([title, *parts])) <= width:
+            break
+    while parts and len("  ".join([title, *parts])) > width:
+        parts.pop()
+    line1 = "  ".join([title, *parts])
     cpu = "-" if m.ksmd_cpu_pct is None else f"{m.ksmd_cpu_pct:.1f}%"
     line2 = [
         ("label", "saved "),

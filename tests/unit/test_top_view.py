@@ -74,7 +74,9 @@ def test_80x24_fits_and_shows_everything() -> None:
     head = "\n".join(lines[:4])
     words = ("saved", "general_profit", "ksmd CPU", "pages/s", "KSM COW", "cow_ksm", "merges", "unmerges")
     assert all(word in head for word in words), head
-    assert "full scans" in head and "COW/s" in head and "ksmd running" in head and "advisor" in head
+    assert "full scans" in head and "COW/s" in head and "ksmd running" in head and "advisor none" in head
+    assert f"{len(COMMS)} procs" in lines[0]
+
     assert any(b in lines[3] for b in view.BLOCKS[1:]), lines[3]  # the sparklines drew something
     titles = [c.title for c in view.COLUMNS]
     assert any(ln.split() == titles for ln in lines), "table header"
@@ -86,6 +88,14 @@ def test_80x24_fits_and_shows_everything() -> None:
     sparse = next(ln for ln in shown if "top-sparse" in ln)
     assert sparse.rstrip().endswith("!")
     assert "q quit" in lines[-1]
+
+
+def test_first_line_keeps_state_advisor_and_count() -> None:
+    m = _model()
+    m.source = "from 127.0.0.1:9477"
+    line = view.text(view.header(m, 80)[0])
+    # The source is the first to go, ksmd's knobs the next; state, advisor and count stay.
+    assert line.endswith(f"ksmd running 5000 pages/10ms  advisor none  {len(COMMS)} procs"), line
 
 
 @pytest.mark.parametrize(("cols", "rows"), [(80, 24), (120, 40), (100, 30), (60, 12), (20, 5)])
