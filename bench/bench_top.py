@@ -12,7 +12,8 @@ the measured seconds. Arms, all in the same run:
 * ``sampler``: the same data gathering without any UI: ``Sampler(how=True)``
   sampled once a second, as top runs it (the baseline: top minus it is the UI);
 * ``faults``: ``ksmtrace faults -j 1`` (the existing periodic command on the
-  same sampler, with regions, without how);
+  same sampler, with regions, without how), and ``faults-nr``: the same with
+  ``--no-regions`` (no smaps reads: what regions cost the sampler);
 * ``connect`` (``--connect-arm``): ``ksmtrace top --connect`` to a running
   ``ksmtrace daemon`` (top's CPU only: decoding the daemon's snapshot, drawing).
 
@@ -232,6 +233,15 @@ def main() -> None:
             lambda: LineArm(
                 "faults",
                 [sys.executable, "-m", "ksmtrace", "faults", "-j", "1"],
+                lambda ln: len(json.loads(ln)["processes"]),
+                "Tracing",
+            ),
+        ),
+        (
+            "faults-nr",
+            lambda: LineArm(
+                "faults-nr",
+                [sys.executable, "-m", "ksmtrace", "faults", "--no-regions", "-j", "1"],
                 lambda ln: len(json.loads(ln)["processes"]),
                 "Tracing",
             ),

@@ -15,7 +15,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ksmtrace.model.faults import RegionRow
 from ksmtrace.model.snapshot import Snapshot
@@ -180,6 +180,10 @@ class TopModel:
     notes: list[str] = field(default_factory=list)
     message: str = ""  # the data source's last trouble, in words ("" when fine)
     keep: Callable[[dash.ProcRow], bool] | None = None  # -p/-n applied to a daemon's rows
+    hows: dict[int, str] = field(default_factory=dict)  # pid -> how it opted in (inventory)
+
+    def how(self, row: dash.ProcRow) -> str:
+        return row.how or self.hows.get(row.pid, "")
 
     def update(self, snap: Snapshot) -> bool:
         """Take a snapshot; False when it is the one already shown (a daemon
@@ -189,9 +193,9 @@ class TopModel:
         self.snapshot = snap
         self.machine = dash.machine(snap)
         rows = dash.processes(snap)
-        # MergeableProcess.how also names region opt-ins (madvise), not only merge_any's origin.
-        hows = {p.pid: p.how for p in snap.processes}
-        rows = [replace(r, how=hows[r.pid]) if not r.how and r.pid in hows else r for r in rows]
+        # MergeableProcess.how also names region opt-ins (madvise), not only merge_any's
+        # origin; looked up for the rows drawn only (a thousand rows, twenty on screen).
+        self.hows = {p.pid: p.how for p in snap.processes}
         self.rows = [r for r in rows if self.keep(r)] if self.keep else rows
         self.page_size = snap.page_size
         m = self.machine
@@ -282,7 +286,9 @@ def table_header(state: TopState, width: int) -> Line:
     return out
 
 
-def proc_cells(row: dash.ProcRow, width: int, pages: bool = False, page_size: int = 4096) -> list[str]:
+def proc_cells(
+    row: dash.ProcRow, width: int, pages: bool = False, page_size: int = 4096, how: str | None = None
+) -> list[str]:
     merging = row.merging_pages
     if pages:
         merging_s = count(merging)
@@ -293,7 +299,7 @@ def proc_cells(row: dash.ProcRow, width: int, pages: bool = False, page_size: in
     values = [
         str(row.pid),
         row.comm,
-        row.how,
+        row.how if how is None else how,
         merging_s,
         size(row.profit_bytes),
         rate(row.ksm_cow_per_s, 8),
@@ -304,8 +310,8 @@ def proc_cells(row: dash.ProcRow, width: int, pages: bool = False, page_size: in
     return _cells(COLUMNS, values, _widths(width))
 
 
-def proc_line(row: dash.ProcRow, width: int, selected: bool, pages: bool, page_size: int) -> Line:
-    cells = proc_cells(row, width, pages, page_size)
+def proc_line(row: dash.ProcRow, width: int, selected: bool, pages: bool, page_size: int, how: str) -> Line:
+    cells = proc_cells(row, width, pages, page_size, how)
     base = "selected" if selected else ""
     out: Line = [(base, " ".join(cells[:5]) + " ")]
     out.append(("selected" if selected else "cow" if row.ksm_cow_per_s > 0 else "", cells[5]))
@@ -339,7 +345,7 @@ def drill(model: TopModel, state: TopState, width: int) -> tuple[list[Line], Lin
         return [[("warn", gone)], []], [], []
     ratio = row.rmap_ratio
     line1 = (
-        f"pid {row.pid} {row.comm}  {row.how or 'how: -'}  "
+        f"pid {row.pid} {row.comm}  {model.how(row) or 'how: -'}  "
         f"merging {size(None if row.merging_pages is None else row.merging_pages * model.page_size)}  "
         f"profit {size(row.profit_bytes)}  rmap {'-' if ratio is None else f'{ratio:.1f}'}"
     )
@@ -397,7 +403,7 @@ def batch(model: TopModel, state: TopState, width: int = 80) -> list[str]:
     lines.append(text(table_header(state, width)).rstrip())
     rows = visible(model, state)
     for r in rows:
-        lines.append(" ".join(proc_cells(r, width, state.pages, model.page_size)).rstrip())
+        lines.append(" ".join(proc_cells(r, width, state.pages, model.page_size, model.how(r))).rstrip())
     if not rows:
         lines.append("no mergeable process faulted or merged since tracing started")
     return lines

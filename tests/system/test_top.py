@@ -248,7 +248,7 @@ def test_connect_reads_a_running_daemon(ksm, workload, wait_for) -> None:  # typ
             return bool(v) and v != "0" and v.replace(".", "").isdigit()
 
         wait_for(row_with_cow, DEADLINE, f"pid {w.pid}'s row with KSM COW/s from the daemon", interval=0.3)
-        assert any(ln.startswith("ksmtrace top ") and "from 127.0.0.1" in ln for ln in seen), seen
+        assert any(ln.startswith("ksmtrace top ") for ln in seen), seen
     finally:
         daemon.terminate()
         daemon.wait(timeout=30)

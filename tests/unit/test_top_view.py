@@ -82,6 +82,7 @@ def test_80x24_fits_and_shows_everything() -> None:
     assert any(ln.split() == titles for ln in lines), "table header"
     shown = _table(lines)
     assert {ln.split()[1] for ln in shown} == COMMS
+    assert {ln.split()[2] for ln in shown} == {"madvise"}  # HOW
     # Sorted by KSM COW/s, largest first; the flagged row carries its mark.
     cow = [float(ln.split()[6]) for ln in shown]
     assert cow == sorted(cow, reverse=True) and cow[0] > 0
