@@ -295,8 +295,8 @@ def _answers(url: str) -> bool:
     import urllib.request  # noqa: PLC0415
 
     try:
-        with urllib.request.urlopen(url + "/api/snapshot", timeout=2) as r:  # noqa: S310 (loopback)
-            return json.loads(r.read()) is not None
+        with urllib.request.urlopen(url + "/api/state", timeout=2) as r:  # noqa: S310 (loopback)
+            return json.loads(r.read())["machine"] is not None
     except OSError:
         return False
 

@@ -1,15 +1,17 @@
 """ksmtrace top: a live full-screen view of KSM: savings, KSM COW faults, ksmd's cost, per process.
 
-Data and drawing are apart: a source yields one Snapshot per refresh, from
-probes of its own (ksmtrace.live.sampler, the same loop as ``faults``) or
-from a running daemon's ``GET /api/snapshot`` (``--connect``); the views
-(ksmtrace.views.top, top_ui) turn its rows into the screen. top only reads:
-nothing under /sys/kernel/mm/ksm is written, whatever the source.
+Data and drawing are apart: a source yields the rows of one refresh, a
+Snapshot from probes of its own (ksmtrace.live.sampler, the same loop as
+``faults``) or the rows a running daemon computed from its Snapshot (its
+JSON API, ``--connect``); the views (ksmtrace.views.top, top_ui) turn them
+into the screen. top only reads: nothing under /sys/kernel/mm/ksm is
+written, whatever the source.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -24,7 +26,8 @@ from ksmtrace.errors import KsmtraceError, UsageError
 from ksmtrace.kernel.procfs import ProcFS
 from ksmtrace.live import sampler as sampler_mod
 from ksmtrace.live.sampler import Sampler
-from ksmtrace.model import codec
+from ksmtrace.model.faults import COUNTERS, RegionRow
+from ksmtrace.model.rates import Rate
 from ksmtrace.model.snapshot import Snapshot
 from ksmtrace.probes import ksmd as ksmd_probe
 from ksmtrace.views import console, dash
@@ -91,21 +94,40 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def snapshot_url(url: str) -> str:
-    """The daemon's snapshot endpoint for what the user typed (host:port, a base URL or the endpoint)."""
+def base_url(url: str) -> str:
+    """The daemon's address for what the user typed: host:port, or a URL."""
     if "://" not in url:
         url = "http://" + url
-    url = url.rstrip("/")
-    return url if url.endswith("/api/snapshot") else url + "/api/snapshot"
+    return url.rstrip("/")
+
+
+def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``cls`` in ``d``: a daemon may know more fields than this top."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+def region_row(d: dict[str, Any]) -> RegionRow:
+    """A region as the daemon's JSON API gives it (RegionRow.as_dict) back into a record."""
+    rates = {
+        k: Rate(0, float(d[f"{k}_per_s"]), int(d.get(f"{k}_total") or 0))
+        for k in COUNTERS
+        if f"{k}_per_s" in d
+    }
+    return RegionRow(**_known(RegionRow, {**d, "rates": rates}))
 
 
 class DaemonSource:
-    """Snapshots from a daemon's HTTP API: read-only GETs on its address."""
+    """A running daemon's rows, from its read-only JSON API: ``GET /api/state``
+    (the machine row and every process row, computed by the daemon from its
+    snapshot) each refresh, ``GET /api/process?pid=N`` for the regions of the
+    process opened. The whole snapshot (``/api/snapshot``) would carry the same
+    and more, but decoding it costs a quarter of a core at a thousand processes."""
 
     def __init__(self, url: str, timeout: float = HTTP_TIMEOUT_S) -> None:
-        self.url = snapshot_url(url)
-        self.base = self.url[: -len("/api/snapshot")]
+        self.base = base_url(url)
         self.timeout = timeout
+        self.page_size = os.sysconf("SC_PAGE_SIZE")  # the daemon's API reports pages in rows
 
     def _unreachable(self, why: str) -> DaemonUnreachable:
         return DaemonUnreachable(
@@ -113,17 +135,13 @@ class DaemonSource:
             "or name its address with --connect URL"
         )
 
-    def fetch(self) -> Snapshot:
+    def _get(self, path: str) -> Any:
         try:
-            with urllib.request.urlopen(self.url, timeout=self.timeout) as resp:  # noqa: S310 (http(s) only)
+            with urllib.request.urlopen(self.base + path, timeout=self.timeout) as resp:  # noqa: S310
                 body = resp.read()
         except urllib.error.HTTPError as exc:
-            if exc.code == 503:
-                raise KsmtraceError(
-                    f"the daemon at {self.base} has no snapshot yet (first interval)"
-                ) from None
             raise DaemonUnreachable(
-                f"{self.base} is not a ksmtrace daemon: GET /api/snapshot answered {exc.code} {exc.reason}"
+                f"{self.base} is not a ksmtrace daemon: GET {path} answered {exc.code} {exc.reason}"
             ) from None
         except urllib.error.URLError as exc:
             reason = exc.reason
@@ -131,17 +149,51 @@ class DaemonSource:
             raise self._unreachable(why.lower()) from None
         except (TimeoutError, socket.timeout):
             raise self._unreachable(f"no answer within {self.timeout:g} s") from None
-        except (ConnectionError, OSError) as exc:
+        except OSError as exc:
             raise self._unreachable(exc.strerror or str(exc)) from None
         try:
-            data = json.loads(body)
-            if data is None:
-                raise KsmtraceError(f"the daemon at {self.base} has no snapshot yet (first interval)")
-            return codec.load(Snapshot, data)
-        except (ValueError, TypeError, KeyError) as exc:
+            return json.loads(body)
+        except ValueError:
+            raise DaemonUnreachable(f"{self.base} answered GET {path} with no JSON") from None
+
+    def fetch(self) -> view.Frame:
+        state = self._get("/api/state")
+        try:
+            if state["machine"] is None:
+                raise KsmtraceError(f"the daemon at {self.base} has no sample yet (its first interval)")
+            machine = dash.MachineRow(**_known(dash.MachineRow, state["machine"]))
+            rows = [dash.ProcRow(**_known(dash.ProcRow, d)) for d in state["processes"]]
+        except (TypeError, KeyError) as exc:
             raise DaemonUnreachable(
-                f"{self.base} answered GET /api/snapshot with no ksmtrace snapshot ({exc})"
+                f"{self.base} answered GET /api/state with rows this top does not know ({exc})"
             ) from None
+        return view.Frame(machine, rows, self.page_size)
+
+    def regions(self, pid: int) -> list[RegionRow]:
+        got = self._get(f"/api/process?pid={pid}")
+        if got is None:
+            return []  # not in the daemon's last interval (exited, or nothing counted)
+        try:
+            return [region_row(d) for d in got.get("regions", [])]
+        except (TypeError, KeyError, ValueError) as exc:
+            raise DaemonUnreachable(
+                f"{self.base} answered GET /api/process with a region this top does not know ({exc})"
+            ) from None
+
+
+class LocalSource:
+    """top's own probes: the Sampler of ``faults``, naming how each process opted in."""
+
+    def __init__(self, sampler: Sampler, keep: _Keep, interval: float) -> None:
+        self.sampler, self.keep, self.interval = sampler, keep, interval
+
+    def fetch(self) -> Snapshot:
+        snap = self.sampler.sample(self.interval)
+        self.keep.forget(self.sampler.gone)
+        return snap
+
+    def regions(self, pid: int) -> None:
+        return None  # the rows carry them
 
 
 def _daemon_keep(args: argparse.Namespace) -> Callable[[dash.ProcRow], bool] | None:
@@ -162,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     if args.connect:
         src = DaemonSource(args.connect)
         model = view.TopModel(source=f"from {src.base.split('://', 1)[-1]}", keep=_daemon_keep(args))
-        first: Snapshot | None = None
+        first: view.Frame | None = None
         try:
             first = src.fetch()  # a daemon that is not there: a sentence before any screen
         except DaemonUnreachable:
@@ -175,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
             model.update(first)
         from ksmtrace.views import top_ui  # noqa: PLC0415 (urwid only for the screen)
 
-        top_ui.run(model, src.fetch, args.delay, args.delay)
+        top_ui.run(model, src, args.delay, args.delay)
         return 0
     sampler_mod.require_tracing()
     proc = ProcFS()
@@ -191,27 +243,22 @@ def run(args: argparse.Namespace) -> int:
     # The sampler detaches every probe when the stack unwinds: after q, and
     # after a signal, also one that lands while a later probe still loads.
     with Sampler(keep=keep, kernel_pid=kernel_pid, initial=initial, how=True, proc=proc) as sampler:
-
-        def fetch() -> Snapshot:
-            snap = sampler.sample(args.delay)
-            keep.forget(sampler.gone)
-            return snap
-
+        local = LocalSource(sampler, keep, args.delay)
         model.notes = list(sampler.notes)
         if args.batch:
-            return _batch(model, state, fetch, args, None)
+            return _batch(model, state, local.fetch, args, None)
         from ksmtrace.views import top_ui  # noqa: PLC0415
 
-        top_ui.run(model, fetch, args.delay, args.delay)
+        top_ui.run(model, local, args.delay, args.delay)
     return 0
 
 
 def _batch(
     model: view.TopModel,
     state: view.TopState,
-    fetch: Callable[[], Snapshot],
+    fetch: Callable[[], Snapshot | view.Frame],
     args: argparse.Namespace,
-    first: Snapshot | None,
+    first: view.Frame | None,
 ) -> int:
     """``-b N``: N refreshes as plain lines (the first at once when a daemon gave one already)."""
     n = args.batch

@@ -167,12 +167,29 @@ class TopState:
     pages: bool = False  # MERGING in pages instead of bytes
 
 
+@dataclass(frozen=True)
+class Frame:
+    """One refresh's rows, whatever their source: a Snapshot of top's own
+    probes (:func:`frame`), or a daemon's already computed rows."""
+
+    machine: dash.MachineRow
+    rows: list[dash.ProcRow]
+    page_size: int
+    hows: dict[int, str] = field(default_factory=dict)  # pid -> how it opted in, where rows lack it
+
+
+def frame(snap: Snapshot) -> Frame:
+    # MergeableProcess.how also names region opt-ins (madvise), not only merge_any's
+    # origin; looked up for the rows drawn only (a thousand rows, twenty on screen).
+    hows = {p.pid: p.how for p in snap.processes}
+    return Frame(dash.machine(snap), dash.processes(snap), snap.page_size, hows)
+
+
 @dataclass
 class TopModel:
     """The latest rows and a short history for the sparklines."""
 
     source: str = ""  # where the rows come from, when not top's own probes
-    snapshot: Snapshot | None = None
     machine: dash.MachineRow | None = None
     rows: list[dash.ProcRow] = field(default_factory=list)
     page_size: int = 4096
@@ -180,25 +197,23 @@ class TopModel:
     notes: list[str] = field(default_factory=list)
     message: str = ""  # the data source's last trouble, in words ("" when fine)
     keep: Callable[[dash.ProcRow], bool] | None = None  # -p/-n applied to a daemon's rows
-    hows: dict[int, str] = field(default_factory=dict)  # pid -> how it opted in (inventory)
+    hows: dict[int, str] = field(default_factory=dict)
+    regions: dict[int, list[RegionRow]] = field(default_factory=dict)  # fetched apart (--connect)
 
     def how(self, row: dash.ProcRow) -> str:
         return row.how or self.hows.get(row.pid, "")
 
-    def update(self, snap: Snapshot) -> bool:
-        """Take a snapshot; False when it is the one already shown (a daemon
-        polled faster than it samples)."""
-        if self.snapshot is not None and snap.wall == self.snapshot.wall:
+    def update(self, new: Snapshot | Frame) -> bool:
+        """Take the next rows; False when they are the ones already shown (a
+        daemon polled faster than it samples)."""
+        f = frame(new) if isinstance(new, Snapshot) else new
+        if self.machine is not None and f.machine.wall == self.machine.wall:
             return False
-        self.snapshot = snap
-        self.machine = dash.machine(snap)
-        rows = dash.processes(snap)
-        # MergeableProcess.how also names region opt-ins (madvise), not only merge_any's
-        # origin; looked up for the rows drawn only (a thousand rows, twenty on screen).
-        self.hows = {p.pid: p.how for p in snap.processes}
-        self.rows = [r for r in rows if self.keep(r)] if self.keep else rows
-        self.page_size = snap.page_size
-        m = self.machine
+        self.machine = m = f.machine
+        self.rows = [r for r in f.rows if self.keep(r)] if self.keep else f.rows
+        self.hows, self.page_size = f.hows, f.page_size
+        live = {r.pid for r in self.rows}
+        self.regions = {pid: regs for pid, regs in self.regions.items() if pid in live}
         self.history.append((m.wall, m.ksm_cow_per_s, m.saved_bytes))
         return True
 
@@ -361,7 +376,7 @@ def drill(model: TopModel, state: TopState, width: int) -> tuple[list[Line], Lin
         _cells(REGION_COLUMNS, [c.title for c in REGION_COLUMNS], [c.width for c in REGION_COLUMNS])
     )
     rows: list[Line] = []
-    for r in row.regions:
+    for r in row.regions or model.regions.get(row.pid, []):
         cells = region_cells(r)
         cow = r.rates["ksm_cow"].per_s if "ksm_cow" in r.rates else 0
         rows.append(

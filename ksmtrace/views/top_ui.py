@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import urwid
 
 from ksmtrace.errors import KsmtraceError
+from ksmtrace.model.faults import RegionRow
 from ksmtrace.model.snapshot import Snapshot
 from ksmtrace.views import top as view
-from ksmtrace.views.top import Line, TopModel, TopState
+from ksmtrace.views.top import Frame, Line, TopModel, TopState
 
 # name, foreground, background, monochrome
 PALETTE = [
@@ -62,6 +64,7 @@ class TopScreen(urwid.Widget):
         self.state = state or TopState()
         self.ascii_only = ascii_only
         self._body = 10  # table rows on the screen at the last render (PgUp/PgDn step)
+        self.on_drill: Callable[[], None] | None = None  # called when Enter opens a process
 
     def changed(self) -> None:
         self._invalidate()
@@ -162,8 +165,13 @@ class TopScreen(urwid.Widget):
         elif key == "b":
             s.pages = not s.pages
         elif key == "enter":
+            if s.selected is None:  # a key before the first draw since the filter changed
+                rows = view.visible(self.model, s)
+                s.selected = rows[min(s.index, len(rows) - 1)].pid if rows else None
             if s.selected is not None:
                 s.drill, s.region_offset = s.selected, 0
+                if self.on_drill:
+                    self.on_drill()
         elif key == "esc":
             s.filter = ""
         else:
@@ -219,20 +227,43 @@ def ascii_only() -> bool:
     return "utf" not in str(urwid.util.detected_encoding).lower()
 
 
-def run(model: TopModel, fetch: Callable[[], Snapshot], interval: float, first: float) -> None:
+class Source(Protocol):
+    """Where the rows come from (ksmtrace.commands.top): one Snapshot or Frame
+    per ``fetch``; ``regions(pid)``: a process's regions when its rows come
+    without them (None: they come with them)."""
+
+    def fetch(self) -> Snapshot | Frame: ...
+
+    def regions(self, pid: int) -> list[RegionRow] | None: ...
+
+
+def run(model: TopModel, source: Source, interval: float, first: float) -> None:
     """Show the screen until ``q`` (or an exception, after which the terminal
-    is restored too). ``fetch`` gives the next snapshot every ``interval``
-    seconds, the first after ``first`` seconds; a KsmtraceError from it
-    (a daemon gone away) is shown as a line and the next refresh tries again."""
+    is restored too). ``source`` gives the next rows every ``interval``
+    seconds, the first after ``first`` seconds; a KsmtraceError from it (a
+    daemon gone away) is shown as a line and the next refresh tries again."""
     widget = TopScreen(model, ascii_only=ascii_only())
     screen = urwid.raw_display.Screen()
     loop = urwid.MainLoop(widget, PALETTE, screen=screen, handle_mouse=False)
     due = [time.monotonic() + first]
 
+    def regions() -> None:
+        pid = widget.state.drill
+        if pid is None:
+            return
+        try:
+            regs = source.regions(pid)
+        except KsmtraceError as exc:
+            model.message = str(exc)
+            return
+        if regs is not None:
+            model.regions[pid] = regs
+
     def tick(loop: urwid.MainLoop, _data: object = None) -> None:
         try:
-            model.update(fetch())
+            model.update(source.fetch())
             model.message = ""
+            regions()
         except KsmtraceError as exc:
             model.message = str(exc)
         # The next refresh on a fixed grid: rendering time does not drift it.
@@ -243,5 +274,6 @@ def run(model: TopModel, fetch: Callable[[], Snapshot], interval: float, first: 
         loop.set_alarm_in(due[0] - now, tick)
         widget.changed()
 
+    widget.on_drill = regions  # a daemon's regions at once, not at the next refresh
     loop.set_alarm_in(first, tick)
     loop.run()

@@ -5,11 +5,12 @@ took of three workloads breaking merges and one whose rmap items per merged
 page pass 64 (tests/fixtures/capture_top.py). The screen widget is rendered
 through urwid's canvas at 80x24 and other sizes; keys go through the same
 handler the terminal's keys go through; ``--connect`` reads a stub daemon on
-loopback.
+loopback, serving what ksmtrace.views.api makes of a Board of the same snapshots.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,14 +18,18 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import urwid
 
 from ksmtrace.commands import top as command
+from ksmtrace.errors import KsmtraceError
+from ksmtrace.live.board import Board
 from ksmtrace.model import codec
+from ksmtrace.model.rates import Rate
 from ksmtrace.model.snapshot import Snapshot
-from ksmtrace.views import dash
+from ksmtrace.views import api, dash
 from ksmtrace.views import top as view
 from ksmtrace.views.top_ui import TopScreen
 
@@ -223,18 +228,32 @@ def test_batch_lines_fit() -> None:
 # -- --connect: a stub daemon on loopback --------------------------------
 
 
+def _board() -> Board:
+    board = Board()
+    for snap in SNAPS:
+        board.record(snap)
+    return board
+
+
 class _Stub(BaseHTTPRequestHandler):
-    body = json.dumps(RAW[-1]).encode()
-    status = 200
+    """The daemon's JSON API as the daemon computes it (ksmtrace.views.api over a Board)."""
+
+    state = _board().read()
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        if self.path != "/api/snapshot":
+        url = urlsplit(self.path)
+        if url.path == "/api/state":
+            out = api.state(self.state)
+        elif url.path == "/api/process":
+            out = api.process(self.state, int(parse_qs(url.query)["pid"][0]))
+        else:
             self.send_error(404)
             return
-        self.send_response(self.status)
+        body = json.dumps(out).encode()
+        self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
-        self.wfile.write(self.body)
+        self.wfile.write(body)
 
     def log_message(self, *args: object) -> None:
         pass
@@ -260,14 +279,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_snapshot_url() -> None:
-    assert command.snapshot_url("127.0.0.1:9477") == "http://127.0.0.1:9477/api/snapshot"
-    assert command.snapshot_url("http://h:1/") == "http://h:1/api/snapshot"
-    assert command.snapshot_url("http://h:1/api/snapshot") == "http://h:1/api/snapshot"
+def test_base_url() -> None:
+    assert command.base_url("127.0.0.1:9477") == "http://127.0.0.1:9477"
+    assert command.base_url("http://h:1/") == "http://h:1"
 
 
-def test_daemon_source_reads_a_snapshot(stub: str) -> None:
-    assert command.DaemonSource(stub).fetch() == SNAPS[-1]
+def test_daemon_source_gives_the_daemons_rows(stub: str) -> None:
+    src = command.DaemonSource(stub)
+    got = src.fetch()
+    want = view.frame(SNAPS[-1])
+    assert got.machine == want.machine
+    assert [r.pid for r in got.rows] == [r.pid for r in want.rows]
+    no_regions = [dataclasses.replace(r, regions=()) for r in want.rows]
+    assert got.rows == no_regions
+    # Regions come apart, for the process opened.
+    row = next(r for r in want.rows if r.comm == "top-golden-1")
+    assert src.regions(row.pid) == [
+        dataclasses.replace(r, rates={k: Rate(0, round(v.per_s, 3), v.total) for k, v in r.rates.items()})
+        for r in row.regions
+    ]
+    assert src.regions(999999) == []
+
+
+def test_connect_drill_down_draws_the_fetched_regions(stub: str) -> None:
+    src = command.DaemonSource(stub)
+    model = view.TopModel(source="from stub")
+    model.update(src.fetch())
+    w = TopScreen(model)
+    w.on_drill = lambda: model.regions.update({w.state.drill: src.regions(w.state.drill)})
+    for key in ["/", *"golden-2", "enter", "enter"]:
+        assert w.handle(key)
+    row = next(r for r in view.frame(SNAPS[-1]).rows if r.comm == "top-golden-2")
+    reg = next(r for r in row.regions if r.start)
+    lines = [ln.decode() for ln in w.render((80, 24)).text]
+    assert any(ln.startswith(f"{reg.start:x}-{reg.end:x}") for ln in lines), lines
 
 
 def test_daemon_not_there_is_a_sentence() -> None:
@@ -281,6 +326,15 @@ def test_daemon_not_there_is_a_sentence() -> None:
 def test_not_a_daemon_is_a_sentence(stub: str) -> None:
     with pytest.raises(command.DaemonUnreachable, match="is not a ksmtrace daemon"):
         command.DaemonSource(stub + "/elsewhere").fetch()
+
+
+def test_daemon_without_a_sample_yet_is_said_on_the_screen(
+    stub: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_Stub, "state", Board().read())
+    with pytest.raises(KsmtraceError, match="has no sample yet") as exc:
+        command.DaemonSource(stub).fetch()
+    assert not isinstance(exc.value, command.DaemonUnreachable)  # top starts, and says so
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
