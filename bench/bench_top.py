@@ -186,7 +186,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(arm_factory: Callable[[], Arm], n: int, warmup: float, seconds: float) -> dict[str, float]:
+def _last_pid() -> int:
+    return int(Path("/proc/loadavg").read_text().split()[4])
+
+
+def measure(
+    arm_factory: Callable[[], Arm], n: int, warmup: float, seconds: float, other: int | None = None
+) -> dict[str, float]:
+    """One arm's CPU over ``seconds``; ``other``: a second process measured alongside (the daemon)."""
     _unmerge()
     arm = arm_factory()
     try:
@@ -198,10 +205,15 @@ def measure(arm_factory: Callable[[], Arm], n: int, warmup: float, seconds: floa
                 print(arm.screen(), file=sys.stderr)
             raise
         time.sleep(warmup)
-        c0, t0 = _ticks(arm.pid), time.monotonic()
+        c0, t0, p0 = _ticks(arm.pid), time.monotonic(), _last_pid()
+        o0 = _ticks(other) if other else 0
         time.sleep(seconds)
-        c1, t1 = _ticks(arm.pid), time.monotonic()
+        c1, t1, p1 = _ticks(arm.pid), time.monotonic(), _last_pid()
+        o1 = _ticks(other) if other else 0
         return {
+            # Processes the host started meanwhile (pids handed out): each exit is work for every arm.
+            "host_forks": (p1 - p0) % (1 << 22),
+            "other_cpu_pct": 100.0 * (o1 - o0) / HZ / (t1 - t0),
             "cpu_pct": 100.0 * (c1 - c0) / HZ / (t1 - t0),
             "ms_per_refresh": 1000.0 * (c1 - c0) / HZ / (t1 - t0),  # one refresh a second
             "rss_mib": _rss_mib(arm.pid),
@@ -217,6 +229,7 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=1000, help="mergeable children (default 1000)")
     ap.add_argument("--warmup", type=float, default=10.0, help="seconds after every process is shown")
     ap.add_argument("--seconds", type=float, default=20.0, help="seconds measured per arm")
+    ap.add_argument("--repeat", type=int, default=2, help="rounds of the top and sampler arms (default 2)")
     ap.add_argument("--connect-arm", action="store_true", help="also top --connect to a running daemon")
     ap.add_argument("--sampler-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -225,9 +238,11 @@ def main() -> None:
         return
     n = args.processes
     me = [sys.executable, str(Path(__file__).resolve())]
-    arms: list[tuple[str, Callable[[], Arm]]] = [
-        ("top", lambda: TmuxArm("top", [])),
-        ("sampler", lambda: LineArm("sampler", [*me, "--sampler-only"], int, "ready")),
+    top_arm = ("top", lambda: TmuxArm("top", []))
+    sampler_arm = ("sampler", lambda: LineArm("sampler", [*me, "--sampler-only"], int, "ready"))
+    # top and its baseline alternate: the host's other work moves both alike.
+    arms: list[tuple[str, Callable[[], Arm]]] = [top_arm, sampler_arm] * args.repeat
+    arms += [
         (
             "faults",
             lambda: LineArm(
@@ -255,7 +270,7 @@ def main() -> None:
     lock = open("/run/lock/ksmtrace-tests.lock", "a")  # noqa: SIM115 (held for the whole run)
     fcntl.flock(lock, fcntl.LOCK_EX)
     saved = ksm_sysfs.SavedSettings()
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         exe = Path(tmp) / "scalekids"
         subprocess.run(["gcc", "-O2", "-o", str(exe), str(ROOT / "bench" / "scalekids.c")], check=True)
@@ -272,7 +287,8 @@ def main() -> None:
                         stderr=subprocess.DEVNULL,
                     )
                     _wait(lambda: _answers(url), 120, "the daemon's HTTP server")
-                results[name] = r = measure(factory, n, args.warmup, args.seconds)
+                r = measure(factory, n, args.warmup, args.seconds, daemon.pid if daemon else None)
+                results.setdefault(name, []).append(r)
                 print(
                     f"{name:8s} {r['cpu_pct']:6.2f}% of a core "
                     f"({r['ms_per_refresh']:.1f} ms CPU per 1 s refresh), "
@@ -301,31 +317,44 @@ def _answers(url: str) -> bool:
         return False
 
 
-def report(results: dict[str, dict[str, float]], n: int, args: argparse.Namespace) -> None:
-    top, base = results["top"], results["sampler"]
+def report(results: dict[str, list[dict[str, float]]], n: int, args: argparse.Namespace) -> None:
     print()
     print(
         f"{n + 1} mergeable processes ({n} children + parent, {PAGES} pages each), 1 s refresh, "
-        f"{args.warmup:.0f} s warm-up, {args.seconds:.0f} s measured per arm; load {os.getloadavg()}"
+        f"{args.warmup:.0f} s warm-up, {args.seconds:.0f} s measured per arm; "
+        f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
-    print(f"{'ARM':8s}  {'CPU%':>6s}  {'ms/refresh':>10s}  {'RSS(MiB)':>8s}  {'SHOWN':>5s}")
-    for name, r in results.items():
-        print(
-            f"{name:8s}  {r['cpu_pct']:6.2f}  {r['ms_per_refresh']:10.1f}  "
-            f"{r['rss_mib']:8.0f}  {r['shown']:5.0f}"
-        )
-    ui = top["cpu_pct"] - base["cpu_pct"]
+    print(
+        f"{'ARM':9s}  {'CPU%':>6s}  {'ms/refresh':>10s}  {'RSS(MiB)':>8s}  {'SHOWN':>5s}  {'HOST FORKS':>10s}"
+    )
+    for name, runs in results.items():
+        for r in runs:
+            print(
+                f"{name:9s}  {r['cpu_pct']:6.2f}  {r['ms_per_refresh']:10.1f}  "
+                f"{r['rss_mib']:8.0f}  {r['shown']:5.0f}  {r['host_forks']:10.0f}"
+            )
+    top = [r["cpu_pct"] for r in results["top"]]
+    base = [r["cpu_pct"] for r in results["sampler"]]
+    ui = [t - b for t, b in zip(top, base)]
     print()
     print(
-        f"top's screen on top of its sampler: {ui:+.2f} points of a core "
-        f"(top {top['cpu_pct']:.2f}%, sampler alone {base['cpu_pct']:.2f}%)"
+        "top's screen on top of its sampler, round by round: "
+        + ", ".join(f"{d:+.2f}" for d in ui)
+        + " points of a core"
     )
-    verdict = "MEETS" if top["cpu_pct"] <= GOAL_PCT else "MISS"
-    print(f"goal: top <= {GOAL_PCT:g}% of a core at 1 s refresh: {top['cpu_pct']:.2f}% -> {verdict}")
+    worst = max(top)
+    verdict = "MEETS" if worst <= GOAL_PCT else "MISS"
+    print(
+        f"goal: top <= {GOAL_PCT:g}% of a core at 1 s refresh with its own probes: "
+        f"{min(top):.2f}-{worst:.2f}% -> {verdict} (the sampler alone: {min(base):.2f}-{max(base):.2f}%)"
+    )
     if "connect" in results:
-        c = results["connect"]
+        c = results["connect"][0]
         verdict = "MEETS" if c["cpu_pct"] <= GOAL_PCT else "MISS"
-        print(f"top --connect (the daemon samples, top draws): {c['cpu_pct']:.2f}% -> {verdict}")
+        print(
+            f"goal with --connect (the daemon samples, top reads its rows and draws): "
+            f"top {c['cpu_pct']:.2f}% -> {verdict}; the daemon meanwhile {c['other_cpu_pct']:.2f}%"
+        )
 
 
 if __name__ == "__main__":
