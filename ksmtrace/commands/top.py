@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import socket
@@ -101,10 +102,17 @@ def base_url(url: str) -> str:
     return url.rstrip("/")
 
 
+@functools.cache
+def _fields(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
 def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
-    """The fields of ``cls`` in ``d``: a daemon may know more fields than this top."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
+    """The fields of ``cls`` in ``d`` (changed in place): the JSON API adds derived
+    ones (rmap_ratio), a newer daemon may know more. A thousand rows a second: cheap."""
+    for k in d.keys() - _fields(cls):
+        del d[k]
+    return d
 
 
 def region_row(d: dict[str, Any]) -> RegionRow:
