@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import socket
 import urllib.error
 import urllib.request
@@ -25,6 +26,7 @@ from ksmtrace.commands._common import add_filter_args, intervals, resolve_pids
 from ksmtrace.commands.faults import _Keep
 from ksmtrace.errors import KsmtraceError, UsageError
 from ksmtrace.kernel.procfs import ProcFS
+from ksmtrace.kernel.signals import Interrupted
 from ksmtrace.live import sampler as sampler_mod
 from ksmtrace.live.sampler import Sampler
 from ksmtrace.model.faults import COUNTERS, RegionRow
@@ -233,9 +235,7 @@ def run(args: argparse.Namespace) -> int:
             return _batch(model, state, src.fetch, args, first)
         if first is not None:
             model.update(first)
-        from ksmtrace.views import top_ui  # noqa: PLC0415 (urwid only for the screen)
-
-        top_ui.run(model, src, args.delay, args.delay)
+        _screen(model, src, args.delay)
         return 0
     sampler_mod.require_tracing()
     proc = ProcFS()
@@ -255,10 +255,18 @@ def run(args: argparse.Namespace) -> int:
         model.notes = list(sampler.notes)
         if args.batch:
             return _batch(model, state, local.fetch, args, None)
-        from ksmtrace.views import top_ui  # noqa: PLC0415
-
-        top_ui.run(model, local, args.delay, args.delay)
+        _screen(model, local, args.delay)
     return 0
+
+
+def _screen(model: view.TopModel, source: DaemonSource | LocalSource, delay: float) -> None:
+    from ksmtrace.views import top_ui  # noqa: PLC0415 (urwid only for the screen)
+
+    try:
+        top_ui.run(model, source, delay, delay)
+    except top_ui.TerminalGone:
+        # The terminal hung up (the SIGHUP may come after the EOF): end as that signal ends it.
+        raise Interrupted(signal.SIGHUP) from None
 
 
 def _batch(

@@ -11,6 +11,7 @@ No mouse, 16 colours with monochrome fallbacks: it works over ssh.
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -20,6 +21,7 @@ import urwid
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.model.faults import RegionRow
 from ksmtrace.model.snapshot import Snapshot
+from ksmtrace.views import console
 from ksmtrace.views import top as view
 from ksmtrace.views.top import Frame, Line, TopModel, TopState
 
@@ -276,4 +278,30 @@ def run(model: TopModel, source: Source, interval: float, first: float) -> None:
 
     widget.on_drill = regions  # a daemon's regions at once, not at the next refresh
     loop.set_alarm_in(first, tick)
-    loop.run()
+    try:
+        loop.run()
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        if not _hung_up(exc):
+            raise
+        # Nothing can be shown any more: what is left in stdout's buffer must
+        # not fail again (and turn the exit status into 120) when Python exits.
+        console.reader_left()
+        raise TerminalGone() from None
+
+
+class TerminalGone(Exception):
+    """The terminal went away under the screen: ssh dropped, the tmux pane killed."""
+
+
+def _hung_up(exc: BaseException) -> bool:
+    """EOF on the terminal's input, or an I/O error writing to it (also while
+    the screen was being restored after a signal: then the signal wins)."""
+    if isinstance(exc, getattr(urwid, "InputClosedError", ())):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ENXIO, errno.EBADF):
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise exc.__context__ from None
+        return True
+    return False

@@ -193,16 +193,53 @@ def _child_of(pid: int) -> int | None:
     return int(kids[0]) if kids else None
 
 
-def test_sigterm_ends_top_with_the_terminal_restored(ksm, pane: Pane) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_signals_end_top_with_the_terminal_restored(pane: Pane, how: str) -> None:
     _run_top(pane, "-d", "0.5")
     pane.wait(lambda: _on_screen(pane), DEADLINE, "top's screen")
-    top = _child_of(int(pane.fmt("#{pane_pid}")))
-    assert top is not None
-    os.kill(top, signal.SIGTERM)
+    if how == "SIGTERM":
+        top = _child_of(int(pane.fmt("#{pane_pid}")))
+        assert top is not None
+        os.kill(top, signal.SIGTERM)
+        want = 128 + signal.SIGTERM
+    else:
+        pane.send("C-c")  # the terminal's own SIGINT: urwid leaves ISIG on
+        want = 128 + signal.SIGINT
     pane.wait(lambda: _status(pane) is not None, 30, "top to exit")
-    assert _status(pane) == 128 + signal.SIGTERM, pane.text()
+    assert _status(pane) == want, pane.text()
     _terminal_restored(pane)
     assert "Traceback" not in pane.text()
+
+
+def test_hangup_ends_top_as_sighup(tmp_path: Path) -> None:
+    """The terminal goes away under the screen (ssh dropped): 129, no traceback.
+    The shell around top ignores SIGHUP (top sets its own handler) to write the status down."""
+    sock = f"ksmtrace-hup-{os.getpid()}"
+    rc, err = tmp_path / "rc", tmp_path / "err"
+    top = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "ksmtrace", "top"])
+    script = f"trap '' HUP; cd {shlex.quote(str(ROOT))}; {top} 2>{err}; echo $? > {rc}"
+    tmux = ["tmux", "-L", sock, "-f", "/dev/null"]
+    env = {**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    subprocess.run(
+        [*tmux, "new-session", "-d", "-x", "80", "-y", "24", "bash", "-c", script], env=env, check=True
+    )
+    try:
+
+        def screen() -> str:
+            return subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True, text=True).stdout
+
+        deadline = time.monotonic() + DEADLINE
+        while "PID COMM" not in screen():
+            assert time.monotonic() < deadline, f"top's screen never came:\n{screen()}"
+            time.sleep(0.2)
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+    deadline = time.monotonic() + 30
+    while not rc.exists() or not rc.read_text().strip():
+        assert time.monotonic() < deadline, "top did not end after the hangup"
+        time.sleep(0.2)
+    assert rc.read_text().strip() == str(128 + signal.SIGHUP), err.read_text()
+    assert "Traceback" not in err.read_text()
 
 
 def _free_port() -> int:
