@@ -42,7 +42,24 @@ PALETTE = [
     ("key", "white,bold", "dark blue", "standout"),
 ]
 
-HEADER_ROWS = 4
+HELP = [
+    "ksmtrace top: KSM savings, copy-on-write faults on merged pages and ksmd's cost",
+    "",
+    "  c  sort by KSM COW faults/s      p  by profit (what KSM saves it)",
+    "  g  by merging pages              m  by merges/s     u  by unmerges/s",
+    "  r  by rmap items per merged page (flagged ! above 64: the rmap costs more)",
+    "  n  by pid                        o  by command      < >  previous/next column",
+    "  i  invert the order              b  MERGING in pages / in bytes",
+    "  /  filter by command or pid (Enter keeps it, Esc clears it)",
+    "  up/down, PgUp/PgDn, Home/End  select       Enter  the process's regions",
+    "  Esc or Backspace  back from regions      h or ?  this help      q  quit",
+    "",
+    "KSM COW: writes that broke a merge (the page was a KSM page), counted exactly",
+    "by the fault probe; cow_ksm: the kernel's own machine-wide count.",
+    "MADE daemon: a region ksmtrace daemon made mergeable.",
+    "",
+    "Any key leaves this help.",
+]
 
 
 def _markup(line: Line) -> list[object]:
@@ -81,7 +98,7 @@ class TopScreen(urwid.Widget):
         if m.message:
             foot.insert(0, [("warn", m.message)])
         if s.help:
-            body = [[("", h)] for h in view.HELP]
+            body = [[("", h)] for h in HELP]
             mid: list[Line] = []
         elif s.drill is not None:
             summary, head, regions = view.drill(m, s, cols)

@@ -1,6 +1,6 @@
 """``ksmtrace top`` rendered from snapshots recorded on the real kernel (no terminal, no root).
 
-tests/fixtures/snapshots/top.json holds six snapshots that top's own sampler
+tests/fixtures/top/snapshots.json holds six snapshots that top's own sampler
 took of three workloads breaking merges and one whose rmap items per merged
 page pass 64 (tests/fixtures/capture_top.py). The screen widget is rendered
 through urwid's canvas at 80x24 and other sizes; keys go through the same
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,7 +35,7 @@ from ksmtrace.views import api, dash
 from ksmtrace.views import top as view
 from ksmtrace.views.top_ui import TopScreen
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "snapshots" / "top.json"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "top" / "snapshots.json"
 RAW = json.loads(FIXTURE.read_text())
 SNAPS = [codec.load(Snapshot, d) for d in RAW]
 COMMS = {"top-golden-0", "top-golden-1", "top-golden-2", "top-sparse"}
@@ -217,6 +219,35 @@ def test_header_fits_with_large_numbers() -> None:
     m.machine = big
     for line in view.header(m, 80):
         assert len(view.text(line)) <= 80, view.text(line)
+
+
+GOLDEN = FIXTURE.parent / "batch.txt"
+
+
+@pytest.fixture
+def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The clock shown is local time: UTC here, whatever the machine's zone."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def _golden_text() -> str:
+    model = _model()
+    return "".join(
+        f"# -s {key}\n" + "\n".join(view.batch(model, view.TopState(sort=key))) + "\n"
+        for key in ("ksm_cow", "rmap", "pid")
+    )
+
+
+def test_batch_golden(utc: None) -> None:
+    """``top -b`` text for the recorded snapshots. A change meant: regenerate with
+    ``KSMTRACE_REGEN=1 pytest tests/unit/test_top_view.py -k golden`` and read the diff."""
+    if os.environ.get("KSMTRACE_REGEN") == "1":
+        GOLDEN.write_text(_golden_text())
+    assert _golden_text() == GOLDEN.read_text()
 
 
 def test_batch_lines_fit() -> None:
