@@ -234,18 +234,17 @@ def tracked(state: BoardState) -> tuple[list[dash.ProcRow], dash.ProcRow | None]
     up to ``top_n`` more of the rest by KSM COW faults/s) and the ``other``
     row summing the rest (None when nothing is left over)."""
     n = max(state.top_n, 0)
-    kept, other = dash.top(state.processes, n, "profit")
-    if other is None:
+    # dash.top's ranking, and its "other" sum once, over what is left at the end.
+    ranked = dash.sort(state.processes, "profit")
+    kept, rest = ranked[:n], ranked[n:]
+    if not rest:
         return kept, None
-    chosen = {r.pid for r in kept}
-    rest = [r for r in state.processes if r.pid not in chosen]
-    faulting, _ = dash.top([r for r in rest if r.ksm_cow_per_s > 0], n, "ksm_cow")
-    chosen.update(r.pid for r in faulting)
+    faulting = dash.sort([r for r in rest if r.ksm_cow_per_s > 0], "ksm_cow")[:n]
+    chosen = {r.pid for r in faulting}
     left = [r for r in rest if r.pid not in chosen]
     if not left:
         return kept + faulting, None
-    _, other = dash.top(left, 0, "profit")
-    return kept + faulting, other
+    return kept + faulting, dash.top(left, 0)[1]
 
 
 def max_series(top_n: int) -> int:
