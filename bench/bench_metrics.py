@@ -1,7 +1,7 @@
 """/metrics with 1,000 processes: time to render, through the daemon's HTTP server, and the series bound.
 
 The processes are a real recorded Snapshot (tests/fixtures/snapshots/
-board2.json: the Sampler's record of workloads breaking merges) multiplied
+board/board2.json: the Sampler's record of workloads breaking merges) multiplied
 to 1,000 processes with their own pids, names and numbers, recorded into a
 real Board as the daemon's loop does. For each board, ``exposition()`` runs
 ``--calls`` times (median, p99), then /metrics is fetched as many times
@@ -39,7 +39,7 @@ from ksmtrace.model.rates import Rate  # noqa: E402
 from ksmtrace.model.snapshot import Snapshot  # noqa: E402
 from ksmtrace.views import metrics  # noqa: E402
 
-RECORDED = ROOT / "tests" / "fixtures" / "snapshots" / "board2.json"
+RECORDED = ROOT / "tests" / "fixtures" / "snapshots" / "board" / "board2.json"
 GOAL_MS = 50.0
 
 

@@ -1,7 +1,7 @@
 """/metrics stays bounded: a thousand processes, a changing set, exits.
 
 The processes are the recorded snapshot's rows (tests/fixtures/snapshots/
-board2.json) multiplied with new pids, names and numbers, so every field a
+board/board2.json) multiplied with new pids, names and numbers, so every field a
 real row has is set the way the Sampler sets it.
 """
 

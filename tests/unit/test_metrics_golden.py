@@ -1,6 +1,6 @@
 """/metrics rendered from snapshots recorded on the real kernel, against a golden file.
 
-tests/fixtures/snapshots/board1.json and board2.json are the Sampler's
+tests/fixtures/snapshots/board/board1.json and board2.json are the Sampler's
 snapshots of three workloads (ksmd merging them, then writes breaking
 merges), recorded by tests/fixtures/capture_board.py. They go through a real
 Board (top_n=1, so that the ``other`` bucket and the by-KSM-COW extra are
@@ -27,7 +27,7 @@ from ksmtrace.model.snapshot import Snapshot
 from ksmtrace.views import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAPSHOTS = ROOT / "fixtures" / "snapshots"
+SNAPSHOTS = ROOT / "fixtures" / "snapshots" / "board"
 GOLDEN = ROOT / "golden" / "metrics.txt"
 T = 1_796_171_746.0  # the recording's wall time, for the decisions
 # Series from BoardState.totals and .ksmd_budget_pct, asked of the lead for #12
