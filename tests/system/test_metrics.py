@@ -130,6 +130,8 @@ class Prometheus:
         )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / "prometheus.log"
+        self._log = self.log.open("w")
         self.proc = subprocess.Popen(
             [
                 binary,
@@ -139,10 +141,9 @@ class Prometheus:
                 "--storage.tsdb.retention.time=1h",
             ],
             stdout=subprocess.DEVNULL,
-            stderr=open(tmp / "prometheus.log", "w"),  # noqa: SIM115 (closed with the process)
+            stderr=self._log,
         )
         STRAY.append(self.proc)  # type: ignore[arg-type]
-        self.log = tmp / "prometheus.log"
 
     def ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -168,6 +169,7 @@ class Prometheus:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._log.close()
 
 
 @pytest.fixture
