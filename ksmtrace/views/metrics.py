@@ -100,8 +100,7 @@ def _counter(name: str) -> Callable[[BoardState], int | None]:
 
 def _total(name: str) -> Callable[[BoardState], float | None]:
     """The Board's running total since the daemon started (BoardState.totals)."""
-    # getattr: a Board without running totals yet (#12) serves these series not at all.
-    return lambda s: (getattr(s, "totals", None) or {}).get(name)
+    return lambda s: s.totals.get(name)
 
 
 def _div(v: float | None, by: float) -> float | None:
@@ -133,7 +132,7 @@ def _decisions(s: BoardState) -> Labelled:
 
 
 def _budget(s: BoardState) -> float | None:
-    pct = getattr(s, "ksmd_budget_pct", None)  # None: no budget known (or a Board without the field yet)
+    pct = s.ksmd_budget_pct  # None: no budget known (top's own probes)
     return None if pct is None else pct / 100.0
 
 
