@@ -16,6 +16,9 @@
 #                          docs/examples/policy-observe.toml as /etc/ksmtrace/policy.toml
 #                          unless one exists; enables and starts nothing
 #                          (KSMTRACE_DESTDIR=DIR: under DIR instead of /, for packaging)
+#   --no-test-tools        leave out the real servers the dashboard tests drive
+#                          (tmux, Debian's prometheus, chromium): for hosts that
+#                          only run ksmtrace; also left out offline (KSMTRACE_WHEELHOUSE)
 #   KSMTRACE_WHEELHOUSE=DIR install Python packages only from DIR (pip
 #                          --no-index --find-links): for machines without PyPI,
 #                          such as the offline VM of vagrant/run-vm-tests.sh
@@ -39,17 +42,25 @@ if [[ "${1:-}" == "--print-deb-packages" ]]; then
 fi
 # Not in the list above: the offline box of build-box.sh does not need them,
 # and a plain install stays small and fast.
-with_vagrant=0 with_service=0
+with_vagrant=0 with_service=0 with_test_tools=1
+[[ -n "${KSMTRACE_WHEELHOUSE:-}" ]] && with_test_tools=0
 for arg in "$@"; do
   case "$arg" in
     --with-vagrant) with_vagrant=1 ;;
     --with-service) with_service=1 ;;
+    --no-test-tools) with_test_tools=0 ;;
     *) log "unknown option $arg"; exit 2 ;;
   esac
 done
 case "${CI:-}" in 1|true|TRUE|True|yes) with_vagrant=1 ;; esac
 if ((with_vagrant)); then
   DEB_PACKAGES+=(vagrant vagrant-libvirt)
+fi
+# The dashboard tests drive real programs: top in tmux, a Prometheus server
+# scraping the daemon, the web page in headless Chromium.
+TEST_TOOLS=(tmux prometheus chromium)
+if ((with_test_tools)); then
+  DEB_PACKAGES+=("${TEST_TOOLS[@]}")
 fi
 
 missing=()
@@ -64,6 +75,12 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian's prometheus starts a system-wide server on :9090 where systemd runs;
+  # the tests start their own on loopback, so one installed here is stopped.
+  if [[ " ${missing[*]} " == *" prometheus "* && -d /run/systemd/system ]]; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
+    log "prometheus installed for the tests; its system service is disabled (the tests start their own)"
+  fi
 fi
 
 # BCC attaches tracepoints through tracefs, which many hosts do not mount at boot.

@@ -27,6 +27,10 @@ from ksmtrace.errors import TracingUnavailable, UsageError
 from ksmtrace.kernel import checks, features
 from ksmtrace.kernel.proc_events import ProcEvents
 from ksmtrace.kernel.signals import critical
+from ksmtrace.live import server as server_mod
+from ksmtrace.live.board import Board
+from ksmtrace.live.sampler import Sampler
+from ksmtrace.model import snapshot
 from ksmtrace.probes import faults as faults_probe
 from ksmtrace.views import console
 from ksmtrace.views import daemon as view
@@ -37,6 +41,8 @@ examples:
   ksmtrace daemon --policy /etc/ksmtrace/policy.toml
   ksmtrace daemon --check-policy policy.toml       # validate a policy file, change nothing
   ksmtrace daemon -j --policy p.toml | jq .        # decisions as JSON lines
+  ksmtrace daemon --listen 127.0.0.1:9477          # dashboards: /metrics, the web page (the default)
+  ksmtrace daemon --listen off                     # no HTTP at all
   (a commented sample policy: docs/examples/policy.toml)
 """
 
@@ -52,6 +58,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--policy", metavar="FILE", help="policy (TOML); without it: observe only")
     p.add_argument("--check-policy", metavar="FILE", help="validate FILE and exit (0: valid)")
     p.add_argument("-j", "--json", action="store_true", help="decisions as JSON lines on stdout")
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="serve /metrics, the web page and its JSON API here (read-only; default: the policy's "
+        f"[dashboard] listen, else {server_mod.DEFAULT_LISTEN}; off: serve nothing). Not loopback: "
+        "anyone who can reach it sees every mergeable process's name and counts",
+    )
     p.set_defaults(run=run)
 
 
@@ -73,9 +86,12 @@ def run(args: argparse.Namespace) -> int:
     for purpose in ("ptrace", "pagemap", "sysfs"):
         checks.require_root(purpose)
     log = DecisionLog(pol.log or None)
+    listen = server_mod.parse_listen(args.listen if args.listen is not None else pol.dashboard.listen)
+    board = Board(top_n=pol.dashboard.top_n, mode=pol.mode)
 
     def emit(d: Decision) -> None:
         log.write(d)
+        board.decided(d)
         if args.json:
             console.json(view.as_json(d), stream=True)
         else:
@@ -92,6 +108,18 @@ def run(args: argparse.Namespace) -> int:
         daemon.faults = _fault_probe(stack, lacks)
         daemon.governor = _governor(stack, pol)
         lacks += daemon.governor.governor.notes + daemon.relook.notes
+        # The dashboards' sampler shares the churn judge's fault probe (one set of BPF programs).
+        sampler = stack.enter_context(Sampler(fault_probe=daemon.faults, how=True)) if daemon.faults else None
+        board.notes = list(lacks)
+        if listen is not None:
+            srv = server_mod.Server(board, *listen)
+            stack.callback(srv.close)
+            if not server_mod.is_loopback(listen[0]):
+                console.note(
+                    f"warning: serving on {srv.url}, not loopback: anyone who reaches it reads every "
+                    "mergeable process's name and counts (read-only: nothing can be changed over HTTP)"
+                )
+            lacks.append(f"dashboards at {srv.url} (metrics at {srv.url}metrics)")
         emit(
             Decision(
                 "start",
@@ -113,8 +141,12 @@ def run(args: argparse.Namespace) -> int:
 
         stack.callback(stop)
         daemon.adopt()
+        last = time.monotonic()
         while True:
             daemon.cycle()
+            now = time.monotonic()
+            board.record(sampler.sample(now - last) if sampler else snapshot.take(processes=True))
+            last = now
             deadline = time.monotonic() + min(1.0, pol.interval_s)
             while (left := deadline - time.monotonic()) > 0:
                 ready, _, _ = select.select([events], [], [], left)

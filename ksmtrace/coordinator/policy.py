@@ -94,6 +94,14 @@ class Ksmd:
 
 
 @dataclass(frozen=True)
+class Dashboard:
+    """What the daemon serves over HTTP: metrics, the web page, its JSON API (read-only)."""
+
+    listen: str = "127.0.0.1:9477"  # HOST:PORT, or "off"; not loopback: anyone who reaches it reads it
+    top_n: int = 10  # processes with their own metric series (by saving); the rest sum into "other"
+
+
+@dataclass(frozen=True)
 class Policy:
     mode: Mode = "observe"
     interval_s: float = 10.0  # a look at candidates' memory this often
@@ -105,6 +113,7 @@ class Policy:
     runs: Runs = field(default_factory=Runs)
     churn: Churn = field(default_factory=Churn)
     ksmd: Ksmd = field(default_factory=Ksmd)
+    dashboard: Dashboard = field(default_factory=Dashboard)
     on_stop: Literal["keep", "unmerge"] = "keep"  # ranges the daemon made mergeable, at stop
     log: str = ""  # JSON-lines decision log file ("" = stdout only)
     source: str = "<default>"  # the file it came from

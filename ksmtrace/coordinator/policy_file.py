@@ -26,7 +26,8 @@ from typing import Any, Callable, Union
 
 import tomllib
 
-from ksmtrace.coordinator.policy import Churn, Domain, Ksmd, Match, Policy, PolicyError, Runs
+from ksmtrace.coordinator.policy import Churn, Dashboard, Domain, Ksmd, Match, Policy, PolicyError, Runs
+from ksmtrace.errors import UsageError
 
 KeyPath = tuple[Union[str, int], ...]  # ("candidate", 2, "uid", 0): keys, array indexes
 
@@ -377,6 +378,17 @@ class _Checker:
             )
         return round(ms)
 
+    def listen(self, path: KeyPath, v: Any) -> Any:
+        from ksmtrace.live.server import parse_listen  # the one parser --listen uses too
+
+        if not isinstance(v, str):
+            return self.fail(path, f'expected "HOST:PORT", "PORT" or "off", {_got(v)}')
+        try:
+            parse_listen(v)
+        except UsageError as exc:
+            return self.fail(path, str(exc).replace("--listen ", "", 1))
+        return v
+
     def log_path(self, path: KeyPath, v: Any) -> Any:
         if not isinstance(v, str) or (v and not v.startswith("/")):
             return self.fail(path, f'expected an absolute file path or "" (stdout only), {_got(v)}')
@@ -530,6 +542,10 @@ _KSMD: dict[str, _Key] = {
     "max_pages_to_scan": _Key("max_pages_to_scan", lambda c, p, v: c.integer(p, v, 1)),
     "sleep": _Key("sleep_millisecs", lambda c, p, v: c.milliseconds(p, v)),
 }
+_DASHBOARD: dict[str, _Key] = {
+    "listen": _Key("listen", lambda c, p, v: c.listen(p, v)),
+    "top_n": _Key("top_n", lambda c, p, v: c.integer(p, v, 1)),
+}
 _TOP: dict[str, _Key] = {
     "mode": _Key("mode", lambda c, p, v: c.choice(p, v, ("observe", "enforce"))),
     "interval": _Key("interval_s", lambda c, p, v: c.duration(p, v)),
@@ -538,7 +554,7 @@ _TOP: dict[str, _Key] = {
     "on_stop": _Key("on_stop", lambda c, p, v: c.choice(p, v, ("keep", "unmerge"))),
     "log": _Key("log", lambda c, p, v: c.log_path(p, v)),
 }
-_TABLES: dict[str, dict[str, _Key]] = {"runs": _RUNS, "churn": _CHURN, "ksmd": _KSMD}
+_TABLES: dict[str, dict[str, _Key]] = {"runs": _RUNS, "churn": _CHURN, "ksmd": _KSMD, "dashboard": _DASHBOARD}
 _RULE_TABLES = ("candidate", "never", "domain")
 KNOWN_TOP_KEYS = (*_TOP, *_RULE_TABLES, *_TABLES)
 
@@ -618,6 +634,7 @@ def _check(doc: dict[str, Any], text: str, source: str) -> Policy:
         runs=Runs(**_valid(runs)),
         churn=Churn(**_valid(churn)),
         ksmd=Ksmd(**_valid(ksmd)),
+        dashboard=Dashboard(**_valid(tables.get("dashboard", {}))),
         source=source,
     )
 

@@ -8,7 +8,6 @@ itself and only borrows pyroute2's message classes to decode each event.
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -49,7 +48,10 @@ class ProcEvents:
     def __init__(self) -> None:
         try:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
-            self.sock.bind((os.getpid(), CN_IDX_PROC))
+            # Port id 0: the kernel picks a free one, so that two readers can
+            # live in one process (the daemon's and its dashboards' sampler);
+            # binding to our pid works only once.
+            self.sock.bind((0, CN_IDX_PROC))
         except PermissionError as exc:
             raise NeedsPrivilege("process events need root (CAP_NET_ADMIN)") from exc
         self.sock.setblocking(False)
@@ -61,7 +63,7 @@ class ProcEvents:
         payload = struct.pack("=I", action)
         cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(payload), 0)
         body = cn + payload
-        hdr = _NLMSG.pack(_NLMSG.size + len(body), NLMSG_DONE, 0, 0, os.getpid())
+        hdr = _NLMSG.pack(_NLMSG.size + len(body), NLMSG_DONE, 0, 0, self.sock.getsockname()[0])
         self.sock.send(hdr + body)
 
     def fileno(self) -> int:
