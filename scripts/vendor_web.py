@@ -49,7 +49,9 @@ def check(pins: dict) -> list[str]:
             if not path.is_file():
                 bad.append(f"{path.relative_to(ROOT)}: missing")
             elif sha256(path.read_bytes()) != f["sha256"]:
-                bad.append(f"{path.relative_to(ROOT)}: sha256 differs from the pin of {name} {pin['version']}")
+                bad.append(
+                    f"{path.relative_to(ROOT)}: sha256 differs from the pin of {name} {pin['version']}"
+                )
     return bad
 
 
@@ -79,7 +81,9 @@ def fetch(name: str, pin: dict, update: bool) -> list[str]:
                     continue
                 files[fname] = member.read()
                 if sha256(files[fname]) != f["sha256"]:
-                    problems.append(f"{spec} {f['from']} sha256 {sha256(files[fname])} (pinned {f['sha256']})")
+                    problems.append(
+                        f"{spec} {f['from']} sha256 {sha256(files[fname])} (pinned {f['sha256']})"
+                    )
         if problems and not update:
             return problems
         dest = VENDOR / name
@@ -115,7 +119,11 @@ def main(argv: list[str]) -> int:
     for b in bad:
         print(f"vendor_web: {b}", file=sys.stderr)
     if not bad:
-        print("vendor_web: " + ", ".join(f"{n} {p['version']}" for n, p in pins.items()) + ": files match the pins")
+        print(
+            "vendor_web: "
+            + ", ".join(f"{n} {p['version']}" for n, p in pins.items())
+            + ": files match the pins"
+        )
     return 1 if bad else 0
 
 

@@ -186,8 +186,10 @@
       for (const r of p.procs) {
         const v = r[metric] || 0;
         const seen = peak.get(r.pid);
-        if (!seen || v > seen[0]) peak.set(r.pid, [v, r.comm]);
-        else seen[1] = r.comm;
+        // Keep a known name: an exiting process's last rows may say "?".
+        const comm = r.comm && r.comm !== "?" ? r.comm : seen ? seen[1] : r.comm;
+        if (!seen || v > seen[0]) peak.set(r.pid, [v, comm]);
+        else seen[1] = comm;
       }
     }
     const chosen = [...peak.entries()]
@@ -252,6 +254,11 @@
     },
   };
 
+  function lastOf(ys) {
+    for (let i = (ys || []).length - 1; i >= 0; i--) if (ys[i] !== null && ys[i] !== undefined) return ys[i];
+    return null;
+  }
+
   function plotSize(box) {
     return { width: Math.max(240, box.clientWidth), height: 220 };
   }
@@ -283,7 +290,11 @@
             fill: s.fill,
             spanGaps: false,
             points: { show: false },
-            value: (u, v) => (v === null || v === undefined ? "–" : spec.fmt(v)),
+            // Under the cursor: that moment's value; elsewhere the latest one.
+            value: (u, v, si, di) => {
+              if (di === null || di === undefined) v = lastOf(u.data[si]);
+              return v === null || v === undefined ? "–" : spec.fmt(v);
+            },
           })),
         ],
         axes: [{}, { size: 70, values: (u, splits) => splits.map((v) => spec.fmt(v)) }],
@@ -369,6 +380,11 @@
       );
       frag.appendChild(tr);
     }
+    if (!rows.length) {
+      const tr = el("tr");
+      cell(tr, procRows.length ? "no process matches the filter" : "no mergeable process", "muted").colSpan = 9;
+      frag.appendChild(tr);
+    }
     body.replaceChildren(frag);
     const more = rows.length - Math.min(rows.length, TABLE_ROWS);
     document.getElementById("proc-count").textContent =
@@ -419,7 +435,10 @@
   function renderDecisions(list) {
     const body = document.querySelector("#decisions tbody");
     const frag = document.createDocumentFragment();
-    const recent = list.slice(-DECISION_ROWS).reverse(); // newest first
+    const recent = list
+      .slice()
+      .sort((a, b) => b.t - a.t) // newest first, whatever order the API gave
+      .slice(0, DECISION_ROWS);
     for (const d of recent) {
       const tr = el("tr", "action-" + d.action);
       cell(tr, clock(d.t));
