@@ -544,7 +544,7 @@ _KSMD: dict[str, _Key] = {
 }
 _DASHBOARD: dict[str, _Key] = {
     "listen": _Key("listen", lambda c, p, v: c.listen(p, v)),
-    "top_n": _Key("top_n", lambda c, p, v: c.integer(p, v, 1)),
+    "top_n": _Key("top_n", lambda c, p, v: c.integer(p, v, 1, 1000)),  # series per process: bounded
 }
 _TOP: dict[str, _Key] = {
     "mode": _Key("mode", lambda c, p, v: c.choice(p, v, ("observe", "enforce"))),

@@ -177,7 +177,12 @@ def test_examples_parse(name: str) -> None:
 def test_sample_states_the_real_defaults() -> None:
     """docs/examples/policy.toml sets every tuning key to the default it names."""
     sample = load(EXAMPLES / "policy.toml")
-    assert (sample.runs, sample.churn, sample.ksmd) == (DEFAULT.runs, DEFAULT.churn, DEFAULT.ksmd)
+    assert (sample.runs, sample.churn, sample.ksmd, sample.dashboard) == (
+        DEFAULT.runs,
+        DEFAULT.churn,
+        DEFAULT.ksmd,
+        DEFAULT.dashboard,
+    )
     assert (sample.interval_s, sample.self_opted, sample.narrow_self_opted, sample.on_stop) == (
         DEFAULT.interval_s,
         DEFAULT.self_opted,
@@ -185,7 +190,7 @@ def test_sample_states_the_real_defaults() -> None:
         DEFAULT.on_stop,
     )
     text = (EXAMPLES / "policy.toml").read_text()
-    for key in ("runs", "churn", "ksmd"):
+    for key in ("runs", "churn", "ksmd", "dashboard"):
         assert f"[{key}]" in text
     # Every key the parser knows appears in the sample.
     from ksmtrace.coordinator import policy_file
@@ -745,3 +750,22 @@ def mutated_sample(draw: st.DrawFn) -> str:
 @given(mutated_sample())
 def test_mutated_sample(text: str) -> None:
     parses_or_refuses(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "wanted"),
+    [
+        ('[dashboard]\nlisten = "127.0.0.1:x"', "[dashboard] listen: 127.0.0.1:x: the port must be a number"),
+        ("[dashboard]\nlisten = 9477", '[dashboard] listen: expected "HOST:PORT", "PORT" or "off", got'),
+        ("[dashboard]\ntop_n = 0", "[dashboard] top_n: expected an integer from 1 to 1000, got 0"),
+    ],
+)
+def test_dashboard_mistakes_are_said_with_their_line(text: str, wanted: str) -> None:
+    with pytest.raises(PolicyError) as exc:
+        parse(text, "p.toml")
+    assert f"p.toml:2: {wanted}" in str(exc.value), str(exc.value)
+
+
+def test_dashboard_keys() -> None:
+    pol = parse('[dashboard]\nlisten = "off"\ntop_n = 3', "p.toml")
+    assert (pol.dashboard.listen, pol.dashboard.top_n) == ("off", 3)
