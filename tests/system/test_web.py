@@ -17,13 +17,8 @@ build/test-artifacts/web.png.
 from __future__ import annotations
 
 import json
-import os
-import re
 import secrets
 import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -34,7 +29,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.chromium import Chromium, NetLog, executable, is_loopback
-from tests.stray import STRAY
+from tests.webscene import Churn, Daemon
 
 pytestmark = [
     pytest.mark.system,
@@ -47,75 +42,7 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[2]
 ARTEFACTS = ROOT / "build" / "test-artifacts"
 PAGES = 512
-# Upper bounds, reached only on failure: the daemon compiles its probes at start.
-START = 180.0
-SEEN = 60.0
-
-
-class Daemon:
-    """``ksmtrace daemon -j --listen 127.0.0.1:0``: observe mode, a kernel-chosen port."""
-
-    def __init__(self, tmp: Path) -> None:
-        env = {**os.environ, "KSMTRACE_RUN_DIR": str(tmp / "run"), "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ksmtrace", "daemon", "-j", "--listen", "127.0.0.1:0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
-        STRAY.append(self.proc)
-        self.lines: list[str] = []
-        self._started = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if "dashboards at" in line:
-                self._started.set()
-        self._started.set()
-
-    def url(self) -> str:
-        """The page's address, from the daemon's start decision."""
-        self._started.wait(START)
-        for line in self.lines:
-            m = re.search(r"dashboards at (http://127\.0\.0\.1:\d+/)", line)
-            if m:
-                return m.group(1)
-        err = self.proc.stderr.read() if self.proc.poll() is not None and self.proc.stderr else ""
-        raise AssertionError(f"daemon gave no dashboard address: {self.lines} {err}")
-
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=120)
-        return rc, self.proc.stderr.read() if self.proc.stderr else ""
-
-
-class Churn:
-    """Writes every page of each workload's region every ``period`` s: each
-    write breaks the merged pages (KSM COW faults), and since every page gets
-    the same byte the pages stay duplicates that ksmd merges again."""
-
-    def __init__(self, workloads: list[Any], period: float = 0.3) -> None:
-        self.workloads, self.period = workloads, period
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        value = 1
-        while not self._stop.wait(self.period):
-            value = value % 250 + 1
-            for w in self.workloads:
-                w.call("write", name="r", value=value)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+SEEN = 60.0  # upper bound, reached only on failure
 
 
 def get_json(url: str) -> Any:
