@@ -92,15 +92,10 @@ def phase(name: str, seconds: float, pid: int, url: str) -> dict[str, Any]:
         rss.append(status_kib(pid)["VmRSS"])
         time.sleep(1.0)
     cpu = (cpu_s(pid) - c0) / (time.monotonic() - t0) * 100
+    hwm = status_kib(pid)["VmHWM"]
+    # Read after the phase's numbers: rendering the history is not free (see history_at_bound).
     points = len(json.loads(get(url + "api/history"))["points"])
-    return {
-        "name": name,
-        "seconds": seconds,
-        "rss": rss,
-        "hwm": status_kib(pid)["VmHWM"],
-        "cpu_pct": cpu,
-        "points": points,
-    }
+    return {"name": name, "seconds": seconds, "rss": rss, "hwm": hwm, "cpu_pct": cpu, "points": points}
 
 
 def api_times(url: str, n: int = 50) -> list[tuple[str, int, float, float, float]]:
