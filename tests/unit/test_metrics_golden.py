@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOTS = ROOT / "fixtures" / "snapshots" / "board"
 GOLDEN = ROOT / "golden" / "metrics.txt"
 T = 1_796_171_746.0  # the recording's wall time, for the decisions
+
+
 # Series from BoardState.totals and .ksmd_budget_pct, asked of the lead for #12
 # (/work/notes/metrics-board.patch): compared only once main's Board has them.
 # Remove this, and the filter in expected(), when it does.
