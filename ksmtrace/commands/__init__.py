@@ -12,4 +12,5 @@ COMMANDS = (
     "merge",
     "unmerge",
     "daemon",
+    "top",
 )
