@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         checks.require_root(purpose)
     log = DecisionLog(pol.log or None)
     listen = server_mod.parse_listen(args.listen if args.listen is not None else pol.dashboard.listen)
-    board = Board(top_n=pol.dashboard.top_n, mode=pol.mode)
+    board = Board(top_n=pol.dashboard.top_n, mode=pol.mode, ksmd_budget_pct=pol.ksmd.budget_pct)
 
     def emit(d: Decision) -> None:
         log.write(d)

@@ -52,12 +52,24 @@ class BoardState:
     top_n: int
     mode: str  # the daemon's policy mode: observe or enforce ("" for top's own probes)
     notes: list[str] = field(default_factory=list)
+    # Running totals since the Board started, exited processes included (the
+    # metrics' machine-wide counters): ksm_cow, merges, unmerges, ksmd_cpu_seconds.
+    totals: dict[str, float] = field(default_factory=dict)
+    ksmd_budget_pct: float | None = None  # the policy's ksmd CPU budget, % of one CPU
 
 
 class Board:
-    def __init__(self, top_n: int = 10, points: int = HISTORY_POINTS, mode: str = "") -> None:
+    def __init__(
+        self,
+        top_n: int = 10,
+        points: int = HISTORY_POINTS,
+        mode: str = "",
+        ksmd_budget_pct: float | None = None,
+    ) -> None:
         self.top_n = top_n
         self.mode = mode
+        self.ksmd_budget_pct = ksmd_budget_pct
+        self._totals: Counter[str] = Counter()
         self.notes: list[str] = []
         self._lock = threading.Lock()
         self._snap: Snapshot | None = None
@@ -82,9 +94,11 @@ class Board:
                 for r in kept + faulting
             },
         )
+        add = _deltas(snap)
         with self._lock:
             self._snap, self._machine, self._rows = snap, machine, rows
             self._history.append(point)
+            self._totals.update(add)
 
     def decided(self, d: Decision) -> None:
         with self._lock:
@@ -106,4 +120,25 @@ class Board:
                 top_n=self.top_n,
                 mode=self.mode,
                 notes=list(self.notes),
+                totals=dict(self._totals),
+                ksmd_budget_pct=self.ksmd_budget_pct,
             )
+
+
+def _deltas(snap: Snapshot) -> dict[str, float]:
+    """What one interval adds to the running totals. KSM COW from the fault
+    report's per-process deltas (its "(exited)" rows keep the last interval of
+    processes that exited in it); merges, unmerges and CPU from ksmd's interval
+    (rate x length gives back the exact count)."""
+    out: dict[str, float] = {}
+    f, kd = snap.faults, snap.ksmd
+    if f is not None:
+        out["ksm_cow"] = float(sum(p.rates["ksm_cow"].delta for p in f.processes))
+    if kd is not None:
+        if kd.merges_per_s is not None:
+            out["merges"] = float(round(kd.merges_per_s * kd.interval_s))
+        if kd.unmerges_per_s is not None:
+            out["unmerges"] = float(round(kd.unmerges_per_s * kd.interval_s))
+        if kd.cpu_pct is not None:
+            out["ksmd_cpu_seconds"] = kd.cpu_pct / 100.0 * kd.interval_s
+    return out

@@ -77,10 +77,19 @@ def _pid(query: dict[str, list[str]]) -> int:
         raise LookupError("pid must be a number") from None
 
 
+def _since(query: dict[str, list[str]]) -> float | None:
+    if "since" not in query:
+        return None
+    try:
+        return float(query["since"][0])
+    except ValueError:
+        raise LookupError("since must be a number (a wall time)") from None
+
+
 ROUTES: dict[str, Callable[[BoardState, dict[str, list[str]]], tuple[bytes, str] | None]] = {
     "/metrics": lambda s, q: _metrics(s),
     "/api/state": lambda s, q: _json(api.state(s)),
-    "/api/history": lambda s, q: _json(api.history(s)),
+    "/api/history": lambda s, q: _json(api.history(s, _since(q))),
     "/api/decisions": lambda s, q: _json(api.decisions(s)),
     "/api/snapshot": lambda s, q: _json(api.snapshot(s)),
     "/api/process": lambda s, q: _json(api.process(s, _pid(q))),

@@ -78,8 +78,16 @@ class KsmdSampler:
         )
 
 
-def _sum(snap: KsmdSnapshot, name: str) -> int:
-    return sum(getattr(c, name) for c in snap.procs.values())
+def _grown(cur: KsmdSnapshot, prev: KsmdSnapshot, name: str) -> int:
+    """How much ``name`` grew over the processes of ``cur``: per process, so
+    that one that exited (its entry forgotten) does not make the sum go
+    down, and one whose entry was made anew counts from zero."""
+    total = 0
+    for tgid, c in cur.procs.items():
+        now = getattr(c, name)
+        before = getattr(prev.procs[tgid], name) if tgid in prev.procs else 0
+        total += now - before if now >= before else now
+    return total
 
 
 class KsmdState:
@@ -105,8 +113,8 @@ class KsmdState:
             avg = (b.total_ns - a.total_ns) / rounds / 1e6 if rounds else None
             mx = b.max_ns / 1e6 if b.rounds else None
             rmap = b.last_rmap_entries if b.rounds else None
-            merges = (_sum(cur.probe, "merges") - _sum(p.probe, "merges")) / dt
-            unmerges = (_sum(cur.probe, "unmerges") - _sum(p.probe, "unmerges")) / dt
+            merges = _grown(cur.probe, p.probe, "merges") / dt
+            unmerges = _grown(cur.probe, p.probe, "unmerges") / dt
             if b.advisor_events:
                 adv_pages, adv_cpu = b.advisor_pages_to_scan, b.advisor_cpu_percent
             adv_events = b.advisor_events - a.advisor_events

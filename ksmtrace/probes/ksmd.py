@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -14,6 +15,8 @@ from ksmtrace.probes import loader
 
 MAX_PROCS = 8192
 MAX_PAGES = 262144
+# struct page_key {u32 tgid; u32 pad; u64 page} and struct page_merges {u64 merges, unmerges} (bpf/ksmd.h)
+PAGE_KEY, PAGE_MERGES = "=IIQ", "=QQ"
 PAGE_SHIFT = 12
 
 
@@ -122,13 +125,9 @@ class KsmdProbe:
             scan.page_drops,
         )
         if key != self._pages_key:
-            table = self.bpf["pages"]
-            try:
-                items = list(table.items_lookup_batch())  # one syscall per batch (5.6+)
-            except Exception:  # noqa: BLE001 (BCC raises plain Exception where batches are refused)
-                items = table.items()
             self._page_counts = {
-                (int(k.tgid), int(k.page) << PAGE_SHIFT): (int(v.merges), int(v.unmerges)) for k, v in items
+                (tgid, page << PAGE_SHIFT): counts
+                for (tgid, _, page), counts in loader.dump(self.bpf["pages"], PAGE_KEY, PAGE_MERGES)
             }
             self._pages_key = key
         return self._page_counts
@@ -143,11 +142,10 @@ class KsmdProbe:
             except KeyError:
                 pass
         self._pages_key = None  # entries go: read the map again next time
-        for k in [k for k in pages.keys() if int(k.tgid) in tgids]:
-            try:
-                del pages[k]
-            except KeyError:
-                pass
+        for (tgid, _, page), _counts in loader.dump(pages, PAGE_KEY, PAGE_MERGES):
+            if tgid in tgids:
+                with contextlib.suppress(KeyError):
+                    del pages[pages.Key(tgid, 0, page)]
 
     def close(self) -> None:
         # Not cut in two by a signal: BCC would retry a half-done cleanup at exit and fail.

@@ -34,8 +34,9 @@ def process(s: BoardState, pid: int) -> dict[str, Any] | None:
     return row.as_dict(regions=True) if row else None
 
 
-def history(s: BoardState) -> dict[str, Any]:
-    """Every point: time, machine row, and the top processes of that moment."""
+def history(s: BoardState, since: float | None = None) -> dict[str, Any]:
+    """Every point (after wall time ``since``, so that a page polling it gets
+    only what is new): time, machine row, and the top processes of that moment."""
     return {
         "points": [
             {
@@ -44,6 +45,7 @@ def history(s: BoardState) -> dict[str, Any]:
                 "procs": {str(pid): vars(pp) for pid, pp in p.procs.items()},
             }
             for p in s.history
+            if since is None or p.wall > since
         ]
     }
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ksmtrace.model.faults import RegionRow
+from ksmtrace.model.inventory import MergeableProcess
 from ksmtrace.model.snapshot import Snapshot
 
 RMAP_RATIO_FLAG = 64.0
@@ -108,6 +109,14 @@ def _int(d: dict[str, int | str], key: str) -> int | None:
     return v if isinstance(v, int) else None
 
 
+def how(p: MergeableProcess) -> str:
+    """The whole process's opt-in (prctl, exec, fork of one), else its regions'
+    (madvise, daemon, fork:PPID), distinct ones joined by "+"."""
+    if p.origin is not None:
+        return str(p.origin)
+    return "+".join(dict.fromkeys(str(o) for o in p.region_origins))
+
+
 def machine(snap: Snapshot) -> MachineRow:
     c, k = snap.counters, snap.knobs
     page = snap.page_size
@@ -144,7 +153,7 @@ def machine(snap: Snapshot) -> MachineRow:
 def processes(snap: Snapshot) -> list[ProcRow]:
     """A row per process of the fault report (or of the inventory without one),
     live processes only, sorted by KSM COW faults per second."""
-    hows = {p.pid: str(p.origin) if p.origin else "" for p in snap.processes}
+    hows = {p.pid: how(p) for p in snap.processes}
     rows: list[ProcRow] = []
     if snap.faults is not None:
         for p in snap.faults.processes:

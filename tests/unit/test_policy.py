@@ -757,7 +757,7 @@ def test_mutated_sample(text: str) -> None:
     [
         ('[dashboard]\nlisten = "127.0.0.1:x"', "[dashboard] listen: 127.0.0.1:x: the port must be a number"),
         ("[dashboard]\nlisten = 9477", '[dashboard] listen: expected "HOST:PORT", "PORT" or "off", got'),
-        ("[dashboard]\ntop_n = 0", "[dashboard] top_n: expected an integer from 1 to 1000, got 0"),
+        ("[dashboard]\ntop_n = 0", "[dashboard] top_n: expected an integer from 1 to 100, got 0"),
     ],
 )
 def test_dashboard_mistakes_are_said_with_their_line(text: str, wanted: str) -> None:

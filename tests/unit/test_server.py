@@ -83,6 +83,10 @@ def test_process_and_history_and_decisions(served: tuple[Server, Board, Snapshot
     assert json.loads(_ask(srv, "GET", "/api/process?pid=1")[2]) is None
     hist = json.loads(_ask(srv, "GET", "/api/history")[2])
     assert len(hist["points"]) == 1 and list(hist["points"][0]["procs"]) == ["11567"]
+    wall = hist["points"][0]["wall"]
+    assert json.loads(_ask(srv, "GET", f"/api/history?since={wall}")[2]) == {"points": []}
+    assert len(json.loads(_ask(srv, "GET", f"/api/history?since={wall - 1}")[2])["points"]) == 1
+    assert _ask(srv, "GET", "/api/history?since=yesterday")[0] == 400
     dec = json.loads(_ask(srv, "GET", "/api/decisions")[2])
     assert [d["action"] for d in dec["decisions"]] == ["merge"]
 
