@@ -156,14 +156,10 @@ class Frame:
     machine: dash.MachineRow
     rows: list[dash.ProcRow]
     page_size: int
-    hows: dict[int, str] = field(default_factory=dict)  # pid -> how it opted in, where rows lack it
 
 
 def frame(snap: Snapshot) -> Frame:
-    # MergeableProcess.how also names region opt-ins (madvise), not only merge_any's
-    # origin; looked up for the rows drawn only (a thousand rows, twenty on screen).
-    hows = {p.pid: p.how for p in snap.processes}
-    return Frame(dash.machine(snap), dash.processes(snap), snap.page_size, hows)
+    return Frame(dash.machine(snap), dash.processes(snap), snap.page_size)
 
 
 @dataclass
@@ -178,11 +174,7 @@ class TopModel:
     notes: list[str] = field(default_factory=list)
     message: str = ""  # the data source's last trouble, in words ("" when fine)
     keep: Callable[[dash.ProcRow], bool] | None = None  # -p/-n applied to a daemon's rows
-    hows: dict[int, str] = field(default_factory=dict)
     regions: dict[int, list[RegionRow]] = field(default_factory=dict)  # fetched apart (--connect)
-
-    def how(self, row: dash.ProcRow) -> str:
-        return row.how or self.hows.get(row.pid, "")
 
     def update(self, new: Snapshot | Frame) -> bool:
         """Take the next rows; False when they are the ones already shown (a
@@ -192,7 +184,7 @@ class TopModel:
             return False
         self.machine = m = f.machine
         self.rows = [r for r in f.rows if self.keep(r)] if self.keep else f.rows
-        self.hows, self.page_size = f.hows, f.page_size
+        self.page_size = f.page_size
         live = {r.pid for r in self.rows}
         self.regions = {pid: regs for pid, regs in self.regions.items() if pid in live}
         self.history.append((m.wall, m.ksm_cow_per_s, m.saved_bytes))
@@ -282,9 +274,7 @@ def table_header(state: TopState, width: int) -> Line:
     return out
 
 
-def proc_cells(
-    row: dash.ProcRow, width: int, pages: bool = False, page_size: int = 4096, how: str | None = None
-) -> list[str]:
+def proc_cells(row: dash.ProcRow, width: int, pages: bool = False, page_size: int = 4096) -> list[str]:
     merging = row.merging_pages
     if pages:
         merging_s = count(merging)
@@ -295,7 +285,7 @@ def proc_cells(
     values = [
         str(row.pid),
         row.comm,
-        row.how if how is None else how,
+        row.how,
         merging_s,
         size(row.profit_bytes),
         rate(row.ksm_cow_per_s, 8),
@@ -306,8 +296,8 @@ def proc_cells(
     return _cells(COLUMNS, values, _widths(width))
 
 
-def proc_line(row: dash.ProcRow, width: int, selected: bool, pages: bool, page_size: int, how: str) -> Line:
-    cells = proc_cells(row, width, pages, page_size, how)
+def proc_line(row: dash.ProcRow, width: int, selected: bool, pages: bool, page_size: int) -> Line:
+    cells = proc_cells(row, width, pages, page_size)
     base = "selected" if selected else ""
     out: Line = [(base, " ".join(cells[:5]) + " ")]
     out.append(("selected" if selected else "cow" if row.ksm_cow_per_s > 0 else "", cells[5]))
@@ -341,7 +331,7 @@ def drill(model: TopModel, state: TopState, width: int) -> tuple[list[Line], Lin
         return [[("warn", gone)], []], [], []
     ratio = row.rmap_ratio
     line1 = (
-        f"pid {row.pid} {row.comm}  {model.how(row) or 'how: -'}  "
+        f"pid {row.pid} {row.comm}  {row.how or 'how: -'}  "
         f"merging {size(None if row.merging_pages is None else row.merging_pages * model.page_size)}  "
         f"profit {size(row.profit_bytes)}  rmap {'-' if ratio is None else f'{ratio:.1f}'}"
     )
@@ -399,7 +389,7 @@ def batch(model: TopModel, state: TopState, width: int = 80) -> list[str]:
     lines.append(text(table_header(state, width)).rstrip())
     rows = visible(model, state)
     for r in rows:
-        lines.append(" ".join(proc_cells(r, width, state.pages, model.page_size, model.how(r))).rstrip())
+        lines.append(" ".join(proc_cells(r, width, state.pages, model.page_size)).rstrip())
     if not rows:
         lines.append("no mergeable process faulted or merged since tracing started")
     return lines

@@ -139,7 +139,7 @@ class TopScreen(urwid.Widget):
             s.offset = s.index - height + 1
         s.offset = _clamp(s.offset, 0, max(0, len(rows) - height))
         shown = rows[s.offset : s.offset + height]
-        return [view.proc_line(r, cols, r.pid == s.selected, s.pages, m.page_size, m.how(r)) for r in shown]
+        return [view.proc_line(r, cols, r.pid == s.selected, s.pages, m.page_size) for r in shown]
 
     def render(self, size: tuple[int, int], focus: bool = False) -> urwid.Canvas:
         cols, rows = size
