@@ -359,6 +359,15 @@ def test_not_a_daemon_is_a_sentence(stub: str) -> None:
         command.DaemonSource(stub + "/elsewhere").fetch()
 
 
+def test_proc_row_is_the_record_init_makes() -> None:
+    for row in view.frame(SNAPS[-1]).rows:
+        d = json.loads(json.dumps(row.as_dict()))
+        assert command.proc_row(d) == dataclasses.replace(row, regions=())
+        assert command.proc_row(json.loads(json.dumps(row.as_dict()))).rmap_flag == row.rmap_flag
+    with pytest.raises(KeyError, match="comm"):
+        command.proc_row({"pid": 1})
+
+
 def test_daemon_without_a_sample_yet_is_said_on_the_screen(
     stub: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
