@@ -166,6 +166,7 @@ class DaemonSource:
         self.base = base_url(url)
         self.timeout = timeout
         self.page_size = os.sysconf("SC_PAGE_SIZE")  # the daemon's API reports pages in rows
+        self._last: dict[int, tuple[dict[str, Any], dash.ProcRow]] = {}  # pid -> (JSON, record)
 
     def _unreachable(self, why: str) -> DaemonUnreachable:
         return DaemonUnreachable(
@@ -200,12 +201,24 @@ class DaemonSource:
             if state["machine"] is None:
                 raise KsmtraceError(f"the daemon at {self.base} has no sample yet (its first interval)")
             machine = dash.MachineRow(**_known(dash.MachineRow, state["machine"]))
-            rows = [proc_row(d) for d in state["processes"]]
+            rows = self._rows(state["processes"])
         except (TypeError, KeyError) as exc:
             raise DaemonUnreachable(
                 f"{self.base} answered GET /api/state with rows this top does not know ({exc})"
             ) from None
         return view.Frame(machine, rows, self.page_size)
+
+    def _rows(self, got: list[dict[str, Any]]) -> list[dash.ProcRow]:
+        """Records of the daemon's rows; a row the same as at the last refresh
+        (a quiet process) keeps its record: most of a thousand, most of the time."""
+        last, self._last = self._last, {}
+        rows = []
+        for d in got:
+            seen = last.get(d["pid"])
+            row = seen[1] if seen is not None and seen[0] == d else proc_row(dict(d))
+            self._last[row.pid] = (d, row)
+            rows.append(row)
+        return rows
 
     def regions(self, pid: int) -> list[RegionRow]:
         got = self._get(f"/api/process?pid={pid}")

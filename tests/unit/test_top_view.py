@@ -330,6 +330,8 @@ def test_daemon_source_gives_the_daemons_rows(stub: str) -> None:
         for r in row.regions
     ]
     assert src.regions(999999) == []
+    again = src.fetch()  # the same rows: the same records, not rebuilt
+    assert all(a is b for a, b in zip(again.rows, got.rows)) and again.rows == got.rows
 
 
 def test_connect_drill_down_draws_the_fetched_regions(stub: str) -> None:
