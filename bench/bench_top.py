@@ -8,7 +8,9 @@ merges, and a row), stops ksmd, waits until the arm shows every process,
 leaves a warm-up, then reads the arm's utime+stime from /proc/PID/stat over
 the measured seconds. Arms, all in the same run:
 
-* ``top``: ``ksmtrace top`` in a real terminal (tmux, 80x24), drawing;
+* ``top``: ``ksmtrace top`` in a real terminal (tmux, 80x24), drawing; its
+  main thread's CPU is also told apart (the sampler's ``sample``, the rows,
+  the screen), so that top's own share is known whatever the sampler did;
 * ``sampler``: the same data gathering without any UI: ``Sampler(how=True)``
   sampled once a second, as top runs it (the baseline: top minus it is the UI);
 * ``faults``: ``ksmtrace faults -j 1`` (the existing periodic command on the
@@ -36,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ksmtrace.kernel import ksm_sysfs
 
@@ -135,10 +138,14 @@ class LineArm(Arm):
 class TmuxArm(Arm):
     """``ksmtrace top`` alone in an 80x24 tmux pane (the pane's process is top itself)."""
 
-    def __init__(self, name: str, args: list[str]) -> None:
+    def __init__(self, name: str, args: list[str], split: Path | None = None) -> None:
         self.name = name
+        self.split = split
         self.sock = f"bench-top-{os.getpid()}"
-        cmd = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "ksmtrace", "top", *args])
+        argv = [sys.executable, "-m", "ksmtrace", "top", *args]
+        if split is not None:  # the same top, its CPU split by what it did (top_split)
+            argv = [sys.executable, str(Path(__file__).resolve()), "--top-split", str(split), *args]
+        cmd = " ".join(shlex.quote(a) for a in argv)
         env = {**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         self._tmux("-f", "/dev/null", "new-session", "-d", "-x", "80", "-y", "24", f"exec {cmd}", env=env)
         self.pid = int(self._tmux("display-message", "-p", "#{pane_pid}").strip())
@@ -163,6 +170,36 @@ class TmuxArm(Arm):
         self._tmux("send-keys", "q")
         _wait(lambda: not Path(f"/proc/{self.pid}").exists(), 60, "top to quit")
         subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True)
+
+
+def top_split(out: str, args: list[str]) -> None:
+    """``ksmtrace top`` whose main thread's CPU is told apart: the sampler's
+    ``sample`` (LocalSource.fetch), the rows (TopModel.update) and the screen
+    (TopScreen.render); written at exit as [monotonic end, what, CPU s]."""
+    import atexit  # noqa: PLC0415
+
+    from ksmtrace.cli import main as cli_main  # noqa: PLC0415
+    from ksmtrace.commands import top as command  # noqa: PLC0415
+    from ksmtrace.views import top as view  # noqa: PLC0415
+    from ksmtrace.views import top_ui  # noqa: PLC0415
+
+    spans: list[tuple[float, str, float]] = []
+
+    def timed(what: str, f: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            c = time.thread_time()
+            try:
+                return f(*a, **kw)
+            finally:
+                spans.append((time.monotonic(), what, time.thread_time() - c))
+
+        return wrapper
+
+    command.LocalSource.fetch = timed("sampler", command.LocalSource.fetch)  # type: ignore[method-assign]
+    view.TopModel.update = timed("rows", view.TopModel.update)  # type: ignore[method-assign]
+    top_ui.TopScreen.render = timed("screen", top_ui.TopScreen.render)  # type: ignore[method-assign]
+    atexit.register(lambda: Path(out).write_text(json.dumps(spans)))
+    sys.exit(cli_main(["top", *args]))
 
 
 def sampler_only() -> None:
@@ -210,7 +247,7 @@ def measure(
         time.sleep(seconds)
         c1, t1, p1 = _ticks(arm.pid), time.monotonic(), _last_pid()
         o1 = _ticks(other) if other else 0
-        return {
+        result = {
             # Processes the host started meanwhile (pids handed out): each exit is work for every arm.
             "host_forks": (p1 - p0) % (1 << 22),
             "other_cpu_pct": 100.0 * (o1 - o0) / HZ / (t1 - t0),
@@ -222,6 +259,13 @@ def measure(
         }
     finally:
         arm.stop()
+    split = getattr(arm, "split", None)
+    if split is not None:
+        spans = [(t, what, cpu) for t, what, cpu in json.loads(split.read_text()) if t0 <= t <= t1]
+        refreshes = max(1, sum(1 for _, what, _ in spans if what == "sampler"))
+        for what in ("sampler", "rows", "screen"):
+            result[f"{what}_ms"] = 1000.0 * sum(c for _, w, c in spans if w == what) / refreshes
+    return result
 
 
 def main() -> None:
@@ -235,13 +279,20 @@ def main() -> None:
     ap.add_argument("--no-faults", action="store_true", help="leave out the faults arms")
     ap.add_argument("--connect-arm", action="store_true", help="also top --connect to a running daemon")
     ap.add_argument("--sampler-only", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--top-split", metavar="OUT", help=argparse.SUPPRESS)
+    args, rest = ap.parse_known_args()
+    if args.top_split:
+        top_split(args.top_split, rest)
+        return
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.sampler_only:
         sampler_only()
         return
     n = args.processes
     me = [sys.executable, str(Path(__file__).resolve())]
-    top_arm = ("top", lambda: TmuxArm("top", []))
+    split = Path(tempfile.mkdtemp(prefix="bench-top-")) / "split.json"
+    top_arm = ("top", lambda: TmuxArm("top", [], split))
     sampler_arm = ("sampler", lambda: LineArm("sampler", [*me, "--sampler-only"], int, "ready"))
     # top and its baseline alternate: the host's other work moves both alike.
     arms: list[tuple[str, Callable[[], Arm]]] = [top_arm, sampler_arm] * args.repeat if args.repeat else []
@@ -341,6 +392,12 @@ def report(results: dict[str, list[dict[str, float]]], n: int, args: argparse.Na
                 f"{r['rss_mib']:8.0f}  {r['shown']:5.0f}  {r['host_forks']:10.0f}"
             )
     print()
+    for r in results.get("top", []):
+        print(
+            f"inside top (main thread, per refresh): its sampler {r['sampler_ms']:.1f} ms, "
+            f"rows {r['rows_ms']:.1f} ms, screen {r['screen_ms']:.1f} ms "
+            f"(the rest of its {r['ms_per_refresh']:.0f} ms: the event loop, the terminal, other threads)"
+        )
     top = [r["cpu_pct"] for r in results.get("top", [])]
     base = [r["cpu_pct"] for r in results.get("sampler", [])]
     if top and base:
