@@ -293,7 +293,6 @@ def run(args: argparse.Namespace) -> int:
     # after a signal, also one that lands while a later probe still loads.
     with Sampler(keep=keep, kernel_pid=kernel_pid, initial=initial, how=True, proc=proc) as sampler:
         local = LocalSource(sampler, keep, args.delay)
-        model.notes = list(sampler.notes)
         if args.batch:
             return _batch(model, state, local.fetch, args, None)
         _screen(model, local, args.delay)

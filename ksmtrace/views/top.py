@@ -171,7 +171,6 @@ class TopModel:
     rows: list[dash.ProcRow] = field(default_factory=list)
     page_size: int = 4096
     history: deque[tuple[float, float, int]] = field(default_factory=lambda: deque(maxlen=HISTORY))
-    notes: list[str] = field(default_factory=list)
     message: str = ""  # the data source's last trouble, in words ("" when fine)
     keep: Callable[[dash.ProcRow], bool] | None = None  # -p/-n applied to a daemon's rows
     regions: dict[int, list[RegionRow]] = field(default_factory=dict)  # fetched apart (--connect)
