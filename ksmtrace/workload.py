@@ -363,7 +363,13 @@ def main(argv: list[str]) -> None:
             sys.exit(1)
         rest = [a for a in argv if a != "--prctl-exec"]
         os.execv(sys.executable, [sys.executable, "-m", "ksmtrace.workload", *rest])
-    Server().serve()
+    try:
+        Server().serve()
+    except BrokenPipeError:
+        # The driver went away (the demo interrupted while we answered): end
+        # quietly; stdout goes to /dev/null so that the exit's flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":
