@@ -72,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt as exc:
         return signals.exit_code(exc)
+    except RuntimeError as exc:
+        # Python 3.11 wraps an exception raised inside a class body's
+        # __set_name__ (a dataclass field being set up while a module is
+        # imported) in a RuntimeError: a signal that landed there is still a signal.
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            return signals.exit_code(exc.__cause__)
+        raise
     except BrokenPipeError:
         # `ksmtrace ... | head`: the reader left; not an error.
         console.reader_left()

@@ -26,3 +26,21 @@ def test_human_bytes() -> None:
     assert human_bytes(1536) == "1.5KiB"
     assert human_bytes(64 << 20) == "64.0MiB"
     assert human_bytes(12345, exact=True) == "12345"
+
+
+def test_a_signal_wrapped_by_set_name_still_ends_as_the_signal(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Python 3.11 wraps what a class body's __set_name__ raises in RuntimeError: a Ctrl-C that lands
+    while a dataclass is being built during an import must still exit 130, without a traceback."""
+    import signal
+
+    from ksmtrace import cli
+    from ksmtrace.kernel.signals import Interrupted
+
+    def building(*_: object) -> None:
+        try:
+            raise Interrupted(signal.SIGINT)
+        except Interrupted as exc:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance") from exc
+
+    monkeypatch.setattr(cli, "build_parser", building)
+    assert cli.main(["status"]) == 130
