@@ -14,6 +14,7 @@ all); KSMTRACE_SIGNAL_SEED replays a run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -62,6 +63,9 @@ def _target_ok(pid: int) -> None:
     assert state not in ("T", "t"), f"target {pid} left stopped (state {state})"
 
 
+STOP_TIMEOUT_S = 150
+
+
 def _trial(name: str, argv: list[str], sig: int, delay: float, knobs: dict, target: int | None) -> str:
     p = subprocess.Popen(
         [sys.executable, "-m", "ksmtrace", *argv],
@@ -72,10 +76,21 @@ def _trial(name: str, argv: list[str], sig: int, delay: float, knobs: dict, targ
     time.sleep(delay)
     p.send_signal(sig)
     try:
-        _, err = p.communicate(timeout=60)
+        # Generous: a signal that lands during BCC's compile is handled when the
+        # compile returns, which takes many seconds on a host that also runs the
+        # emulated test VM; a command that ignored the signal still fails here.
+        _, err = p.communicate(timeout=STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        where = ""
+        with contextlib.suppress(OSError):
+            where = "state " + Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            where += ", wchan " + Path(f"/proc/{p.pid}/wchan").read_text()
         p.kill()
-        raise AssertionError(f"{name}: still running 60 s after {signal.Signals(sig).name}") from None
+        _, err = p.communicate()
+        raise AssertionError(
+            f"{name}: still running {STOP_TIMEOUT_S} s after {signal.Signals(sig).name} at {delay:.2f}s "
+            f"(seed {SEED}; {where}); its stderr: {err[-2000:]}"
+        ) from None
     where = f"{name} {signal.Signals(sig).name} at {delay:.2f}s (seed {SEED})"
     startup = False
     if sig == signal.SIGINT and "Traceback" in err and not re.search(r'File ".*/ksmtrace/', err):
