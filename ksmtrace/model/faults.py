@@ -113,6 +113,7 @@ class _Seen:
     region_counts: dict[tuple[int, int, int], dict[str, int]]
     wp_mergeable: int
     unattributed: int
+    spans: tuple[tuple[int, int], ...] = ()  # every mapping's bounds then (smaps == maps)
 
 
 class FaultsState:
@@ -228,7 +229,24 @@ class FaultsState:
             for v in vmas
             if v.mergeable or any(a < v.end and b > v.start for a, b in keys)
         ]
-        return _Seen(dict(counts), regions, kept, stat, region_counts, mg_wp, unattributed)
+        spans = tuple((v.start, v.end) for v in vmas)
+        return _Seen(dict(counts), regions, kept, stat, region_counts, mg_wp, unattributed, spans)
+
+    def _recheck(self, tgid: int, seen: _Seen) -> bool:
+        """A quiet process's turn to be read again, cheaply: with merges traced,
+        its regions' KSM sizes move only with counts that would have moved, so
+        while its mappings are the same (maps, which walks no page table,
+        unlike smaps) only its ksm_stat is read (profit moves as ksmd scans).
+        False: read it whole."""
+        if not seen.regions or not seen.spans:
+            return False
+        try:
+            if self.proc.map_spans(tgid) != seen.spans:
+                return False
+            seen.stat = self.proc.ksm_stat(tgid)
+        except (ProcessGone, AccessDenied):
+            return False
+        return True
 
     def update(
         self,
@@ -251,14 +269,18 @@ class FaultsState:
             if self._idents.get(tgid, i) != i:
                 self._seen.pop(tgid, None)  # another process: read its mappings again
         self._idents = dict(ident)
-        per: dict[int, dict[str, int]] = {}
-        for tgid, c in faults.procs.items():
-            per.setdefault(tgid, dict.fromkeys(COUNTERS, 0)).update(ksm_cow=c.total.ksm_cow, wp=c.total.wp)
+        per: dict[int, dict[str, int]] = {
+            tgid: {"ksm_cow": c.total.ksm_cow, "wp": c.total.wp, "merges": 0, "unmerges": 0}
+            for tgid, c in faults.procs.items()
+        }
         if ksmd is not None:
             for tgid, k in ksmd.procs.items():
                 if tgid == 0:
                     continue
-                per.setdefault(tgid, dict.fromkeys(COUNTERS, 0)).update(merges=k.merges, unmerges=k.unmerges)
+                row = per.get(tgid)
+                if row is None:
+                    per[tgid] = row = dict.fromkeys(COUNTERS, 0)
+                row["merges"], row["unmerges"] = k.merges, k.unmerges
         keyed: dict[tuple[int, int], dict[str, int]] = {(tg, ident.get(tg, 0)): v for tg, v in per.items()}
         # Exited processes whose pid a new one took within the interval: their last counts.
         for tgid, old, pf in faults.exited:
@@ -277,7 +299,12 @@ class FaultsState:
         shown: list[int] = []
         for tgid, counts in per.items():
             seen = self._seen.get(tgid)
-            if seen is None or seen.counts != counts or tgid in refresh or seen.regions != regions:
+            if (
+                seen is None
+                or seen.counts != counts
+                or seen.regions != regions
+                or (tgid in refresh and not (ksmd is not None and self._recheck(tgid, seen)))
+            ):
                 comm = self._comm(tgid)
                 if not keep(tgid, comm):
                     continue

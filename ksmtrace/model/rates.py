@@ -23,7 +23,8 @@ class Rate:
 
 class Rates:
     def __init__(self) -> None:
-        self._prev: dict[Hashable, dict[str, int]] = {}
+        self._prev: dict[Hashable, Mapping[str, int]] = {}
+        self._still: dict[Hashable, dict[str, Rate]] = {}  # zero-rate rows of unchanged keys
         self._t: float | None = None
 
     def update(
@@ -33,8 +34,21 @@ class Rates:
         were loaded at ``start`` (all counters start at zero there)."""
         dt = (t - self._t) if self._t is not None else 0.0
         out: dict[Hashable, dict[str, Rate]] = {}
+        prev_all, still = self._prev, self._still
+        now: dict[Hashable, Mapping[str, int]] = {}
+        now_still: dict[Hashable, dict[str, Rate]] = {}
         for key, vals in counters.items():
-            prev = self._prev.get(key, {})
+            prev = prev_all.get(key)
+            if prev is not None and prev == vals:
+                # Unchanged since the last update: the common case on a host of
+                # many quiet processes (issue #14), so no new Rate objects.
+                row = still.get(key)
+                if row is None:
+                    row = {name: Rate(0, 0.0, int(total)) for name, total in vals.items()}
+                out[key] = now_still[key] = row
+                now[key] = prev
+                continue
+            prev = prev or {}
             row = {}
             for name, total in vals.items():
                 d = int(total) - int(prev.get(name, 0))
@@ -42,7 +56,8 @@ class Rates:
                     d = int(total)
                 row[name] = Rate(d, d / dt if dt > 0 else 0.0, int(total))
             out[key] = row
-        self._prev = {k: dict(v) for k, v in counters.items()}
+            now[key] = dict(vals)  # a copy: callers may reuse their mappings
+        self._prev, self._still = now, now_still
         self._t = t
         return out
 

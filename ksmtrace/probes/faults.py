@@ -383,11 +383,12 @@ class FaultProbe:
         words = memoryview(buf).cast("I")
         cache: dict[int, tuple[bytes, int, ProcFaults]] = {}
         try:
-            for slot in range(1, self.max_procs):
+            # Each slot's first word is its tgid: one strided read of them all
+            # instead of a Python step per slot (8,192 of them, mostly free).
+            tgids = words[:: SLOT_SIZE // 4].tolist()
+            for slot in [s for s in range(1, len(tgids)) if tgids[s]]:
                 base = slot * SLOT_SIZE
-                tgid = words[base // 4]
-                if not tgid:
-                    continue
+                tgid = tgids[slot]
                 gone = words[(base + _OFF_EXITED) // 4]
                 current = self._slot(tgid)
                 if current != slot and not gone:
