@@ -12,10 +12,12 @@ import functools
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ksmtrace.errors import TracingUnavailable
+from ksmtrace.kernel import bootcache
 from ksmtrace.kernel.checks import BTF_VMLINUX, require_btf
 
 
@@ -83,9 +85,62 @@ class Btf:
         return None
 
 
+class KernelBtf:
+    """The questions ksmtrace asks of the running kernel's BTF, each answered
+    once per boot: answers (and "no such member") are kept in the boot cache
+    (ksmtrace/kernel/bootcache.py), and bpftool runs only on a miss."""
+
+    SECTION = "btf"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._known: dict[str, Any] = bootcache.load(self.SECTION) if path == BTF_VMLINUX else {}
+        self._new: dict[str, Any] = {}
+
+    def _ask(self, key: str, question: Callable[[Btf], Any]) -> Any:
+        if key not in self._known:
+            try:
+                answer: Any = {"value": question(_parse(self.path))}
+            except KeyError as exc:
+                answer = {"missing": exc.args[0] if exc.args else key}
+            self._known[key] = answer
+            if self.path == BTF_VMLINUX:
+                bootcache.save(self.SECTION, {key: answer})
+        answer = self._known[key]
+        if "missing" in answer:
+            raise KeyError(answer["missing"])
+        return answer["value"]
+
+    def offset(self, struct: str, path: str) -> int:
+        """Byte offset of ``path`` ("a.b.c") inside ``struct``."""
+        return int(self._ask(f"offset {struct} {path}", lambda b: b.offset(struct, path)))
+
+    def size(self, struct: str) -> int:
+        return int(self._ask(f"size {struct}", lambda b: b.size(struct)))
+
+    def has(self, struct: str, path: str | None = None) -> bool:
+        try:
+            if path is None:
+                return bool(self._ask(f"has {struct}", lambda b: b.has(struct)))
+            self.offset(struct, path)
+            return True
+        except KeyError:
+            return False
+
+    def func_id(self, name: str) -> int | None:
+        """BTF id of function ``name`` (what a kfunc call instruction names)."""
+        got = self._ask(f"func_id {name}", lambda b: b.func_id(name))
+        return None if got is None else int(got)
+
+
 @functools.lru_cache(maxsize=1)
-def load(path: Path = BTF_VMLINUX) -> Btf:
+def load(path: Path = BTF_VMLINUX) -> KernelBtf:
     require_btf(path)
+    return KernelBtf(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _parse(path: Path) -> Btf:
     tool = shutil.which("bpftool")
     if tool is None:
         raise TracingUnavailable("bpftool is missing (apt-get install bpftool): needed to read kernel BTF")

@@ -19,13 +19,14 @@ import time
 from dataclasses import dataclass
 
 from ksmtrace.errors import TracingUnavailable
-from ksmtrace.kernel import abi, btf, host, pagemap
+from ksmtrace.kernel import abi, bootcache, btf, host, pagemap
 from ksmtrace.kernel.signals import critical
 from ksmtrace.probes import loader
 
 PAGEMAP_PRESENT = 1 << 63
 PAGEMAP_PFN_MASK = (1 << 55) - 1
 GIB = 1 << 30
+CACHE_SECTION = "kaddr"
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,24 @@ def layout(timeout: float = 3.0) -> KernelLayout:
     except KeyError as exc:
         raise TracingUnavailable(f"kernel BTF lacks a member ksmtrace needs: {exc}") from exc
     l5 = pgtable_l5()
+    # Found and checked by an earlier command of this boot: KASLR placed the
+    # bases at boot and they stay there until the next (kernel/bootcache.py).
+    known = bootcache.load(CACHE_SECTION)
+    if known.get("pgtable_l5") == l5 and known.get("direct_map_base") and known.get("vmemmap_base"):
+        return KernelLayout(
+            pgtable_l5=l5,
+            direct_map_base=int(known["direct_map_base"]),
+            vmemmap_base=int(known["vmemmap_base"]),
+            **offsets,
+        )
+    dmap, vmemmap = _search(offsets, l5, timeout)
+    bootcache.save(CACHE_SECTION, {"pgtable_l5": l5, "direct_map_base": dmap, "vmemmap_base": vmemmap})
+    return KernelLayout(pgtable_l5=l5, direct_map_base=dmap, vmemmap_base=vmemmap, **offsets)
 
+
+def _search(offsets: dict[str, int], l5: bool, timeout: float) -> tuple[int, int]:
+    """The direct map's and the struct page array's bases, found by
+    bpf/kaddr.bpf.c and checked against our own page tables."""
     libc = abi.libc()
     page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     anchor = ctypes.c_char.from_buffer(page)
@@ -153,4 +171,4 @@ def layout(timeout: float = 3.0) -> KernelLayout:
             f"page-table walk check failed (pfn {walk_pfn:#x}, pagemap says {pfn:#x}): "
             "this kernel's paging layout is not understood"
         )
-    return KernelLayout(pgtable_l5=l5, direct_map_base=dmap, vmemmap_base=vmemmap, **offsets)
+    return dmap, vmemmap
