@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from ksmtrace.cli import build_parser, main
@@ -44,3 +47,14 @@ def test_a_signal_wrapped_by_set_name_still_ends_as_the_signal(monkeypatch) -> N
 
     monkeypatch.setattr(cli, "build_parser", building)
     assert cli.main(["status"]) == 130
+
+
+def test_a_command_imports_only_its_own_module() -> None:
+    """Every command module pulls in what it runs on (BCC, pyroute2, urwid):
+    a command's start pays only for its own (issue #14)."""
+    code = (
+        "import sys; from ksmtrace import cli; p = cli.build_parser('status'); "
+        "print(sorted(m for m in sys.modules if m.startswith('ksmtrace.commands.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['ksmtrace.commands.status']"

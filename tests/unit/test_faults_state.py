@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -82,3 +84,29 @@ def test_proc_connector_decoding() -> None:
     gone = decode(_cn(0x80000000, struct.pack("=IIIIII", 12, 11, 9, 0, 10, 10)))
     assert gone is not None and (gone.kind, gone.pid, gone.tgid, gone.exit_code) == ("exit", 12, 11, 9)
     assert decode(_cn(0x4, struct.pack("=IIII", 1, 1, 0, 0))) is None  # uid change: ignored
+
+
+def test_quiet_process_turn_reads_ksm_stat_and_smaps_only_when_its_mappings_moved(tmp_path: Path) -> None:
+    """Issue #14: with merges traced, a quiet process's refresh reads maps (no
+    page-table walk) and ksm_stat; smaps only when a mapping came, went or moved."""
+    root = tmp_path / "proc"
+    shutil.copytree(FIX, root)
+    d = root / str(PID)
+    heads = [ln for ln in (d / "smaps").read_text().splitlines() if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", ln)]
+    (d / "maps").write_text("\n".join(heads) + "\n")
+    st = FaultsState(0.0, proc=ProcFS(root))
+    st.update(_faults(0.0, 0, 0, 0), _ksmd(0.0, 0), 1000)
+    st.update(_faults(1.0, 3, 5, 0), _ksmd(1.0, 4), 1003)  # it moved: read whole
+    stat = (d / "ksm_stat").read_text()
+    (d / "ksm_stat").write_text(stat.replace("2048000", "4096000"))
+    (d / "smaps").write_text("")  # a re-read of smaps would lose every region
+
+    def quiet(t: float):  # type: ignore[no-untyped-def]
+        return st.update(_faults(t, 3, 5, 0), _ksmd(t, 4), 1003)
+
+    (p,) = quiet(2.0).processes
+    assert p.profit_bytes == 4096000  # ksm_stat read again
+    assert any(r.start == MG[0] and r.mergeable for r in p.regions)  # smaps was not
+    (d / "maps").write_text("\n".join(heads[:-1]) + "\n")  # a mapping went away
+    (p,) = quiet(3.0).processes
+    assert not any(r.mergeable for r in p.regions)  # so smaps was read again (empty now)
