@@ -66,9 +66,14 @@ def measure_faults(steady: int, warmup: int) -> dict[str, float]:
     attached = time.monotonic() - t0
     p.stdout.readline()
     first = time.monotonic() - t0
-    for _ in range(warmup):  # what start-up left for later (preloads) is done by then
+    # What start-up left for later (preloads, first reads of processes that
+    # have counted nothing yet: a few per interval) is done within the
+    # warm-up; its cost is printed too, nothing is left out.
+    f0, fw0 = _ticks(p.pid), time.monotonic()
+    for _ in range(warmup):
         p.stdout.readline()
     c0, w0 = _ticks(p.pid), time.monotonic()
+    fill = 100.0 * (c0 - f0) / HZ / (w0 - fw0)
     for _ in range(steady):
         line = p.stdout.readline()
     c1, w1 = _ticks(p.pid), time.monotonic()
@@ -80,6 +85,7 @@ def measure_faults(steady: int, warmup: int) -> dict[str, float]:
         "attached_s": attached,
         "first_report_s": first,
         "cpu_pct": 100.0 * (c1 - c0) / HZ / (w1 - w0),
+        "warmup_cpu_pct": fill,
         "rss_kib": rss,
         "shown": tracked,
     }
@@ -89,7 +95,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--counts", default="10,100,1000", help="numbers of mergeable processes")
     ap.add_argument("--steady", type=int, default=5, help="1 s intervals measured once running")
-    ap.add_argument("--warmup", type=int, default=10, help="1 s intervals left out before measuring")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=40,
+        help="1 s intervals before measuring (the deferred first reads of 1,000 quiet processes take ~32)",
+    )
     args = ap.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     # "When nothing changes": ksmd stopped (and no other KSM user's tests
@@ -135,7 +146,8 @@ def run(counts: list[int], steady: int, warmup: int) -> None:
             print(
                 f"{n:5d} processes: faults attached {f['attached_s']:.2f}s, "
                 f"first report {f['first_report_s']:.2f}s, "
-                f"{f['cpu_pct']:.2f}% CPU per 1s interval, RSS {f['rss_kib'] / 1024:.0f} MiB "
+                f"{f['cpu_pct']:.2f}% CPU per 1s interval (warm-up {f['warmup_cpu_pct']:.2f}%), "
+                f"RSS {f['rss_kib'] / 1024:.0f} MiB "
                 f"({f['shown']} with counts); optins {wall:.2f}s wall {ocpu:.2f}s CPU, "
                 f"{listed} listed",
                 flush=True,
@@ -143,12 +155,12 @@ def run(counts: list[int], steady: int, warmup: int) -> None:
     print()
     print(
         f"{'PROCS':>5}  {'FIRST(s)':>8}  {'CPU%/1s':>7}  {'RSS(MiB)':>8}  "
-        f"{'OPTINS(s)':>9}  {'OPTINS CPU(s)':>13}"
+        f"{'WARMUP%':>7}  {'OPTINS(s)':>9}  {'OPTINS CPU(s)':>13}"
     )
     for n, f, wall, ocpu, _orss, _ in rows:
         print(
             f"{n:5d}  {f['first_report_s']:8.2f}  {f['cpu_pct']:7.2f}  {f['rss_kib'] / 1024:8.1f}  "
-            f"{wall:9.2f}  {ocpu:13.2f}"
+            f"{f['warmup_cpu_pct']:7.2f}  {wall:9.2f}  {ocpu:13.2f}"
         )
     if len(rows) >= 2:
         (n0, f0, *_), (n1, f1, *_) = rows[0], rows[-1]

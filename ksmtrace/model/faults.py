@@ -25,6 +25,8 @@ from ksmtrace.probes.ksmd import KsmdSnapshot
 COUNTERS = ("ksm_cow", "wp", "merges", "unmerges")
 # Quiet processes read again per update, round-robin (see FaultsState.update).
 REFRESH_PER_UPDATE = 8
+# Processes with nothing counted yet read for the first time per update.
+QUIET_LOOKS_PER_UPDATE = 32
 _ZERO = Rate(0, 0.0, 0)
 
 
@@ -297,8 +299,17 @@ class FaultsState:
         stale = [tgid for tgid in self._seen if tgid in per and self._seen[tgid].counts == per[tgid]]
         refresh = set(self._refresh_order(stale))
         shown: list[int] = []
+        quiet_looks = 0
         for tgid, counts in per.items():
             seen = self._seen.get(tgid)
+            if seen is None and not any(counts.values()):
+                # Nothing counted since tracing started: not in the report, and
+                # reading its smaps now only readies its region rows. A thousand
+                # such processes at start cost seconds before the first report
+                # (issue #14): a few per update, the rest when they first move.
+                if quiet_looks >= QUIET_LOOKS_PER_UPDATE:
+                    continue
+                quiet_looks += 1
             if (
                 seen is None
                 or seen.counts != counts
