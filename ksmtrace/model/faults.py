@@ -116,6 +116,10 @@ class _Seen:
     wp_mergeable: int
     unattributed: int
     spans: tuple[tuple[int, int], ...] = ()  # every mapping's bounds then (smaps == maps)
+    # region_counts and wp_mergeable keyed for the rate state, with the ident they were keyed with
+    keyed: dict[tuple[int, int, int, int], dict[str, int]] = field(default_factory=dict)
+    wp_keyed: dict[str, int] = field(default_factory=dict)
+    keyed_ident: int | None = None
 
 
 class FaultsState:
@@ -324,27 +328,22 @@ class FaultsState:
                 self.wanted_regions[tgid] = [(v.start, v.end) for v in seen.vmas if v.mergeable]
             if any(counts.values()):
                 shown.append(tgid)
-        region_counts: dict[tuple[int, int, int], dict[str, int]] = {}
-        wp_mg: dict[int, dict[str, int]] = {}
+        # Region and in-mergeable counters of every process read so far, keyed
+        # for the rate state once per look (not rebuilt every update: a
+        # thousand quiet processes, issue #14); rows are made for shown ones only.
+        region_keyed: dict[tuple[int, int, int, int], dict[str, int]] = {}
+        wp_mg: dict[tuple[int, int], dict[str, int]] = {}
         for tgid, seen in self._seen.items():
             if tgid in per:
-                region_counts.update(seen.region_counts)
-                wp_mg[tgid] = {"wp": seen.wp_mergeable}
-        rrates = {
-            (tg, a, b): r
-            for (tg, _i, a, b), r in self.region_rates.update(
-                t, {(tg, ident.get(tg, 0), a, b): v for (tg, a, b), v in region_counts.items()}
-            ).items()
-        }
-        mrates = {
-            tg: r
-            for (tg, _i), r in self.wp_mg_rates.update(
-                t, {(tg, ident.get(tg, 0)): v for tg, v in wp_mg.items()}
-            ).items()
-        }
-        by_tgid: dict[int, list[tuple[int, int, dict[str, Rate]]]] = {}
-        for (rt, a, b), rr in rrates.items():
-            by_tgid.setdefault(rt, []).append((a, b, rr))
+                i = ident.get(tgid, 0)
+                if seen.keyed_ident != i:
+                    seen.keyed = {(tgid, i, a, b): v for (_, a, b), v in seen.region_counts.items()}
+                    seen.wp_keyed = {"wp": seen.wp_mergeable}
+                    seen.keyed_ident = i
+                region_keyed.update(seen.keyed)
+                wp_mg[(tgid, i)] = seen.wp_keyed
+        rrates = self.region_rates.update(t, region_keyed)
+        mrates = self.wp_mg_rates.update(t, wp_mg)
 
         rows: list[ProcessRow] = []
         for tgid in shown:
@@ -353,7 +352,9 @@ class FaultsState:
             by_start = {v.start: v for v in vmas}
             vstarts = [v.start for v in vmas]
             regs = []
-            for a, b, rr in by_tgid.get(tgid, []):
+            for key in seen.keyed:
+                _, _, a, b = key
+                rr = rrates[key]
                 if (a, b) == (0, 0):
                     regs.append(RegionRow(0, 0, "(other)", False, rr, None))
                     continue
@@ -371,7 +372,7 @@ class FaultsState:
                     pid=tgid,
                     comm=self._comm(tgid),
                     rates=rates[tgid],
-                    wp_mergeable=mrates.get(tgid, {}).get("wp", _ZERO),
+                    wp_mergeable=mrates.get((tgid, ident.get(tgid, 0)), {}).get("wp", _ZERO),
                     profit_bytes=st.process_profit if st else None,
                     merging_pages=st.merging_pages if st else None,
                     regions=regs,
