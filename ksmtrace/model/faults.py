@@ -7,6 +7,10 @@ from a small per-process table that the command pushes (the mergeable VMAs
 this module saw in smaps: :attr:`FaultsState.wanted_regions`); ksmd's merges
 come per page and are attributed here to the same ranges, or to the VMA that
 holds the page now.
+
+Over 400 lines: the interval's state and the reads it decides (look, relook,
+recheck: what each costs and when it is enough) are one cost model (issue
+#14) and stay together.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ COUNTERS = ("ksm_cow", "wp", "merges", "unmerges")
 REFRESH_PER_UPDATE = 8
 # Processes with nothing counted yet read for the first time per update.
 QUIET_LOOKS_PER_UPDATE = 32
+# A moving process's smaps is read at least this often (see FaultsState._relook).
+FULL_LOOK_EVERY = 10
 _ZERO = Rate(0, 0.0, 0)
 
 
@@ -116,6 +122,7 @@ class _Seen:
     wp_mergeable: int
     unattributed: int
     spans: tuple[tuple[int, int], ...] = ()  # every mapping's bounds then (smaps == maps)
+    full_at: int = 0  # the update that last read its smaps
     # region_counts and wp_mergeable keyed for the rate state, with the ident they were keyed with
     keyed: dict[tuple[int, int, int, int], dict[str, int]] = field(default_factory=dict)
     wp_keyed: dict[str, int] = field(default_factory=dict)
@@ -143,6 +150,7 @@ class FaultsState:
         # tgid -> the fault probe's ident of its counts (FaultSnapshot.idents)
         self._idents: dict[int, int] = {}
         self._refresh_after = 0
+        self._updates = 0  # how many update() calls so far
         for r in (self.rates, self.region_rates, self.wp_mg_rates):
             r.start(t0)
         if cow_ksm0 is not None:
@@ -197,6 +205,47 @@ class FaultsState:
             # Exited during the interval: its counts still belong in this
             # report (they are part of cow_ksm), only its regions are gone.
             vmas, stat = [], None
+        spans = tuple((v.start, v.end) for v in vmas)
+        return self._attribute(tgid, counts, pf, pages, regions, vmas, stat, spans, self._updates)
+
+    def _relook(
+        self,
+        tgid: int,
+        counts: dict[str, int],
+        pf: ProcFaults | None,
+        pages: list[tuple[int, int, int]],
+        seen: _Seen,
+    ) -> _Seen | None:
+        """A process whose counts moved, read cheaply: with merges traced, while
+        its mappings are the same (maps: no page-table walk) and its last
+        whole read is recent (FULL_LOOK_EVERY updates), its counts are
+        attributed to the regions kept from then and only ksm_stat is read
+        again. While ksmd merges a thousand processes every one of them moves
+        each interval: their smaps are then read a tenth as often (issue #14).
+        The cost: regions' KSM sizes (smaps) up to that many intervals old.
+        None: read it whole."""
+        if self._updates - seen.full_at >= FULL_LOOK_EVERY or not seen.regions or not seen.spans:
+            return None
+        try:
+            if self.proc.map_spans(tgid) != seen.spans:
+                return None
+            stat = self.proc.ksm_stat(tgid)
+        except (ProcessGone, AccessDenied):
+            return None
+        return self._attribute(tgid, counts, pf, pages, True, seen.vmas, stat, seen.spans, seen.full_at)
+
+    def _attribute(
+        self,
+        tgid: int,
+        counts: dict[str, int],
+        pf: ProcFaults | None,
+        pages: list[tuple[int, int, int]],
+        regions: bool,
+        vmas: list[Vma],
+        stat: KsmStat | None,
+        spans: tuple[tuple[int, int], ...],
+        full_at: int,
+    ) -> _Seen:
         region_counts: dict[tuple[int, int, int], dict[str, int]] = {}
         ranges = sorted(pf.regions) if pf else []
         mg_wp = 0
@@ -235,8 +284,7 @@ class FaultsState:
             for v in vmas
             if v.mergeable or any(a < v.end and b > v.start for a, b in keys)
         ]
-        spans = tuple((v.start, v.end) for v in vmas)
-        return _Seen(dict(counts), regions, kept, stat, region_counts, mg_wp, unattributed, spans)
+        return _Seen(dict(counts), regions, kept, stat, region_counts, mg_wp, unattributed, spans, full_at)
 
     def _recheck(self, tgid: int, seen: _Seen) -> bool:
         """A quiet process's turn to be read again, cheaply: with merges traced,
@@ -268,6 +316,7 @@ class FaultsState:
         of them are refreshed per update (REFRESH_PER_UPDATE), so that a
         host of a thousand quiet mergeable processes costs little."""
         t = faults.t
+        self._updates += 1
         # Rates are keyed by (tgid, ident): a pid reused by a new process has
         # a new ident (its own probe slot), so its counts start at zero.
         ident = faults.idents
@@ -315,6 +364,18 @@ class FaultsState:
                     continue
                 quiet_looks += 1
             if (
+                seen is not None
+                and seen.counts != counts
+                and seen.regions == regions
+                and ksmd is not None
+                and (
+                    light := self._relook(
+                        tgid, counts, faults.procs.get(tgid), merged_pages.get(tgid, []), seen
+                    )
+                )
+            ):
+                self._seen[tgid] = seen = light
+            elif (
                 seen is None
                 or seen.counts != counts
                 or seen.regions != regions

@@ -110,3 +110,34 @@ def test_quiet_process_turn_reads_ksm_stat_and_smaps_only_when_its_mappings_move
     (d / "maps").write_text("\n".join(heads[:-1]) + "\n")  # a mapping went away
     (p,) = quiet(3.0).processes
     assert not any(r.mergeable for r in p.regions)  # so smaps was read again (empty now)
+
+
+def test_moving_process_attributed_on_kept_regions_and_read_whole_every_few_updates(tmp_path: Path) -> None:
+    """Issue #14: while ksmd merges, every process moves every interval; its
+    counts are attributed to the regions of its last whole read while its
+    mappings stay the same, and smaps is read again every FULL_LOOK_EVERY."""
+    from ksmtrace.model import faults as model
+
+    root = tmp_path / "proc"
+    shutil.copytree(FIX, root)
+    d = root / str(PID)
+    heads = [ln for ln in (d / "smaps").read_text().splitlines() if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", ln)]
+    (d / "maps").write_text("\n".join(heads) + "\n")
+    reads: list[int] = []
+
+    class Counting(ProcFS):
+        def smaps(self, pid: int):  # type: ignore[no-untyped-def]
+            reads.append(pid)
+            return super().smaps(pid)
+
+    st = FaultsState(0.0, proc=Counting(root))
+    st.update(_faults(0.0, 0, 0, 0), _ksmd(0.0, 0), 1000)  # read whole
+    updates = 2 * model.FULL_LOOK_EVERY
+    for n in range(1, updates + 1):
+        (p,) = st.update(_faults(float(n), n, n, 0), _ksmd(float(n), n), 1000 + n).processes
+        (mg,) = [r for r in p.regions if r.start == MG[0]]
+        assert mg.mergeable and mg.rates["merges"].total == n and mg.rates["ksm_cow"].total == n
+    assert len(reads) == 1 + updates // model.FULL_LOOK_EVERY
+    (d / "maps").write_text("\n".join(heads[:-1]) + "\n")  # a mapping went away: read whole now
+    st.update(_faults(99.0, 99, 99, 0), _ksmd(99.0, 99), 1099)
+    assert len(reads) == 2 + updates // model.FULL_LOOK_EVERY
