@@ -122,7 +122,7 @@ class _Seen:
     wp_mergeable: int
     unattributed: int
     spans: tuple[tuple[int, int], ...] = ()  # every mapping's bounds then (smaps == maps)
-    full_at: int = 0  # the update that last read its smaps
+    light: int = 0  # cheap reads (FaultsState._relook) since its smaps was last read
     # region_counts and wp_mergeable keyed for the rate state, with the ident they were keyed with
     keyed: dict[tuple[int, int, int, int], dict[str, int]] = field(default_factory=dict)
     wp_keyed: dict[str, int] = field(default_factory=dict)
@@ -150,7 +150,6 @@ class FaultsState:
         # tgid -> the fault probe's ident of its counts (FaultSnapshot.idents)
         self._idents: dict[int, int] = {}
         self._refresh_after = 0
-        self._updates = 0  # how many update() calls so far
         for r in (self.rates, self.region_rates, self.wp_mg_rates):
             r.start(t0)
         if cow_ksm0 is not None:
@@ -206,7 +205,7 @@ class FaultsState:
             # report (they are part of cow_ksm), only its regions are gone.
             vmas, stat = [], None
         spans = tuple((v.start, v.end) for v in vmas)
-        return self._attribute(tgid, counts, pf, pages, regions, vmas, stat, spans, self._updates)
+        return self._attribute(tgid, counts, pf, pages, regions, vmas, stat, spans, 0)
 
     def _relook(
         self,
@@ -217,14 +216,16 @@ class FaultsState:
         seen: _Seen,
     ) -> _Seen | None:
         """A process whose counts moved, read cheaply: with merges traced, while
-        its mappings are the same (maps: no page-table walk) and its last
-        whole read is recent (FULL_LOOK_EVERY updates), its counts are
-        attributed to the regions kept from then and only ksm_stat is read
-        again. While ksmd merges a thousand processes every one of them moves
+        its mappings are the same (maps: no page-table walk), its counts are
+        attributed to the regions kept from its last whole read and only
+        ksm_stat is read again; every FULL_LOOK_EVERY-th read of a moving
+        process is whole. While ksmd merges a thousand processes every one of them moves
         each interval: their smaps are then read a tenth as often (issue #14).
-        The cost: regions' KSM sizes (smaps) up to that many intervals old.
+        The cost: regions' KSM sizes (smaps) up to that many moves old (a
+        quiet process's do not move: with merges traced, they change only
+        with counts).
         None: read it whole."""
-        if self._updates - seen.full_at >= FULL_LOOK_EVERY or not seen.regions or not seen.spans:
+        if seen.light >= FULL_LOOK_EVERY - 1 or not seen.regions or not seen.spans:
             return None
         try:
             if self.proc.map_spans(tgid) != seen.spans:
@@ -232,7 +233,7 @@ class FaultsState:
             stat = self.proc.ksm_stat(tgid)
         except (ProcessGone, AccessDenied):
             return None
-        return self._attribute(tgid, counts, pf, pages, True, seen.vmas, stat, seen.spans, seen.full_at)
+        return self._attribute(tgid, counts, pf, pages, True, seen.vmas, stat, seen.spans, seen.light + 1)
 
     def _attribute(
         self,
@@ -244,7 +245,7 @@ class FaultsState:
         vmas: list[Vma],
         stat: KsmStat | None,
         spans: tuple[tuple[int, int], ...],
-        full_at: int,
+        light: int,
     ) -> _Seen:
         region_counts: dict[tuple[int, int, int], dict[str, int]] = {}
         ranges = sorted(pf.regions) if pf else []
@@ -284,7 +285,7 @@ class FaultsState:
             for v in vmas
             if v.mergeable or any(a < v.end and b > v.start for a, b in keys)
         ]
-        return _Seen(dict(counts), regions, kept, stat, region_counts, mg_wp, unattributed, spans, full_at)
+        return _Seen(dict(counts), regions, kept, stat, region_counts, mg_wp, unattributed, spans, light)
 
     def _recheck(self, tgid: int, seen: _Seen) -> bool:
         """A quiet process's turn to be read again, cheaply: with merges traced,
@@ -316,7 +317,6 @@ class FaultsState:
         of them are refreshed per update (REFRESH_PER_UPDATE), so that a
         host of a thousand quiet mergeable processes costs little."""
         t = faults.t
-        self._updates += 1
         # Rates are keyed by (tgid, ident): a pid reused by a new process has
         # a new ident (its own probe slot), so its counts start at zero.
         ident = faults.idents
