@@ -227,15 +227,12 @@ class FaultsState:
         quiet process's do not move: with merges traced, they change only
         with counts).
         None: read it whole."""
-        if seen.light >= FULL_LOOK_EVERY - 1 or not seen.regions or not seen.spans:
+        if seen.light >= FULL_LOOK_EVERY - 1:
             return None
-        try:
-            if self.proc.map_spans(tgid) != seen.spans:
-                return None
-            stat = self.proc.ksm_stat(tgid)
-        except (ProcessGone, AccessDenied):
+        got = self._stat_if_unmoved(tgid, seen)
+        if got is None:
             return None
-        return self._attribute(tgid, counts, pf, pages, True, seen.vmas, stat, seen.spans, seen.light + 1)
+        return self._attribute(tgid, counts, pf, pages, True, seen.vmas, got[0], seen.spans, seen.light + 1)
 
     def _attribute(
         self,
@@ -295,15 +292,24 @@ class FaultsState:
         while its mappings are the same (maps, which walks no page table,
         unlike smaps) only its ksm_stat is read (profit moves as ksmd scans).
         False: read it whole."""
-        if not seen.regions or not seen.spans:
+        got = self._stat_if_unmoved(tgid, seen)
+        if got is None:
             return False
+        seen.stat = got[0]
+        return True
+
+    def _stat_if_unmoved(self, tgid: int, seen: _Seen) -> tuple[KsmStat | None] | None:
+        """ksm_stat read again, in a 1-tuple, when the process's mappings are
+        those of its last smaps read (maps, which walks no page table); None
+        when they moved, were never read, or the process is gone: read it whole."""
+        if not seen.regions or not seen.spans:
+            return None
         try:
             if self.proc.map_spans(tgid) != seen.spans:
-                return False
-            seen.stat = self.proc.ksm_stat(tgid)
+                return None
+            return (self.proc.ksm_stat(tgid),)
         except (ProcessGone, AccessDenied):
-            return False
-        return True
+            return None
 
     def _pages_by_tgid(self, ksmd: KsmdSnapshot | None) -> dict[int, list[tuple[int, int, int]]]:
         """ksmd's per-page merges grouped by process, grouped again only when
