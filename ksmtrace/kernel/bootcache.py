@@ -102,3 +102,50 @@ def save(section: str, values: dict[str, Any]) -> None:
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def load_entry(name: str) -> dict[str, Any] | None:
+    """A payload kept whole in a file of its own (``save_entry``) this boot."""
+    if not enabled():
+        return None
+    path = _dir() / name
+    try:
+        if not _trusted(path) or not _trusted_dir(path.parent):
+            return None
+        data = json.loads(path.read_text())
+        if data.get("stamp") != _stamp() or not isinstance(data.get("payload"), dict):
+            return None
+        payload: dict[str, Any] = data["payload"]
+        return payload
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def save_entry(name: str, payload: dict[str, Any], keep: int) -> None:
+    """Keep ``payload`` until reboot in a file of its own; of the files named
+    with the same prefix (up to the first '-'), the ``keep`` newest stay."""
+    if not enabled():
+        return
+    d = _dir()
+    tmp = d / f".{name}.{os.getpid()}"
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _trusted_dir(d):
+            return
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"stamp": _stamp(), "payload": payload}, f)
+        os.replace(tmp, d / name)
+        prefix = name.split("-", 1)[0] + "-"
+        kin = sorted(d.glob(f"{prefix}*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kin[keep:]:
+            with contextlib.suppress(OSError):
+                old.unlink()
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def drop_entry(name: str) -> None:
+    with contextlib.suppress(OSError):
+        (_dir() / name).unlink()

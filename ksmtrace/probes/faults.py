@@ -199,12 +199,13 @@ class FaultProbe:
                     "faults.bpf.c",
                     {**defines, "KFUNC_RDONLY_CAST": KFUNC_PLACEHOLDER},
                     {KFUNC_PLACEHOLDER: cast},
+                    cache=True,
                 )
                 self.inline_reads = True
                 return bpf
             except TracingUnavailable:
                 pass  # the verifier refused the cast: the helper it is
-        return loader.load("faults.bpf.c", defines)
+        return loader.load("faults.bpf.c", defines, cache=True)
 
     # ---- process slots ---------------------------------------------------
 

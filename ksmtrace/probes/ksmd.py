@@ -99,7 +99,7 @@ class KsmdProbe:
                 raise UsageError(f"1 to {MAX_FILTER_PIDS} pids can be filtered on")
             defines["FILTER_TGIDS"] = "{" + ",".join(map(str, uniq)) + "}"
             defines["FILTER_NTGIDS"] = len(uniq)
-        self.bpf: Any = loader.load("ksmd.bpf.c", defines)
+        self.bpf: Any = loader.load("ksmd.bpf.c", defines, cache=True)
         self._pages_key: tuple[int, int, int] | None = None
         self._page_counts: dict[tuple[int, int], tuple[int, int]] = {}
 

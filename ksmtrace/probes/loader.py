@@ -18,6 +18,7 @@ from typing import Any
 from ksmtrace.errors import TracingUnavailable
 from ksmtrace.kernel import bcc_env, checks
 from ksmtrace.kernel.signals import critical
+from ksmtrace.probes import progcache
 
 
 def bpf_dir() -> Path:
@@ -30,12 +31,17 @@ def bpf_dir() -> Path:
 
 
 def load(
-    source: str, defines: dict[str, int | str] | None = None, kfuncs: dict[int, int] | None = None
+    source: str,
+    defines: dict[str, int | str] | None = None,
+    kfuncs: dict[int, int] | None = None,
+    cache: bool = False,
 ) -> Any:
     """BPF object for bpf/<source>, compiled with ``-DNAME=value`` for each define.
 
     ``kfuncs`` maps placeholder helper numbers to the BTF ids of kernel
-    functions: see :func:`_kfunc_class`."""
+    functions: see :func:`_kfunc_class`. ``cache``: the build is kept for
+    the boot and later loads skip BCC's compiler (:mod:`progcache`; the
+    object then offers only what the probes use of ``bcc.BPF``)."""
     checks.require_root("tracing")
     checks.ensure_tracefs()
     bcc, headers = bcc_env.prepare()
@@ -47,11 +53,19 @@ def load(
     # noise to users, so keep them unless KSMTRACE_DEBUG is set.
     if not os.environ.get("KSMTRACE_DEBUG"):
         cflags.append("-w")
+    key = progcache.cache_key(path, cflags, kfuncs, bcc.__version__) if cache else ""
+    if cache:
+        kept = progcache.instantiate(key, kfuncs)
+        if kept is not None:
+            return kept
     cls = _kfunc_class(bcc, kfuncs) if kfuncs else bcc.BPF
     try:
-        return cls(src_file=str(path).encode(), cflags=cflags)
+        bpf = cls(src_file=str(path).encode(), cflags=cflags)
     except Exception as exc:  # BCC raises bare Exception on compile/load failure
         raise TracingUnavailable(f"could not load {source}: {exc}") from exc
+    if cache:
+        progcache.keep(bpf, key)
+    return bpf
 
 
 def dump(table: Any, key_fmt: str, leaf_fmt: str) -> list[tuple[tuple[Any, ...], tuple[Any, ...]]]:

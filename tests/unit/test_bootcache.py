@@ -68,3 +68,33 @@ def test_turned_off_by_the_environment(run_dir: Path, monkeypatch: pytest.Monkey
     bootcache.save("kaddr", {"vmemmap_base": 7})
     assert not run_dir.exists()
     assert bootcache.load("kaddr") == {}
+
+
+def test_entries_of_their_own_come_back_and_the_oldest_go(run_dir: Path) -> None:
+    assert bootcache.load_entry("prog-a.json") is None
+    for i, name in enumerate(("prog-a.json", "prog-b.json", "prog-c.json")):
+        bootcache.save_entry(name, {"n": i}, keep=2)
+        os.utime(run_dir / name, (1000 + i, 1000 + i))  # a strict order of age
+    assert bootcache.load_entry("prog-a.json") is None  # the oldest went
+    assert bootcache.load_entry("prog-c.json") == {"n": 2}
+    assert (run_dir / "prog-b.json").stat().st_mode & 0o777 == 0o600
+    bootcache.save("kaddr", {"x": 1})  # another kind: not counted with them
+    bootcache.save_entry("prog-d.json", {"n": 3}, keep=2)
+    assert sorted(p.name for p in run_dir.iterdir()) == [bootcache.FILE_NAME, "prog-c.json", "prog-d.json"]
+    bootcache.drop_entry("prog-d.json")
+    assert bootcache.load_entry("prog-d.json") is None
+
+
+def test_entry_of_another_boot_or_writable_by_others_is_ignored(run_dir: Path) -> None:
+    bootcache.save_entry("prog-a.json", {"n": 1}, keep=4)
+    path = run_dir / "prog-a.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "stamp": {**data["stamp"], "boot_id": "0000"}}))
+    assert bootcache.load_entry("prog-a.json") is None
+    bootcache.save_entry("prog-a.json", {"n": 1}, keep=4)
+    path.chmod(0o620)
+    assert bootcache.load_entry("prog-a.json") is None
+    path.chmod(0o600)
+    assert bootcache.load_entry("prog-a.json") == {"n": 1}
+    path.write_text("{")
+    assert bootcache.load_entry("prog-a.json") is None
