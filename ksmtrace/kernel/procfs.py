@@ -363,11 +363,13 @@ class ProcFS:
     def ksm_stat(self, pid: int) -> KsmStat | None:
         """None on kernels without ksm_stat (features.FEATURES["ksm_stat"])."""
         path = self.root / str(pid) / "ksm_stat"
-        if not path.exists():
+        try:  # one open, not a stat() first: read for every process at start-up (issue #14)
+            text = path.read_text()
+        except FileNotFoundError:
             if not self.exists(pid):
-                raise ProcessGone(pid)
+                raise ProcessGone(pid) from None
             return None
-        stat = parse_ksm_stat(path.read_text())
+        stat = parse_ksm_stat(text)
         if "ksm_merging_pages" not in stat.raw:
             # ksm_stat before features.FEATURES["ksm_stat_merging_pages"] has only ksm_rmap_items;
             # the count is then in its own file (features.FEATURES["ksm_merging_pages"]).

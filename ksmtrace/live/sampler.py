@@ -30,7 +30,7 @@ from ksmtrace.probes import ksmd as ksmd_probe
 
 # Start-up reads bounded in time, the rest spread over the intervals (issue #14:
 # first report within 2 s whatever the number of mergeable processes).
-INITIAL_REGIONS_BUDGET_S = 0.3
+INITIAL_REGIONS_BUDGET_S = 0.1  # ~70 smaps reads; the rest a few per interval (FaultsState)
 PRELOAD_SLICE = 0.25  # of each interval, while processes still wait for their preload
 
 NO_KSM_TRACEPOINTS = (

@@ -30,6 +30,7 @@ failure here costs only a compile.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import ctypes
 import hashlib
@@ -275,8 +276,15 @@ class CachedBPF:
         self._closed = True
         for tp in list(self.raw_tracepoint_fds):
             self.detach_raw_tracepoint(tp)
-        for tp in list(self.tracepoint_fds):
-            self.detach_tracepoint(tp)
+        # Closing a tracepoint's perf event waits for an RCU grace period
+        # (~70 ms here): nine of them one after the other made every exit
+        # 0.65 s long. Closed side by side, the waits overlap.
+        fds = list(self.tracepoint_fds.values())
+        self.tracepoint_fds.clear()
+        if fds:
+            close = _lib().bpf_close_perf_event_fd
+            with concurrent.futures.ThreadPoolExecutor(len(fds)) as pool:
+                list(pool.map(close, fds))
         for fd in [*self._progs.values(), *(m.fd for m in self._maps.values())]:
             with contextlib.suppress(OSError):
                 os.close(fd)
