@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ksmtrace.kernel import bootcache
+from ksmtrace.kernel.signals import critical
 from ksmtrace.probes.maps import MapRef, open_table
 
 FORMAT = 1  # bump when what is kept, or how it is used, changes
@@ -117,9 +118,15 @@ def map_fd_slots(code: bytes, fds: dict[int, int]) -> list[tuple[int, int]] | No
     return slots
 
 
+def enabled() -> bool:
+    """Off with the boot cache, or alone with ``KSMTRACE_NO_PROG_CACHE=1``
+    (every start compiles: benchmarks' baseline, or a suspected bad build)."""
+    return bootcache.enabled() and not os.environ.get("KSMTRACE_NO_PROG_CACHE")
+
+
 def keep(bpf: Any, key: str) -> None:
     """Record what ``bpf`` (just compiled and loaded by BCC) loaded."""
-    if not bootcache.enabled():
+    if not enabled():
         return
     with contextlib.suppress(Exception):  # a cache: never the reason a command fails
         entry = _describe(bpf)
@@ -177,14 +184,17 @@ def _describe(bpf: Any) -> dict[str, Any] | None:
 def instantiate(key: str, kfuncs: dict[int, int] | None = None) -> CachedBPF | None:
     """The programs kept under ``key``, loaded and attached as BCC did; None
     when there is no entry or the kernel refuses it (the entry is dropped)."""
-    entry = bootcache.load_entry(_entry_name(key))
+    entry = bootcache.load_entry(_entry_name(key)) if enabled() else None
     if entry is None:
         return None
     bpf = CachedBPF()
     try:
         bpf._build(entry, kfuncs or {})
-    except Exception:
-        bpf.cleanup()
+    except BaseException as exc:
+        with critical():  # nothing half-attached left behind, also on a signal
+            bpf.cleanup()
+        if not isinstance(exc, Exception):
+            raise
         bootcache.drop_entry(_entry_name(key))
         return None
     return bpf
