@@ -326,6 +326,12 @@ class ProcFS:
         return parse_map_spans(self._read(pid, "maps"))
 
     @wrap_proc_errors
+    def maps(self, pid: int) -> list[Vma]:
+        """Every mapping from maps: no VmFlags and no sizes, and no page-table
+        walk (smaps walks every mapping's: 8 ms for a process of 256 MiB)."""
+        return parse_smaps(self._read(pid, "maps"))  # maps' lines are smaps' headers
+
+    @wrap_proc_errors
     def tids(self, pid: int) -> list[int]:
         return sorted(int(t.name) for t in (self.root / str(pid) / "task").iterdir())
 

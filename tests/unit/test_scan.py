@@ -263,3 +263,45 @@ def test_estimate_reports_what_the_scan_cost() -> None:
         "rss_before_bytes",
         "peak_rss_reset",
     }
+
+
+def _proc_root(tmp_path, ksm_mergeable: str):  # type: ignore[no-untyped-def]
+    """host1's pid 2761 with a maps file, and KSM's view of it as given."""
+    import shutil
+    from pathlib import Path
+
+    from ksmtrace.kernel.procfs import ProcFS
+
+    src = Path(__file__).resolve().parents[1] / "fixtures" / "host1" / "proc" / "2761"
+    d = tmp_path / "proc" / "2761"
+    shutil.copytree(src, d)
+    heads = [ln for ln in (d / "smaps").read_text().splitlines() if ln[:1].isalnum() and "-" in ln.split()[0]]
+    (d / "maps").write_text("\n".join(heads) + "\n")
+    (d / "ksm_stat").write_text(
+        f"ksm_rmap_items 0\nksm_zero_pages 0\nksm_merging_pages 0\nksm_process_profit 0\n"
+        f"ksm_merge_any: no\nksm_mergeable: {ksm_mergeable}\n"
+    )
+    return ProcFS(tmp_path / "proc"), d
+
+
+def test_ranges_of_a_process_out_of_ksm_are_judged_from_maps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """smaps walks every page table (12 ms per GiB mapped); a process KSM has
+    none of needs only maps. The same pieces come out either way, but for
+    VM_MERGEABLE, which such a process cannot use."""
+    proc, d = _proc_root(tmp_path, "yes")
+    want = {2761: [(0x7FD2A7800000, 0x7FD2A7B80000), (0x00400000, 0x00420000)]}
+    (whole,), _, _ = scan._targets([2761], proc, None, want)
+    proc, d = _proc_root(tmp_path / "out", "no")
+    (d / "smaps").unlink()  # read it and the target is gone
+    (cheap,), gone, denied = scan._targets([2761], proc, None, want)
+    assert (gone, denied) == ([], [])
+    assert [(v.start, v.end, v.perms, v.path) for v in cheap.scan] == [
+        (v.start, v.end, v.perms, v.path) for v in whole.scan
+    ]
+    assert [(v.start, v.end) for v in cheap.scan] == [
+        (0x7FD2A7800000, 0x7FD2A7B00000),
+        (0x7FD2A7B00000, 0x7FD2A7B80000),
+    ]
+    assert [s.reason for s in cheap.skipped] == [s.reason for s in whole.skipped]
+    assert [s.reason for s in cheap.skipped] == ["file-backed: KSM merges anonymous pages only"] * 2
+    assert not any(v.mergeable for v in cheap.scan)
