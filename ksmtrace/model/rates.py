@@ -61,6 +61,17 @@ class Rates:
         self._t = t
         return out
 
+    def still(self) -> bool:
+        """Whether the last update moved nothing (every row a zero-rate one)."""
+        return len(self._still) == len(self._prev)
+
+    def carry(self, t: float) -> None:
+        """An update at ``t`` with every counter as it was, when :meth:`still`:
+        the rows stay those of the last update, only the time moves."""
+        if not self.still():
+            raise ValueError("carry() after an update that moved something")
+        self._t = t
+
     def start(self, t: float) -> None:
         """Mark the moment counters were zero (probe load)."""
         self._t = t

@@ -20,6 +20,7 @@ from typing import Any
 MAP_TYPE_PERCPU_HASH = 5
 MAP_TYPE_PERCPU_ARRAY = 6
 MAP_TYPE_QUEUE = 22
+MAP_TYPE_RINGBUF = 27
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,11 @@ def _ncpus() -> int:
     return len(get_possible_cpus())
 
 
-def open_table(ref: MapRef) -> Table:
+def open_table(ref: MapRef, owner: Any = None) -> Any:
+    """The table object for ``ref``; ``owner`` (the program's CachedBPF)
+    holds the ring buffers' poller, one for all of them, as in BCC."""
+    if ref.type == MAP_TYPE_RINGBUF:
+        return RingBuf(ref, owner)
     if ref.type == MAP_TYPE_QUEUE:
         return Queue(ref)
     if ref.type in (MAP_TYPE_PERCPU_ARRAY, MAP_TYPE_PERCPU_HASH):
@@ -143,3 +148,22 @@ class Queue(Table):
         if _lib().bpf_lookup_and_delete(self.map_fd, None, ctypes.byref(leaf)) < 0:
             raise KeyError("Could not pop from table")
         return leaf
+
+
+class RingBuf:
+    """A ring buffer map: only BCC's ``open_ring_buffer(callback)``; events
+    are read through the owner's ``ring_buffer_poll``/``ring_buffer_consume``."""
+
+    def __init__(self, ref: MapRef, owner: Any) -> None:
+        self.map_fd = ref.fd
+        self._owner = owner
+
+    def open_ring_buffer(self, callback: Any, ctx: Any = None) -> None:
+        from bcc.libbcc import _RINGBUF_CB_TYPE
+
+        def call(cb_ctx: Any, data: Any, size: int) -> int:
+            ret = callback(cb_ctx, data, size)
+            return ret if isinstance(ret, int) else 0
+
+        fn = _RINGBUF_CB_TYPE(call)
+        self._owner._open_ring_buffer(self.map_fd, fn, ctx)

@@ -356,7 +356,7 @@ class OptinProbe:
             ringbuf_pages=self.ringbuf_pages,
         )
         # TRACEPOINT_PROBE programs are attached by BCC at load time.
-        self._bpf = loader.load(SOURCE, defines)
+        self._bpf = loader.load(SOURCE, defines, cache=True)
         self._wall = _mono_to_wall()
         self._bpf[b"events"].open_ring_buffer(self._on_event)
 

@@ -172,6 +172,12 @@ def _describe(bpf: Any) -> dict[str, Any] | None:
         "raw": [tp.decode() for tp in bpf.raw_tracepoint_fds],
         "tp": [tp.decode() for tp in bpf.tracepoint_fds],
     }
+    # Only what instantiate() can redo: every program attached to a raw
+    # tracepoint or a tracepoint by BCC's names (no kprobe, no other kind).
+    redone = {"raw_tracepoint__" + tp for tp in attached["raw"]}
+    redone |= {"tracepoint__" + tp.replace(":", "__") for tp in attached["tp"]}
+    if {p["name"] for p in progs} != redone:
+        return None
     return {
         "license": lib.bpf_module_license(module).decode(),
         "kern_version": int(lib.bpf_module_kern_version(module)),
@@ -213,6 +219,8 @@ class CachedBPF:
         self._progs: dict[bytes, int] = {}
         self._tables: dict[str, Any] = {}
         self._closed = False
+        self._ringbuf: Any = None  # libbcc's poller of every ring buffer opened
+        self._callbacks: list[Any] = []  # ctypes callbacks: alive while the poller may call them
 
     def _build(self, entry: dict[str, Any], kfuncs: dict[int, int]) -> None:
         from ksmtrace.probes.loader import patch_kfunc_calls
@@ -257,8 +265,24 @@ class CachedBPF:
     def __getitem__(self, name: str | bytes) -> Any:
         key = name.decode() if isinstance(name, bytes) else name
         if key not in self._tables:
-            self._tables[key] = open_table(self._maps[key])
+            self._tables[key] = open_table(self._maps[key], self)
         return self._tables[key]
+
+    def _open_ring_buffer(self, map_fd: int, fn: Any, ctx: Any = None) -> None:
+        lib = _lib()
+        self._callbacks.append(fn)
+        if self._ringbuf is None:
+            self._ringbuf = lib.bpf_new_ringbuf(map_fd, fn, ctx)
+            if not self._ringbuf:
+                raise OSError(ctypes.get_errno(), "ring buffer")
+        elif lib.bpf_add_ringbuf(self._ringbuf, map_fd, fn, ctx) < 0:
+            raise OSError(ctypes.get_errno(), "ring buffer")
+
+    def ring_buffer_poll(self, timeout: int = -1) -> None:
+        _lib().bpf_poll_ringbuf(self._ringbuf, timeout)
+
+    def ring_buffer_consume(self) -> None:
+        _lib().bpf_consume_ringbuf(self._ringbuf)
 
     def attach_raw_tracepoint(self, tp: bytes, fn_name: bytes) -> None:
         fd = _lib().bpf_attach_raw_tracepoint(self._progs[fn_name], tp)
@@ -284,6 +308,9 @@ class CachedBPF:
         if self._closed:
             return
         self._closed = True
+        if self._ringbuf is not None:
+            _lib().bpf_free_ringbuf(self._ringbuf)
+            self._ringbuf = None
         for tp in list(self.raw_tracepoint_fds):
             self.detach_raw_tracepoint(tp)
         # Closing a tracepoint's perf event waits for an RCU grace period

@@ -142,3 +142,80 @@ def test_moving_process_attributed_on_kept_regions_and_read_whole_every_few_upda
     (d / "maps").write_text("\n".join(heads[:-1]) + "\n")  # a mapping went away: read whole now
     st.update(_faults(99.0, 99, 99, 0), _ksmd(99.0, 99), 1099)
     assert len(reads) == 1 + updates // model.FULL_LOOK_EVERY
+
+
+def test_quiet_update_carries_the_last_report_and_the_next_move_counts_exactly(tmp_path: Path) -> None:
+    """Issue #14: when neither this interval nor the last one moved anything
+    (the probe hands out the records it decoded before), the last report is
+    carried over without building the rate state again; the first move after
+    it counts from the last reading, exactly."""
+    root = tmp_path / "proc"
+    shutil.copytree(FIX, root)
+    d = root / str(PID)
+    heads = [ln for ln in (d / "smaps").read_text().splitlines() if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", ln)]
+    (d / "maps").write_text("\n".join(heads) + "\n")
+    st = FaultsState(0.0, proc=ProcFS(root))
+    calls: list[int] = []
+    real = st.rates.update
+
+    def counting(t, counters):  # type: ignore[no-untyped-def]
+        calls.append(len(counters))
+        return real(t, counters)
+
+    st.rates.update = counting  # type: ignore[method-assign]
+    scan = ScanState(*([0] * 14))
+    pages = {(PID, MG[0]): (1, 0)}
+    still = _faults(0.0, 2, 3, 0).procs[PID]  # one record, handed out again while nothing moves
+
+    def snap(t: float, pf: ProcFaults = still) -> tuple[FaultSnapshot, KsmdSnapshot]:
+        return (
+            FaultSnapshot(t, {PID: pf}, {"walk_failures": 0}),
+            KsmdSnapshot(t, {PID: KsmProcCounts(1, 0, 0, 0, 1, 0)}, scan, pages),
+        )
+
+    st.update(*snap(1.0), 1002)  # moved: ksm_cow 2 since tracing started
+    second = st.update(*snap(2.0), 1002)  # unmoved, but the last one moved: built
+    assert len(calls) == 2
+    third = st.update(*snap(3.5), 1002)
+    assert len(calls) == 2  # carried over
+    assert third.interval == 1.5
+    assert [p.as_dict() for p in third.processes] == [p.as_dict() for p in second.processes]
+    (p,) = third.processes
+    assert p.rates["ksm_cow"].delta == 0 and p.rates["ksm_cow"].total == 2
+    fourth = st.update(*snap(4.0, _faults(4.0, 5, 6, 0).procs[PID]), 1005)
+    assert len(calls) == 3
+    (p,) = fourth.processes
+    assert (p.rates["ksm_cow"].delta, p.rates["ksm_cow"].per_s, p.rates["ksm_cow"].total) == (3, 6.0, 5)
+    assert fourth.cow_ksm is not None and fourth.cow_ksm.delta == 3
+    (mg,) = [r for r in p.regions if r.start == MG[0]]
+    assert mg.rates["ksm_cow"].delta == 3
+
+
+def test_exec_or_mapping_change_ends_the_carried_reports(tmp_path: Path) -> None:
+    from ksmtrace.kernel.proc_events import ProcEvent
+
+    root = tmp_path / "proc"
+    shutil.copytree(FIX, root)
+    d = root / str(PID)
+    heads = [ln for ln in (d / "smaps").read_text().splitlines() if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", ln)]
+    (d / "maps").write_text("\n".join(heads) + "\n")
+    st = FaultsState(0.0, proc=ProcFS(root))
+    scan = ScanState(*([0] * 14))
+    pages: dict[tuple[int, int], tuple[int, int]] = {}
+    still = _faults(0.0, 2, 3, 0).procs[PID]
+
+    def update(t: float):  # type: ignore[no-untyped-def]
+        ks = KsmdSnapshot(t, {PID: KsmProcCounts(0, 0, 0, 0, 1, 0)}, scan, pages)
+        return st.update(FaultSnapshot(t, {PID: still}, {"walk_failures": 0}), ks, 1002)
+
+    for t in (1.0, 2.0, 3.0):
+        update(t)
+    (d / "comm").write_text("renamed\n")
+    assert update(4.0).processes[0].comm != "renamed"  # carried: no exec seen
+    st.apply_events([ProcEvent(kind="exec", pid=PID, tgid=PID)])
+    assert update(5.0).processes[0].comm == "renamed"
+    update(6.0)
+    seen = st._seen[PID]
+    (d / "maps").write_text("\n".join(heads[:-1]) + "\n")  # a mapping went: its turn reads it whole
+    update(7.0)
+    assert st._seen[PID] is not seen
