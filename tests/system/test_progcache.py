@@ -37,8 +37,9 @@ def _entries(cache: Path) -> list[Path]:
     return sorted(cache.glob("prog-*.json"))
 
 
-def _from_cache(probe: FaultProbe | KsmdProbe) -> bool:
-    return bool(getattr(probe.bpf, "from_cache", False))
+def _from_cache(probe: object) -> bool:
+    bpf = getattr(probe, "bpf", None) or getattr(probe, "_bpf", None)  # OptinProbe keeps it private
+    return bool(getattr(bpf, "from_cache", False))
 
 
 def _ksm_cow(snap, pid: int) -> int:  # type: ignore[no-untyped-def]
@@ -108,3 +109,22 @@ def test_entry_others_could_write_is_not_loaded(run_dir: Path) -> None:
     os.chmod(entry, 0o666)
     with FaultProbe() as fp:
         assert not _from_cache(fp)
+
+
+def test_cached_optin_probe_reads_its_ring_buffer(workload, run_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    from ksmtrace.probes.optins import OptinProbe
+
+    wl = workload()
+    reg = wl.call("alloc", name="a", pages=8)
+    with OptinProbe(pids=[wl.pid]) as compiled, OptinProbe(pids=[wl.pid]) as cached:
+        assert not _from_cache(compiled) and _from_cache(cached)
+        assert wl.call("madvise", name="a")["ret"] == 0
+        a, b = list(compiled.events(duration=0.5)), list(cached.events(duration=0.1))
+        sa, sb = compiled.stats(), cached.stats()
+    assert [(e.syscall, e.pid, e.start, e.length, e.ret) for e in a] == [
+        ("madvise", wl.pid, reg["addr"], reg["len"], 0)
+    ]
+    assert [(e.syscall, e.pid, e.start, e.length, e.ret) for e in b] == [
+        (e.syscall, e.pid, e.start, e.length, e.ret) for e in a
+    ]
+    assert (sa.emitted, sa.lost) == (sb.emitted, sb.lost) == (1, 0)
