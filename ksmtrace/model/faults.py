@@ -9,8 +9,8 @@ come per page and are attributed here to the same ranges, or to the VMA that
 holds the page now.
 
 Over 400 lines: the interval's state and the reads it decides (look, relook,
-recheck: what each costs and when it is enough) are one cost model (issue
-#14) and stay together.
+recheck, and when the last report can be carried over: what each costs and
+when it is enough) are one cost model (issue #14) and stay together.
 """
 
 from __future__ import annotations
