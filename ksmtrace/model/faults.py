@@ -203,7 +203,6 @@ class FaultsState:
         # tgid -> the fault probe's ident of its counts (FaultSnapshot.idents)
         self._idents: dict[int, int] = {}
         self._refresh_after = 0
-        self._updates = 0  # the first is the baseline, taken before the first interval
         self._pages_src: Mapping[tuple[int, int], tuple[int, int]] | None = None  # see _pages_by_tgid
         self._last: tuple[_Inputs, FaultsReport] | None = None  # see _carry
         self._renamed = False  # an exec or exit since the last update
@@ -438,9 +437,6 @@ class FaultsState:
             refresh = set(self._refresh_order(stale))
         shown: list[int] = []
         quiet_looks = 0
-        # None in the baseline: the first report waits on it (issue #14).
-        quiet_limit = QUIET_LOOKS_PER_UPDATE if self._updates else 0
-        self._updates += 1
         for tgid, counts in per.items():
             seen = self._seen.get(tgid)
             if seen is None and not any(counts.values()):
@@ -448,7 +444,7 @@ class FaultsState:
                 # reading its smaps now only readies its region rows. A thousand
                 # such processes at start cost seconds before the first report
                 # (issue #14): a few per update, the rest when they first move.
-                if quiet_looks >= quiet_limit:
+                if quiet_looks >= QUIET_LOOKS_PER_UPDATE:
                     continue
                 quiet_looks += 1
             if (
@@ -596,7 +592,6 @@ class FaultsState:
         for r in (self.rates, self.region_rates, self.wp_mg_rates, self.cow_rates):
             r.carry(t)
         self.wanted_regions = {}
-        self._updates += 1
         interval, self._last_t = t - self._last_t, t
         carried = replace(report, interval=interval, processes=rows)
         self._last = (inputs, carried)

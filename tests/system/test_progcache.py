@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmtrace.kernel import features, vmstat
+from ksmtrace.kernel import vmstat
 from ksmtrace.probes.faults import FaultProbe
 from ksmtrace.probes.ksmd import KsmdProbe
 
@@ -70,7 +70,7 @@ def test_cached_fault_probe_counts_like_a_compiled_one(ksm, workload, run_dir: P
         assert a1.stats[key] - a0.stats[key] == b1.stats[key] - b0.stats[key], key
 
 
-@pytest.mark.skipif(not features.available("ksm_tracepoints"), reason="kernel lacks ksm:* tracepoints")
+@pytest.mark.requires_kernel_feature("ksm_tracepoints")
 def test_cached_ksmd_probe_counts_like_a_compiled_one(ksm, workload, run_dir: Path) -> None:  # type: ignore[no-untyped-def]
     w = workload()
     r = w.call("alloc", name="r", pages=96, kind="dup", seed=9)
