@@ -33,6 +33,7 @@ import base64
 import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -67,6 +68,7 @@ def cache_key(source: Path, cflags: list[str], kfuncs: dict[int, int] | None, bc
     return h.hexdigest()[:32]
 
 
+@functools.cache  # the signatures are declared once, not at every poll or attach
 def _lib() -> Any:
     from bcc.libbcc import lib  # loaded with the probes, never before
 

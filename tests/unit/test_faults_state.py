@@ -34,6 +34,17 @@ def _ksmd(t: float, merges: int) -> KsmdSnapshot:
     return KsmdSnapshot(t, {PID: KsmProcCounts(merges, 0, 0, 0, 1, 0)}, scan, pages)
 
 
+def _proc_with_maps(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """host1's /proc copied, with pid 2761's maps (its smaps' header lines):
+    the proc root, the pid's directory, and those lines."""
+    root = tmp_path / "proc"
+    shutil.copytree(FIX, root)
+    d = root / str(PID)
+    heads = [ln for ln in (d / "smaps").read_text().splitlines() if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", ln)]
+    (d / "maps").write_text("\n".join(heads) + "\n")
+    return root, d, heads
+
+
 def test_rates_regions_and_cow_ksm_check() -> None:
     st = FaultsState(0.0, proc=ProcFS(FIX))
     st.update(_faults(0.0, 0, 0, 0), _ksmd(0.0, 0), 1000)
@@ -89,11 +100,7 @@ def test_proc_connector_decoding() -> None:
 def test_quiet_process_turn_reads_ksm_stat_and_smaps_only_when_its_mappings_moved(tmp_path: Path) -> None:
     """Issue #14: with merges traced, a quiet process's refresh reads maps (no
     page-table walk) and ksm_stat; smaps only when a mapping came, went or moved."""
-    root = tmp_path / "proc"
-    shutil.copytree(FIX, root)
-    d = root / str(PID)
-    heads = [ln for ln in (d / "smaps").read_text().splitlines() if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", ln)]
-    (d / "maps").write_text("\n".join(heads) + "\n")
+    root, d, heads = _proc_with_maps(tmp_path)
     st = FaultsState(0.0, proc=ProcFS(root))
     st.update(_faults(0.0, 0, 0, 0), _ksmd(0.0, 0), 1000)
     st.update(_faults(1.0, 3, 5, 0), _ksmd(1.0, 4), 1003)  # it moved: read whole
@@ -118,11 +125,7 @@ def test_moving_process_attributed_on_kept_regions_and_read_whole_every_few_upda
     mappings stay the same, and smaps is read again every FULL_LOOK_EVERY."""
     from ksmtrace.model import faults as model
 
-    root = tmp_path / "proc"
-    shutil.copytree(FIX, root)
-    d = root / str(PID)
-    heads = [ln for ln in (d / "smaps").read_text().splitlines() if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", ln)]
-    (d / "maps").write_text("\n".join(heads) + "\n")
+    root, d, heads = _proc_with_maps(tmp_path)
     reads: list[int] = []
 
     class Counting(ProcFS):
@@ -148,11 +151,7 @@ def test_quiet_update_carries_the_last_report_and_the_next_move_counts_exactly(t
     (the probe hands out the records it decoded before), the last report is
     carried over without building the rate state again; the first move after
     it counts from the last reading, exactly."""
-    root = tmp_path / "proc"
-    shutil.copytree(FIX, root)
-    d = root / str(PID)
-    heads = [ln for ln in (d / "smaps").read_text().splitlines() if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", ln)]
-    (d / "maps").write_text("\n".join(heads) + "\n")
+    root, d, heads = _proc_with_maps(tmp_path)
     st = FaultsState(0.0, proc=ProcFS(root))
     calls: list[int] = []
     real = st.rates.update
@@ -193,11 +192,7 @@ def test_quiet_update_carries_the_last_report_and_the_next_move_counts_exactly(t
 def test_exec_or_mapping_change_ends_the_carried_reports(tmp_path: Path) -> None:
     from ksmtrace.kernel.proc_events import ProcEvent
 
-    root = tmp_path / "proc"
-    shutil.copytree(FIX, root)
-    d = root / str(PID)
-    heads = [ln for ln in (d / "smaps").read_text().splitlines() if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", ln)]
-    (d / "maps").write_text("\n".join(heads) + "\n")
+    root, d, heads = _proc_with_maps(tmp_path)
     st = FaultsState(0.0, proc=ProcFS(root))
     scan = ScanState(*([0] * 14))
     pages: dict[tuple[int, int], tuple[int, int]] = {}
