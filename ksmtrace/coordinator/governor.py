@@ -39,6 +39,10 @@ STEP = (0.5, 2.0)  # bounds on the scan rate's change per step
 MIN_CHANGE = 0.1  # a smaller change of pages_to_scan is not made (flapping on noise)
 NEED_SLACK = (0.9, 1.5)  # of the needed rate: scanning within this is "as often as needed"
 MAX_SLEEP_MS = 10_000  # a longer sleep would make ksmd slow to notice a wake-up
+# Of the budget: a last second this far over is decided on alone, not the window's mean
+# (a cost per page that rose, e.g. as merging starts, shows there seconds earlier;
+# 25% over is past what CPU-time noise on a busy host does to one second).
+TAIL_OVER = 1.25
 Knobs = list[tuple[str, "int | str"]]
 
 
@@ -216,7 +220,23 @@ class KsmdGovernor:
             why = "ksmd's CPU time is unreadable" if s.ksmd_cpu_s is None else f"measuring ({_secs(dt)})"
             return replace(prev, reason=f"{why}: pages_to_scan {prev.pages_to_scan} unchanged")
         share = 100.0 * max(0.0, s.ksmd_cpu_s - w0.ksmd_cpu_s) / dt
+        tail = self._tail(s)
+        if tail is not None and tail is not w0 and tail.ksmd_cpu_s is not None:
+            # The long window measures a steady cost precisely but averages a rise away:
+            # a 10 s window whose last second runs at 5x the budget is still under it
+            # for three more seconds. Over the budget now is acted on now.
+            tdt = s.t - tail.t
+            tshare = 100.0 * max(0.0, s.ksmd_cpu_s - tail.ksmd_cpu_s) / tdt
+            if tshare > self.policy.budget_pct * TAIL_OVER and tshare > share:
+                w0, dt, share = tail, tdt, tshare
         return self._govern(s, w0, dt, share, prev)
+
+    def _tail(self, s: GovernorSample) -> GovernorSample | None:
+        """The latest sample of the window at least ``min_window_s`` before ``s``."""
+        for x in reversed(self._window[:-1]):
+            if s.t - x.t >= self.min_window_s:
+                return x
+        return None
 
     def _nothing_left(self, s: GovernorSample) -> str:
         """A sentence when whole full scans merged nothing new and KSM's page counts stood still."""

@@ -271,3 +271,34 @@ def test_off_from_the_start_wakes_at_the_policy_knobs() -> None:
         16384,
         20,
     )
+
+
+def test_a_rising_cost_is_cut_at_the_first_second_over_budget() -> None:
+    # Settled where the wish binds: 26k pages/s at 0.8 us a page is ~2% of a core,
+    # and 20 quiet steps grow the window to its 10 s.
+    g, sim = gov(budget_pct=5.0, full_scan_s=5.0), SimKsmd(pts=5000, cost=0.8e-6)
+    _converge(sim, g, 20)
+    settled = sim.pts
+    assert sim.share() < 4.0
+    # Then each page costs 7.5x (what merging does to ksmd's cost): ~13% of a core.
+    sim.cost = 6e-6
+    assert sim.share() > 2.5 * 5.0
+    d = sim.step(g)
+    # The 10 s mean is ~3% and under budget; the last second is not, and decides.
+    assert sim.pts < settled, d.reason
+    assert d.reason.startswith("ksmd used 1") and "over 1.0 s" in d.reason, d.reason
+    shares = _converge(sim, g, 10)
+    assert sum(shares) / len(shares) <= 5.0 * 1.2, shares
+    assert 4.0 <= shares[-1] <= 5.0, shares
+
+
+def test_one_noisy_second_over_the_budget_is_not_acted_on() -> None:
+    # Inside the deadband at 4.5%; a second at 5.5% (22% over: noise on a busy host)
+    # neither moves the long window past the budget nor the tail past 25% over.
+    g, sim = gov(budget_pct=5.0, full_scan_s=10.0), SimKsmd(pts=118)
+    _converge(sim, g, 12)
+    settled = sim.pts
+    sim.advance()
+    sim.cpu += 0.01  # one more percent of a core in that second
+    d = g.step(sim.sample())
+    assert d.pages_to_scan == settled and "unchanged" in d.reason, d.reason
