@@ -6,10 +6,13 @@ has not started work: no KeyboardInterrupt traceback from the middle of an
 import. So the defaults go back first, before the heavy imports.
 """
 
-import signal
+# _signal, not signal: the interpreter has imported it already, so this runs
+# without another import (a Ctrl-C inside one of the import system's callbacks
+# is reported and dropped by CPython: the shorter that window, the better).
+import _signal
 
-for _sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-    signal.signal(_sig, signal.SIG_DFL)
+for _sig in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+    _signal.signal(_sig, _signal.SIG_DFL)
 
 
 def entry() -> int:

@@ -22,6 +22,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,35 +65,63 @@ def _target_ok(pid: int) -> None:
 
 
 STOP_TIMEOUT_S = 150
+RESEND_AFTER_S = 3.0
+
+# CPython's report of a KeyboardInterrupt raised inside one of its import
+# system's weakref callbacks: it is printed and dropped, so the signal is lost.
+# Python's own SIGINT handler is in place from the interpreter's start, and
+# ksmtrace's first line (which puts the default back, ksmtrace/__main__.py)
+# runs only after site and runpy have imported ~25 ms of modules: a Ctrl-C
+# landing in such a callback then is lost for any Python program, and a user
+# presses it again. ksmtrace cannot see it; the test sends it again.
+_LOST_IN_IMPORT = re.compile(r"Exception ignored in: <function _get_module_lock\.<locals>\.cb")
+
+
+def _lost_before_start(err: str) -> bool:
+    return bool(_LOST_IN_IMPORT.search(err)) and "KeyboardInterrupt" in err and "/ksmtrace/" not in err
 
 
 def _trial(name: str, argv: list[str], sig: int, delay: float, knobs: dict, target: int | None) -> str:
-    p = subprocess.Popen(
-        [sys.executable, "-m", "ksmtrace", *argv],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(delay)
-    p.send_signal(sig)
-    try:
+    # stderr to a file, not a pipe: it can be read while the command still runs.
+    with tempfile.TemporaryFile("w+") as errf:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "ksmtrace", *argv], stdout=subprocess.DEVNULL, stderr=errf, text=True
+        )
+        time.sleep(delay)
+        p.send_signal(sig)
+        lost = False
         # Generous: a signal that lands during BCC's compile is handled when the
         # compile returns, which takes many seconds on a host that also runs the
         # emulated test VM; a command that ignored the signal still fails here.
-        _, err = p.communicate(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        where = ""
-        with contextlib.suppress(OSError):
-            where = "state " + Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            where += ", wchan " + Path(f"/proc/{p.pid}/wchan").read_text()
-        p.kill()
-        _, err = p.communicate()
-        raise AssertionError(
-            f"{name}: still running {STOP_TIMEOUT_S} s after {signal.Signals(sig).name} at {delay:.2f}s "
-            f"(seed {SEED}; {where}); its stderr: {err[-2000:]}"
-        ) from None
+        start = time.monotonic()
+        while p.poll() is None and time.monotonic() - start < STOP_TIMEOUT_S:
+            time.sleep(0.05)
+            if sig == signal.SIGINT and not lost and time.monotonic() - start > RESEND_AFTER_S:
+                errf.seek(0)
+                if _lost_before_start(errf.read()):
+                    lost = True
+                    p.send_signal(sig)  # the second Ctrl-C
+        if p.poll() is None:
+            where = ""
+            with contextlib.suppress(OSError):
+                where = "state " + Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                where += ", wchan " + Path(f"/proc/{p.pid}/wchan").read_text()
+            p.kill()
+            p.wait()
+            errf.seek(0)
+            raise AssertionError(
+                f"{name}: still running {STOP_TIMEOUT_S} s after {signal.Signals(sig).name} at {delay:.2f}s "
+                f"(seed {SEED}; {where}); its stderr: {errf.read()[-2000:]}"
+            )
+        errf.seek(0)
+        err = errf.read()
     where = f"{name} {signal.Signals(sig).name} at {delay:.2f}s (seed {SEED})"
     startup = False
+    if lost:
+        # Only CPython's report of the first signal, and the second one ended it as any other.
+        err = _LOST_IN_IMPORT.sub("", err, count=1)
+        head, _, err = err.partition("KeyboardInterrupt")
+        assert "/ksmtrace/" not in head, f"{where}: {head}"
     if sig == signal.SIGINT and "Traceback" in err and not re.search(r'File ".*/ksmtrace/', err):
         # A Ctrl-C in the interpreter's first milliseconds, while it imports
         # site before any line of ksmtrace runs, gets CPython's own
@@ -106,6 +135,8 @@ def _trial(name: str, argv: list[str], sig: int, delay: float, knobs: dict, targ
     assert not (RUN_DIR / f"{p.pid}.json").exists(), f"{where}: journal left after a clean exit"
     if target is not None:
         _target_ok(target)
+    if lost:
+        return "lost before start, sent again"
     if startup:
         return "before start"
     return "done" if p.returncode == 0 else "interrupted"
