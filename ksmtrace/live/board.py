@@ -75,6 +75,7 @@ class Board:
         self._snap: Snapshot | None = None
         self._machine: dash.MachineRow | None = None
         self._rows: list[dash.ProcRow] = []
+        self._reuse = dash.Rows()  # record() is called from the sampling thread alone
         self._history: deque[Point] = deque(maxlen=points)
         self._decisions: Counter[str] = Counter()
         self._applied: Counter[str] = Counter()
@@ -83,7 +84,7 @@ class Board:
     def record(self, snap: Snapshot) -> None:
         """One interval's snapshot: the rows are computed here, once, outside the lock."""
         machine = dash.machine(snap)
-        rows = dash.processes(snap)
+        rows = self._reuse(snap)
         kept, _ = dash.top(rows, self.top_n, "profit")
         faulting = [r for r in rows[:MAX_FAULTING_IN_HISTORY] if r.ksm_cow_per_s > 0]  # rows: by KSM COW
         point = Point(

@@ -204,7 +204,8 @@ class FaultsState:
         self._idents: dict[int, int] = {}
         self._refresh_after = 0
         self._pages_src: Mapping[tuple[int, int], tuple[int, int]] | None = None  # see _pages_by_tgid
-        self._last: tuple[_Inputs, FaultsReport] | None = None  # see _carry
+        # see _carry: the inputs, the report, and whether that report moved nothing
+        self._last: tuple[_Inputs, FaultsReport, bool] | None = None
         self._renamed = False  # an exec or exit since the last update
         self._pages_grouped: dict[int, list[tuple[int, int, int]]] = {}
         for r in (self.rates, self.region_rates, self.wp_mg_rates):
@@ -541,7 +542,8 @@ class FaultsState:
             drops["ksmd_page_drops"] = ksmd.scan.page_drops
         interval, self._last_t = t - self._last_t, t
         report = FaultsReport(interval, rows, cow, ksmd is not None, drops)
-        self._last = (inputs, report)
+        quiet = not any(r.comm == "(exited)" or any(v.delta for v in r.rates.values()) for r in rows)
+        self._last = (inputs, report, quiet)
         return report
 
     def _carry(
@@ -559,9 +561,7 @@ class FaultsState:
         if last is None or ksmd is None or self._renamed or faults.exited or not last[0].same(inputs):
             return None, None
         report = last[1]
-        if report.processes and any(
-            r.comm == "(exited)" or any(v.delta for v in r.rates.values()) for r in report.processes
-        ):
+        if not last[2]:  # an exit or a delta in the last report (judged once, when it was made)
             return None, None
         if (report.cow_ksm is not None and report.cow_ksm.delta) or not all(
             r.still() for r in (self.rates, self.region_rates, self.wp_mg_rates, self.cow_rates)
@@ -594,5 +594,5 @@ class FaultsState:
         self.wanted_regions = {}
         interval, self._last_t = t - self._last_t, t
         carried = replace(report, interval=interval, processes=rows)
-        self._last = (inputs, carried)
+        self._last = (inputs, carried, True)
         return carried, None

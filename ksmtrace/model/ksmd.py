@@ -58,7 +58,9 @@ class KsmdSampler:
         self.proc = proc or ProcFS()
         self.pid = pid if pid is not None else self.proc.find_kthread("ksmd")
 
-    def sample(self) -> KsmdSample:
+    def sample(self, probe: KsmdSnapshot | None = None) -> KsmdSample:
+        """``probe``: the probe's snapshot when the caller took one this interval
+        already (the live sampler's fault model reads it too: one read, not two)."""
         s = ksm_sysfs.read()
         ticks = None
         if self.pid is not None:
@@ -74,7 +76,7 @@ class KsmdSampler:
             pages_sharing=int(s.get("pages_sharing") or 0),
             pages_shared=int(s.get("pages_shared") or 0),
             cpu_ticks=ticks,
-            probe=self.probe.snapshot(pages=False) if self.probe else None,
+            probe=probe if probe is not None else (self.probe.snapshot(pages=False) if self.probe else None),
         )
 
 

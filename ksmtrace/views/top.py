@@ -158,8 +158,9 @@ class Frame:
     page_size: int
 
 
-def frame(snap: Snapshot) -> Frame:
-    return Frame(dash.machine(snap), dash.processes(snap), snap.page_size)
+def frame(snap: Snapshot, rows: dash.Rows | None = None) -> Frame:
+    """``rows``: reused rows of the earlier frames (top's model keeps one)."""
+    return Frame(dash.machine(snap), rows(snap) if rows else dash.processes(snap), snap.page_size)
 
 
 @dataclass
@@ -174,11 +175,12 @@ class TopModel:
     message: str = ""  # the data source's last trouble, in words ("" when fine)
     keep: Callable[[dash.ProcRow], bool] | None = None  # -p/-n applied to a daemon's rows
     regions: dict[int, list[RegionRow]] = field(default_factory=dict)  # fetched apart (--connect)
+    reuse: dash.Rows = field(default_factory=dash.Rows, repr=False)  # rows of records still the same
 
     def update(self, new: Snapshot | Frame) -> bool:
         """Take the next rows; False when they are the ones already shown (a
         daemon polled faster than it samples)."""
-        f = frame(new) if isinstance(new, Snapshot) else new
+        f = frame(new, self.reuse) if isinstance(new, Snapshot) else new
         if self.machine is not None and f.machine.wall == self.machine.wall:
             return False
         self.machine = m = f.machine

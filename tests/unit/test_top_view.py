@@ -404,3 +404,28 @@ def test_cli_daemon_not_there() -> None:
 def test_cli_usage_errors(args: list[str], words: str) -> None:
     r = _cli(*args)
     assert r.returncode == 2 and words in r.stderr
+
+
+def test_rows_reused_only_for_the_same_records() -> None:
+    snap = SNAPS[-1]
+    assert snap.faults is not None and snap.processes
+    reuse = dash.Rows()
+    first = reuse(snap)
+    assert first == dash.processes(snap)  # the same rows as without reuse
+    # The same records (a carried report): the very same row objects.
+    again = reuse(snap)
+    assert [id(r) for r in again] == [id(r) for r in first]
+    # One record replaced (its profit re-read): that row anew, the others kept.
+    target = next(p for p in snap.faults.processes if p.comm != "(exited)")
+    moved = dataclasses.replace(target, profit_bytes=(target.profit_bytes or 0) + 4096)
+    procs = [moved if p is target else p for p in snap.faults.processes]
+    snap2 = dataclasses.replace(snap, faults=dataclasses.replace(snap.faults, processes=procs))
+    third = {r.pid: r for r in reuse(snap2)}
+    assert third[target.pid].profit_bytes == (target.profit_bytes or 0) + 4096
+    assert all(third[r.pid] is r for r in first if r.pid != target.pid)
+    # An opt-in record replaced (after an exec): its how is read again.
+    m = next(p for p in snap2.processes if p.pid == target.pid)
+    renamed = dataclasses.replace(m, origin="prctl")
+    snap3 = dataclasses.replace(snap2, processes=[renamed if p is m else p for p in snap2.processes])
+    assert {r.pid: r for r in reuse(snap3)}[target.pid].how == "prctl"
+    assert {r.pid: r for r in dash.processes(snap3)}[target.pid].how == "prctl"
