@@ -284,6 +284,27 @@ def test_pages_merged_before_tracing_started(ksm, workload) -> None:  # type: ig
     _assert_path(fp, s0, s1, fast=True)
 
 
+def test_quiet_snapshot_is_the_last_one_and_a_fault_ends_it(ksm, workload) -> None:  # type: ignore[no-untyped-def]
+    """A snapshot of unchanged slots hands out the last one's records (no walk
+    of the slots); the first fault after it is counted, exactly."""
+    w = workload()
+    r = w.call("alloc", name="r", pages=200, kind="dup", seed=12)
+    w.call("madvise", name="r")
+    ksm.merge_then_stop((w.pid, r, 200))
+    with FaultProbe(pid=w.pid) as fp:
+        fp.preload_pending(60.0)
+        s0, cow0 = _pair(fp)
+        quiet = fp.snapshot()
+        assert quiet.procs is s0.procs and quiet.t > s0.t  # the same records, a new time
+        w.call("write", name="r", first=0, count=200, step=10)
+        s1, cow1 = _pair(fp)
+        assert s1.procs is not s0.procs
+        fp.set_regions(w.pid, [(r["addr"], r["addr"] + r["len"])])  # a table written: walked again
+        assert fp.snapshot().procs is not s1.procs
+    assert _traced(s0, s1, {w.pid}) == 20
+    assert _traced(s0, s1) == cow1 - cow0
+
+
 @pytest.mark.host_only("the VM's exactness test covers fork COW")
 def test_forked_child_breaking_inherited_merges(ksm, workload) -> None:  # type: ignore[no-untyped-def]
     """A child inherits its parent's KSM pages without any merge event naming
