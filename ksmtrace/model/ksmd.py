@@ -84,6 +84,8 @@ def _grown(cur: KsmdSnapshot, prev: KsmdSnapshot, name: str) -> int:
     """How much ``name`` grew over the processes of ``cur``: per process, so
     that one that exited (its entry forgotten) does not make the sum go
     down, and one whose entry was made anew counts from zero."""
+    if cur.procs is prev.procs:
+        return 0  # the probe handed out the same records: nothing grew
     total = 0
     for tgid, c in cur.procs.items():
         now = getattr(c, name)

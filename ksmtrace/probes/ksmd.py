@@ -101,16 +101,20 @@ class KsmdProbe:
             defines["FILTER_NTGIDS"] = len(uniq)
         self.bpf: Any = loader.load("ksmd.bpf.c", defines, cache=True)
         self._pages_key: tuple[int, int, int] | None = None
+        self._procs_raw: list[tuple[tuple[int, ...], tuple[int, ...]]] | None = None
+        self._procs: dict[int, KsmProcCounts] = {}
         self._page_counts: dict[tuple[int, int], tuple[int, int]] = {}
 
     def snapshot(self, pages: bool = True) -> KsmdSnapshot:
         t = time.monotonic()
         # One batched read (loader.dump): BCC's items() costs a ctypes round
         # trip per entry, ~25 ms for 1,000 processes, twice per interval.
-        procs = {
-            tgid: KsmProcCounts(*counts)
-            for (tgid,), counts in loader.dump(self.bpf["procs"], PROC_KEY, PROC_COUNTS)
-        }
+        raw = loader.dump(self.bpf["procs"], PROC_KEY, PROC_COUNTS)
+        if raw == self._procs_raw:
+            procs = self._procs  # nothing merged, unmerged, entered or left: the same records
+        else:
+            procs = {tgid: KsmProcCounts(*counts) for (tgid,), counts in raw}
+            self._procs_raw, self._procs = raw, procs
         s = self.bpf["scan"][0]
         scan = ScanState(**{f.name: int(getattr(s, f.name)) for f in fields(ScanState)})
         return KsmdSnapshot(t, procs, scan, self._pages(procs, scan) if pages else {})

@@ -532,3 +532,19 @@ def test_helper_reads_without_rdonly_cast(ksm, workload, monkeypatch, why: str) 
     assert _traced(s0, s1, {w.pid}) == len(range(1, 96, 5))
     assert _traced(s0, s1) == cow
     _assert_path(fp, s0, s1, fast=True)
+
+
+@pytest.mark.requires_kernel_feature("ksm_tracepoints")
+def test_ksmd_probe_quiet_snapshot_keeps_its_records(ksm, workload) -> None:  # type: ignore[no-untyped-def]
+    """The ksmd probe hands out the last records while nothing moved, and new
+    ones (with the merges) once ksmd merged."""
+    w = workload()
+    r = w.call("alloc", name="r", pages=64, kind="dup", seed=13)
+    with KsmdProbe(pid=w.pid) as kp:
+        w.call("madvise", name="r")
+        a, b = kp.snapshot(pages=False), kp.snapshot(pages=False)
+        assert b.procs is a.procs
+        ksm.merge_then_stop((w.pid, r, 64))
+        c = kp.snapshot(pages=False)
+        assert c.procs is not a.procs
+        assert c.procs[w.pid].merges - (a.procs[w.pid].merges if w.pid in a.procs else 0) >= 63
