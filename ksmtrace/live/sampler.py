@@ -27,7 +27,6 @@ from ksmtrace.model.ksmd import KsmdSampler, KsmdState
 from ksmtrace.model.snapshot import Snapshot
 from ksmtrace.probes import faults as faults_probe
 from ksmtrace.probes import ksmd as ksmd_probe
-from ksmtrace.probes.ksmd import KsmdSnapshot
 
 # Start-up reads bounded in time, the rest spread over the intervals (issue #14:
 # first report within 2 s whatever the number of mergeable processes).
@@ -122,7 +121,7 @@ class Sampler:
         """The proc connector's socket: readable when a process forked, exec'd or exited."""
         return self.events.fileno()
 
-    def _faults(self) -> tuple[FaultsReport, KsmdSnapshot | None]:
+    def _faults(self) -> tuple[FaultsReport, ksmd_probe.KsmdSnapshot | None]:
         """The fault report, and the ksmd probe's snapshot it used (the ksmd
         model takes the same one: ~3 ms a read at 1,000 processes)."""
         assert self.fp is not None

@@ -140,8 +140,9 @@ class FaultProbe:
         # Times each slot was freed: (epoch, slot) names one process's counts.
         self._epoch = [0] * self.max_procs
         self._exited_seen: set[int] = set()  # slots exited at the last snapshot
-        # The last snapshot with the bytes and slot owners it was decoded from (snapshot()).
-        self._quiet: tuple[bytes, list[int], int, FaultSnapshot, frozenset[int]] | None = None
+        # The last snapshot, with what it was decoded from (used slots' bytes, their
+        # pids' slots, slots freed so far) and the exited slots it saw (snapshot()).
+        self._quiet: tuple[tuple[bytes, list[int], int], FaultSnapshot, frozenset[int]] | None = None
         self._frees = 0  # slots freed so far (forget)
         if pid is not None:
             defines["FILTER_TGID"] = pid
@@ -402,21 +403,15 @@ class FaultProbe:
                 owner = [owners[tgids[s]] if 0 < tgids[s] < self.pid_max else 0 for s in used]
             finally:
                 owners.release()
-            last = self._quiet
-            if (
-                last is not None
-                and not self._retabled
-                and last[2] == self._frees
-                and last[0] == whole
-                and last[1] == owner
-            ):
-                snap, self._exited_seen = last[3], set(last[4])
+            seen = (whole, owner, self._frees)
+            if self._quiet is not None and not self._retabled and self._quiet[0] == seen:
+                _, snap, exited_seen = self._quiet
+                self._exited_seen = set(exited_seen)
                 return replace(snap, t=t, stats=self._stats())
-            for slot in used:
+            for slot, current in zip(used, owner):
                 base = slot * SLOT_SIZE
                 tgid = tgids[slot]
                 gone = words[(base + _OFF_EXITED) // 4]
-                current = self._slot(tgid)
                 if current != slot and not gone:
                     continue  # taken a moment ago by a claim that lost its race
                 if gone:
@@ -439,7 +434,7 @@ class FaultProbe:
         self._decoded = cache
         self._retabled.clear()
         snap = FaultSnapshot(t, procs, self._stats(), idents, exited)
-        self._quiet = (whole, owner, self._frees, snap, frozenset(self._exited_seen))
+        self._quiet = (seen, snap, frozenset(self._exited_seen))
         return snap
 
     def _stats(self) -> dict[str, int]:

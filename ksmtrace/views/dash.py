@@ -156,34 +156,36 @@ def processes(snap: Snapshot, reuse: Rows | None = None) -> list[ProcRow]:
     of an earlier call kept for records that are still the same objects."""
     rows: list[ProcRow] = []
     if snap.faults is not None:
-        hows = reuse.hows(snap.processes) if reuse is not None else {p.pid: how(p) for p in snap.processes}
+        reuse = reuse if reuse is not None else Rows()  # a fresh one: every row built
+        hows = reuse.hows(snap.processes)
         for p in snap.faults.processes:
             if p.comm == "(exited)":
                 continue
             h = hows.get(p.pid, "")
-            row = reuse.row(p, h) if reuse is not None else None
+            row = reuse.row(p, h)
             if row is None:
                 r = p.rates
-                row = ProcRow(
-                    pid=p.pid,
-                    comm=p.comm,
-                    how=h,
-                    merging_pages=p.merging_pages,
-                    profit_bytes=p.profit_bytes,
-                    ksm_cow_per_s=r["ksm_cow"].per_s,
-                    merges_per_s=r["merges"].per_s,
-                    unmerges_per_s=r["unmerges"].per_s,
-                    ksm_cow_total=r["ksm_cow"].total,
-                    merges_total=r["merges"].total,
-                    unmerges_total=r["unmerges"].total,
-                    rmap_items=p.rmap_items,
-                    regions=tuple(p.regions),
+                row = reuse.keep(
+                    p,
+                    h,
+                    ProcRow(
+                        pid=p.pid,
+                        comm=p.comm,
+                        how=h,
+                        merging_pages=p.merging_pages,
+                        profit_bytes=p.profit_bytes,
+                        ksm_cow_per_s=r["ksm_cow"].per_s,
+                        merges_per_s=r["merges"].per_s,
+                        unmerges_per_s=r["unmerges"].per_s,
+                        ksm_cow_total=r["ksm_cow"].total,
+                        merges_total=r["merges"].total,
+                        unmerges_total=r["unmerges"].total,
+                        rmap_items=p.rmap_items,
+                        regions=tuple(p.regions),
+                    ),
                 )
-                if reuse is not None:
-                    reuse.keep(p, h, row)
             rows.append(row)
-        if reuse is not None:
-            reuse.done()
+        reuse.done()
     else:
         hows = {p.pid: how(p) for p in snap.processes}
         for m in snap.processes:
@@ -241,8 +243,9 @@ class Rows:
         self._seen[id(record)] = got
         return got[2]
 
-    def keep(self, record: object, how: str, row: ProcRow) -> None:
+    def keep(self, record: object, how: str, row: ProcRow) -> ProcRow:
         self._seen[id(record)] = (record, how, row)
+        return row
 
     def done(self) -> None:
         self._rows, self._seen = self._seen, {}
